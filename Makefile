@@ -1,0 +1,46 @@
+# tars-operator: the conventional operator targets.
+SHELL := /bin/bash
+export TARS_CACHE ?= $(HOME)/.cache/tars-operator
+export VENV ?= $(TARS_CACHE)/venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help setup test test-fast e2e lint typecheck crds cluster-build cluster-up cluster-down cluster-env cluster-status
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+setup: ## install system packages (apt) and the Python environment (in $(VENV))
+	@bash hack/install-system-deps.sh
+	@bash hack/setup-venv.sh
+
+lint: setup ## ruff (lint + format check)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup ## mypy --strict on the packages
+	$(VENV)/bin/mypy
+
+test: lint typecheck cluster-build ## everything: lint, types, fast tests and e2e tests on the local cluster
+	$(PY) -m pytest tests e2e $(PYTEST_ARGS)
+
+test-fast: setup ## the fast tests only (no cluster)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+e2e: setup cluster-build ## the e2e tests (start the local cluster unless one runs)
+	$(PY) -m pytest e2e $(PYTEST_ARGS)
+
+cluster-build: setup ## build the control plane binaries into $(TARS_CACHE)/bin (first time 10-20 min)
+	@bash localcluster/build.sh
+
+cluster-up: setup ## build (first time) and start the local cluster; idempotent
+	$(PY) -m tars_localcluster up
+
+cluster-down: ## stop the local cluster; no process or network namespace is left
+	@if [ -x $(PY) ]; then $(PY) -m tars_localcluster down; fi
+
+cluster-env: ## print `export KUBECONFIG=...` for the local cluster
+	@$(PY) -m tars_localcluster env
+
+cluster-status: ## show which daemons of the local cluster run
+	@$(PY) -m tars_localcluster status

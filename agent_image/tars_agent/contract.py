@@ -1,0 +1,60 @@
+"""The operator <-> agent pod contract: labels, environment, ports, paths.
+
+Both sides import these names, so a rename cannot leave one side behind.
+"""
+
+# Labels and annotations on every agent pod.
+POOL_LABEL = "tars.dev/pool"
+
+# Environment the operator adds to the agent container.
+ENV_POOL = "TARS_POOL"
+ENV_NAMESPACE = "TARS_NAMESPACE"
+ENV_POD_NAME = "TARS_POD_NAME"  # from the downward API (metadata.name)
+ENV_REDIS_URL = "TARS_REDIS_URL"
+ENV_REDIS_PASSWORD = "TARS_REDIS_PASSWORD"  # from a Secret, never logged
+ENV_BUDGET = "TARS_BUDGET"
+ENV_REQUESTS_PER_MINUTE = "TARS_REQUESTS_PER_MINUTE"
+ENV_REQUESTS_PER_HOUR = "TARS_REQUESTS_PER_HOUR"
+ENV_TOKENS_PER_MINUTE = "TARS_TOKENS_PER_MINUTE"
+ENV_QUEUE_MAX_DEPTH = "TARS_QUEUE_MAX_DEPTH"
+ENV_LLM_BASE_URL = "TARS_LLM_BASE_URL"
+ENV_LLM_API_KEY = "TARS_LLM_API_KEY"  # from a Secret, never logged
+ENV_LLM_MODEL = "TARS_LLM_MODEL"
+ENV_HTTP_PORT = "TARS_HTTP_PORT"
+
+# One HTTP port per agent for /metrics, /healthz, /readyz, /status, /drain.
+HTTP_PORT = 8080
+PATH_METRICS = "/metrics"
+PATH_HEALTHZ = "/healthz"
+PATH_READYZ = "/readyz"
+PATH_STATUS = "/status"  # GET: JSON {"inflight": int, "draining": bool}
+PATH_DRAIN = "/drain"  # POST: stop taking new work (the operator's soft drain signal)
+
+# Pool defaults shared by operator and agent.
+DEFAULT_QUEUE_MAX_DEPTH = 500
+
+# Operator bookkeeping on agent pods (the agent may read them; only the operator writes them).
+DRAINING_ANNOTATION = "tars.dev/draining-since"  # RFC 3339 time the operator sent POST /drain
+REPLACES_ANNOTATION = "tars.dev/replaces"  # name of the pod a rotation surge pod replaces
+TEMPLATE_HASH_LABEL = "tars.dev/template-hash"  # hash of the rendered pod; a change rolls the pool
+
+# Agent-side settings (optional; defaults in tars_agent.settings).
+ENV_HTTP_BIND = "TARS_HTTP_BIND"  # listen address, default 0.0.0.0 (own pod netns)
+ENV_CONCURRENCY = "TARS_CONCURRENCY"  # max tasks in flight per agent
+ENV_DRAIN_GRACE_SECONDS = "TARS_DRAIN_GRACE_SECONDS"  # <= terminationGracePeriodSeconds
+ENV_EXPECTED_POOL_SIZE = "TARS_EXPECTED_POOL_SIZE"  # local limiter share when Redis is down
+ENV_MAX_ATTEMPTS = "TARS_MAX_ATTEMPTS"  # attempts before a task is dead-lettered
+ENV_CLAIM_IDLE_SECONDS = "TARS_CLAIM_IDLE_SECONDS"  # idle time before others reclaim work
+ENV_RESULT_TTL_SECONDS = "TARS_RESULT_TTL_SECONDS"
+ENV_LLM_HTTP2 = "TARS_LLM_HTTP2"
+
+DEFAULT_DRAIN_GRACE_SECONDS = 30.0
+
+
+def agents_heartbeat_key(namespace: str, pool: str) -> str:
+    """Redis hash of live agents: field = pod name, value = JSON {"inflight", "draining", "ts"}.
+
+    Agents refresh their field about every second and delete it on exit; the
+    operator reads it as a busy signal faster than a Prometheus scrape.
+    """
+    return f"tars:agents:{namespace}/{pool}"

@@ -1,0 +1,5 @@
+import sys
+
+from tars_localcluster.cli import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""`tars-localcluster up|down|env|status`: the local Kubernetes cluster."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tars_localcluster.cluster import Cluster, env_lines
+from tars_localcluster.config import ClusterConfig
+from tars_localcluster.procs import ClusterError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tars-localcluster", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="build (first time) and start the cluster; idempotent")
+    up.add_argument("--no-build", action="store_true", help="use the binaries already in the cache")
+    sub.add_parser("down", help="stop everything and remove pods' network namespaces and cgroups")
+    sub.add_parser("env", help="print shell exports for the running cluster")
+    sub.add_parser("status", help="show which daemons run; exit 1 unless all do")
+    args = parser.parse_args(argv)
+    cluster = Cluster(ClusterConfig.default())
+    try:
+        if args.command == "up":
+            cluster.up(build=not args.no_build)
+        elif args.command == "down":
+            cluster.down()
+        elif args.command == "env":
+            print("\n".join(env_lines(cluster.cfg)))
+        elif args.command == "status":
+            for name, pid in cluster.status().items():
+                print(f"{name:<24} {'running (pid ' + str(pid) + ')' if pid else 'stopped'}")
+            return 0 if cluster.is_up() else 1
+    except ClusterError as exc:
+        print(f"[cluster] ERROR: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
