@@ -319,3 +319,10 @@ def test_rbac_denies_a_service_account_what_its_role_does_not_grant(
         denied = as_sa.run(*args, check=False)
         assert denied.returncode != 0
         assert "forbidden" in denied.stderr.lower(), denied.stderr
+
+
+def test_cluster_up_again_keeps_the_running_cluster(cluster: Cluster) -> None:
+    before = cluster.status()
+    cluster.up(build=False)
+    assert cluster.status() == before
+    assert all(before.values())
