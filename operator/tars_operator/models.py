@@ -1,0 +1,304 @@
+"""Pydantic models of the AgentPool API (tars.dev/v1alpha1): the one source of truth.
+
+crd.py turns these models into the CRD's structural schema; the operator validates
+every object with them. Cross-field rules appear twice on purpose: as a CEL rule
+(`x-kubernetes-validations`, enforced by the API server) and as a model validator
+(enforced when the operator or a test parses an object) -- next to each other, so they
+are changed together.
+"""
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
+
+from tars_operator.units import DURATION_PATTERN, QUANTITY_PATTERN, parse_quantity
+
+GROUP = "tars.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "AgentPool"
+PLURAL = "agentpools"
+SINGULAR = "agentpool"
+SHORT_NAMES = ("ap",)
+CATEGORIES = ("tars", "all")
+
+Duration = Annotated[str, StringConstraints(pattern=DURATION_PATTERN, max_length=32)]
+Quantity = Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN, max_length=32)]
+DnsLabel = Annotated[
+    str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", min_length=1, max_length=63)
+]
+LabelMap = dict[str, Annotated[str, StringConstraints(max_length=63)]]
+AnnotationMap = dict[str, Annotated[str, StringConstraints(max_length=4096)]]
+
+
+def _cel(rule: str, message: str, field_path: str | None = None) -> JsonDict:
+    """One `x-kubernetes-validations` entry; fieldPath makes the error name the field."""
+    entry: JsonDict = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+def _section(cls: type[BaseModel]) -> Any:
+    """An optional sub-object whose own field defaults the API server fills in.
+
+    The parent's `default` is the whole defaulted object (not `{}`): the API server
+    checks a default against the section's CEL rules before nested defaulting, and a
+    rule such as `self.min <= self.max` fails on `{}`. `kubectl get -o yaml` then
+    shows every effective value.
+    """
+    return Field(
+        default_factory=cls,
+        json_schema_extra=lambda schema: schema.update(
+            default=cls().model_dump(by_alias=True, mode="json", exclude_none=True)
+        ),
+    )
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class _OpenModel(_Model):
+    """A Kubernetes object we only partly model: unknown fields are kept, not refused."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+# --- spec.template: a PodTemplateSpec, typed only as far as the operator reads it ---
+
+
+class Container(_OpenModel):
+    """A container of the agent pod; every other core/v1 Container field is passed through."""
+
+    name: DnsLabel
+    image: str = Field(min_length=1, max_length=1024)
+
+
+class PodSpec(_OpenModel):
+    """The pod spec; the first container is the agent the operator configures."""
+
+    containers: list[Container] = Field(min_length=1, max_length=16)
+
+
+class TemplateMetadata(_OpenModel):
+    """Labels and annotations copied onto every agent pod."""
+
+    labels: LabelMap | None = Field(default=None, max_length=64)
+    annotations: AnnotationMap | None = Field(default=None, max_length=64)
+
+
+class PodTemplate(_Model):
+    """A core/v1 PodTemplateSpec for the agent pods."""
+
+    metadata: TemplateMetadata | None = None
+    spec: PodSpec
+
+
+# --- the rest of the spec ---
+
+
+class Replicas(_Model):
+    """Bounds on the number of agent pods (a rotation may surge above max by rotation.maxUnavailable)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("self.min <= self.max", "replicas.min must not exceed replicas.max", ".min")
+            ]
+        }
+    )
+    min: int = Field(default=1, ge=0, le=1000)
+    max: int = Field(default=10, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "Replicas":
+        if self.min > self.max:
+            raise ValueError("replicas.min must not exceed replicas.max")
+        return self
+
+
+class Warm(_Model):
+    """Idle, ready agents kept at all times so a new task starts without a cold spawn."""
+
+    min: int = Field(default=3, ge=0, le=1000)
+
+
+class QueueDepth(_Model):
+    """Queue-driven scale-up: one extra agent per `targetPerAgent` tasks queued above `threshold`."""
+
+    query: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="PromQL returning one number: the tasks waiting for this pool. "
+        "Defaults to the sum over priorities of tars_queue_depth{pool=<name>,namespace=<ns>}.",
+    )
+    threshold: int = Field(default=50, ge=0, le=1_000_000)
+    target_per_agent: int = Field(default=10, ge=1, le=1_000_000)
+
+
+class ScaleDown(_Model):
+    """Scale-in follows the highest recommendation seen within the window (like the HPA)."""
+
+    stabilization_window: Duration = "5m"
+
+
+class Scaling(_Model):
+    """How the desired number of agents is computed and how fast it may grow."""
+
+    interval: Duration = "10s"
+    queue_depth: QueueDepth = _section(QueueDepth)
+    scale_down: ScaleDown = _section(ScaleDown)
+    max_spawn_per_interval: int = Field(default=5, ge=1, le=1000)
+    on_metrics_unavailable: Literal["Hold", "UseMin"] = "Hold"
+
+
+class Rotation(_Model):
+    """Agents are replaced after `ttl` (plus a per-pod jitter), surge first, drain second."""
+
+    ttl: Duration = "30m"
+    max_unavailable: int = Field(default=1, ge=1, le=1000)
+    drain_timeout: Duration = "120s"
+    jitter: Duration = "3m"
+
+
+class Memory(_Model):
+    """Memory-limit right-sizing of the agent container from observed usage (VPA-like)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "quantity(self.min).compareTo(quantity(self.max)) <= 0",
+                    "memory.min must not exceed memory.max",
+                    ".min",
+                )
+            ]
+        }
+    )
+    mode: Literal["Off", "Recommend", "Auto"] = "Recommend"
+    target_utilization: float = Field(default=0.7, gt=0, le=1)
+    min: Quantity = "128Mi"
+    max: Quantity = "2Gi"
+    window: Duration = "1h"
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "Memory":
+        if parse_quantity(self.min) > parse_quantity(self.max):
+            raise ValueError("memory.min must not exceed memory.max")
+        return self
+
+
+class RateLimit(_Model):
+    """The shared LLM budget the agents draw from; pools naming the same budget share it."""
+
+    budget: DnsLabel
+    requests_per_minute: int | None = Field(default=None, ge=1, le=100_000_000)
+    requests_per_hour: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    tokens_per_minute: int | None = Field(default=None, ge=1, le=1_000_000_000)
+
+
+class Queue(_Model):
+    """Backpressure: submissions are refused once this many tasks wait."""
+
+    max_depth: int = Field(default=500, ge=1, le=10_000_000)
+
+
+class SecretKeyRef(_Model):
+    """A key of a Secret in the pool's namespace."""
+
+    name: DnsLabel
+    key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class Redis(_Model):
+    """The Redis holding the queues and the limiter state (the operator's default when unset)."""
+
+    url: str = Field(min_length=1, max_length=1024, pattern=r"^rediss?://")
+    password_secret_ref: SecretKeyRef | None = None
+
+
+class AgentPoolSpec(_Model):
+    """Desired state of a pool of LLM agent pods."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "self.warm.min <= self.replicas.max",
+                    "warm.min must not exceed replicas.max",
+                    ".warm.min",
+                )
+            ]
+        }
+    )
+    template: PodTemplate
+    replicas: Replicas = _section(Replicas)
+    warm: Warm = _section(Warm)
+    scaling: Scaling = _section(Scaling)
+    rotation: Rotation = _section(Rotation)
+    memory: Memory = _section(Memory)
+    rate_limit: RateLimit | None = None
+    queue: Queue = _section(Queue)
+    redis: Redis | None = None
+
+    @model_validator(mode="after")
+    def _warm_fits(self) -> "AgentPoolSpec":
+        if self.warm.min > self.replicas.max:
+            raise ValueError("warm.min must not exceed replicas.max")
+        return self
+
+
+# --- status ---
+
+ConditionType = Literal["Ready", "Scaling", "MetricsAvailable", "SpecValid", "BudgetSaturated"]
+
+
+class Condition(_Model):
+    """A metav1.Condition."""
+
+    type: str = Field(min_length=1, max_length=316)
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = Field(default="", max_length=32768)
+    last_transition_time: datetime
+    observed_generation: int | None = Field(default=None, ge=0)
+
+
+class AgentPoolStatus(_Model):
+    """Observed state, written once per reconcile cycle."""
+
+    observed_generation: int | None = Field(default=None, ge=0)
+    selector: str | None = Field(default=None, max_length=1024)
+    replicas: int | None = Field(default=None, ge=0)
+    ready: int | None = Field(default=None, ge=0)
+    warm: int | None = Field(default=None, ge=0)
+    busy: int | None = Field(default=None, ge=0)
+    draining: int | None = Field(default=None, ge=0)
+    unschedulable: int | None = Field(default=None, ge=0)
+    queue_depth: int | None = Field(default=None, ge=0)
+    queue_depth_sample_time: datetime | None = None
+    desired_replicas: int | None = Field(default=None, ge=0)
+    last_decision_reason: str | None = Field(default=None, max_length=1024)
+    memory_limit: Quantity | None = None
+    memory_recommendation: Quantity | None = None
+    last_scale_time: datetime | None = None
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=8,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+
+
+class AgentPool(_Model):
+    """The whole object, as in a manifest (used to check examples and to read watch events)."""
+
+    api_version: Literal["tars.dev/v1alpha1"]
+    kind: Literal["AgentPool"]
+    metadata: dict[str, Any]
+    spec: AgentPoolSpec
+    status: AgentPoolStatus | None = None

@@ -1,0 +1,19 @@
+"""Pod actions the policies decide and the shell applies, each with the reason it is logged under."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Annotate the pod draining-since now and POST /drain: it stops taking work."""
+
+    pod: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Delete:
+    """Delete the pod (SIGTERM, then terminationGracePeriodSeconds = rotation.drainTimeout)."""
+
+    pod: str
+    reason: str

@@ -1,0 +1,282 @@
+"""The reconcile core: one pure function from what was observed to what to do.
+
+`plan(...)` validates the spec, reads the metrics, and combines the policies in this
+order: expectations -> budget -> scaling -> memory -> pod manifest -> reap and finish
+drains -> scale-in -> rotation -> status and events. The shell applies a Plan as:
+creates, drains, deletes, one status patch, events; then stores `plan.expect(names)` as
+the state for the next cycle. With an invalid spec the plan touches no pod: it only
+reports SpecValid=False.
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from tars_agent import contract
+from tars_operator import builders
+from tars_operator.models import AgentPoolSpec, AgentPoolStatus, Condition
+from tars_operator.policy import budget, memory, rotation, scale_in, scaling
+from tars_operator.policy.actions import Delete, Drain
+from tars_operator.policy.conditions import Verdict, is_true, merge, patch
+from tars_operator.policy.expectations import Expectation, outstanding
+from tars_operator.policy.metrics import Metrics, read
+from tars_operator.policy.observe import Counts, PodState, count, surge_pods
+from tars_operator.units import format_mebibytes, parse_duration, parse_quantity
+from tars_operator.validation import check
+
+# Conditions whose change of status deserves an Event, with their unhealthy status.
+_ALARMS = {"Ready": "False", "MetricsAvailable": "False", "SpecValid": "False", "BudgetSaturated": "True"}
+
+
+@dataclass(frozen=True)
+class Create:
+    manifest: dict[str, Any]
+    reason: str
+    replaces: str | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ControllerState:
+    """What the controller remembers between cycles (in memory; losing it only delays scale-in)."""
+
+    history: scaling.ScaleHistory = field(default_factory=scaling.ScaleHistory)
+    expectations: tuple[Expectation, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    creates: tuple[Create, ...]
+    drains: tuple[Drain, ...]
+    deletes: tuple[Delete, ...]
+    status: dict[str, Any]
+    events: tuple[Event, ...]
+    state: ControllerState
+    now: datetime
+
+    def expect(self, created: Sequence[str]) -> ControllerState:
+        """The state for the next cycle once the shell applied this plan; `created`: names the API gave."""
+        new = [Expectation(n, "create", self.now) for n in created]
+        new += [Expectation(d.pod, "drain", self.now) for d in self.drains]
+        new += [Expectation(d.pod, "delete", self.now) for d in self.deletes]
+        return ControllerState(self.state.history, self.state.expectations + tuple(new))
+
+
+def _previous(status: Mapping[str, Any]) -> AgentPoolStatus:
+    # A status someone else mangled must not stop the pool: start afresh.
+    try:
+        return AgentPoolStatus.model_validate(status)
+    except ValidationError:
+        return AgentPoolStatus()
+
+
+def _events(before: Sequence[Condition], after: Sequence[Condition]) -> list[Event]:
+    old = {c.type: c.status for c in before}
+    events = []
+    for cond in after:
+        # A first appearance is news only when it is bad.
+        alarm = _ALARMS.get(cond.type)
+        if (
+            alarm is None
+            or old.get(cond.type, "Unknown" if cond.status == alarm else cond.status) == cond.status
+        ):
+            continue
+        kind: Literal["Normal", "Warning"] = "Warning" if cond.status == alarm else "Normal"
+        events.append(Event(kind, cond.reason, f"{cond.type}={cond.status}: {cond.message}"))
+    return events
+
+
+def _counted_status(pool: builders.PoolRef, counts: Counts) -> dict[str, Any]:
+    return {
+        "observed_generation": pool.generation,
+        "selector": f"{contract.POOL_LABEL}={pool.name}",
+        "replicas": counts.active,
+        "ready": counts.ready,
+        "warm": counts.idle,
+        "busy": counts.busy,
+        "draining": counts.draining,
+        "unschedulable": counts.unschedulable,
+    }
+
+
+def _recent_creates(pods: Sequence[PodState], now: datetime, interval: timedelta) -> int:
+    # A creation time beyond one interval in the future is a clock error: not counted, so it cannot block.
+    return sum(1 for p in pods if now - interval < p.created <= now + interval)
+
+
+def plan(
+    pool: builders.PoolRef,
+    spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    pods: Sequence[PodState],
+    metrics: Metrics,
+    now: datetime,
+    state: ControllerState,
+    defaults: builders.OperatorDefaults,
+) -> Plan:
+    """Everything to do for one pool this cycle. `spec`/`status` are the object's, as stored."""
+    prev = _previous(status)
+    counts = count(pods)
+    pending = outstanding(state.expectations, pods, now)
+    parsed, problems = check(spec)
+    if parsed is None or problems:
+        message = "; ".join(str(p) for p in problems)[:32768]
+        conditions = merge(
+            prev.conditions, [Verdict("SpecValid", "False", "Invalid", message)], now, pool.generation
+        )
+        new_status = prev.model_copy(update={**_counted_status(pool, counts), "conditions": conditions})
+        return Plan(
+            (),
+            (),
+            (),
+            patch(new_status),
+            tuple(_events(prev.conditions, conditions)),
+            ControllerState(state.history, pending),
+            now,
+        )
+    return _plan_valid(
+        pool, parsed, prev, pods, counts, metrics, now, ControllerState(state.history, pending), defaults
+    )
+
+
+def _plan_valid(
+    pool: builders.PoolRef,
+    spec: AgentPoolSpec,
+    prev: AgentPoolStatus,
+    pods: Sequence[PodState],
+    counts: Counts,
+    metrics: Metrics,
+    now: datetime,
+    state: ControllerState,
+    defaults: builders.OperatorDefaults,
+) -> Plan:
+    interval = parse_duration(spec.scaling.interval)
+    queue = read(metrics.queue_depth, now, interval)
+    verdict = budget.assess(
+        spec.rate_limit is not None,
+        read(metrics.budget_utilization, now, interval).value,
+        read(metrics.limiter_wait_seconds, now, interval).value,
+        is_true(prev.conditions, "BudgetSaturated"),
+    )
+    pending = len(state.expectations)
+    decision = scaling.decide(
+        spec,
+        counts,
+        queue.value,
+        verdict.saturated,
+        state.history,
+        _recent_creates(pods, now, interval),
+        pending,
+        now,
+    )
+    mem = memory.decide(
+        spec.memory,
+        builders.template_memory_limit(spec),
+        parse_quantity(prev.memory_limit) if prev.memory_limit else None,
+        metrics.memory_bytes,
+        pods,
+        now,
+    )
+    manifest = builders.render(pool, spec, mem.limit if spec.memory.mode == "Auto" else None, defaults)
+    template_hash = manifest["metadata"]["labels"][contract.TEMPLATE_HASH_LABEL]
+
+    busy_names = {e.pod for e in state.expectations}
+    deletes = [
+        d
+        for d in scale_in.reap(pods)
+        + scale_in.finish_drains(pods, now, parse_duration(spec.rotation.drain_timeout))
+        if d.pod not in busy_names
+    ]
+    removals = scale_in.choose(pods, decision.remove, surge_pods(pods))
+    drains = [a for a in removals if isinstance(a, Drain)]
+    deletes += [a for a in removals if isinstance(a, Delete)]
+    rot = rotation.decide(
+        pods,
+        now,
+        parse_duration(spec.rotation.ttl),
+        parse_duration(spec.rotation.jitter),
+        spec.rotation.max_unavailable,
+        template_hash,
+        frozenset(a.pod for a in removals),
+    )
+    creates = [Create(manifest, f"scale-up: {decision.reason}") for _ in range(decision.create)]
+    if not pending:
+        drains += rot.drains
+        if not counts.unschedulable:
+            creates += [
+                Create(builders.with_replaces(manifest, r.pod), r.reason, r.pod) for r in rot.replacements
+            ]
+
+    scaled = bool(decision.create or removals)
+    conditions = merge(
+        prev.conditions,
+        [
+            Verdict(
+                "Ready",
+                "True" if counts.ready >= decision.desired else "False",
+                "AgentsReady"
+                if counts.ready >= decision.desired
+                else ("Unschedulable" if counts.unschedulable else "AgentsStarting"),
+                f"{counts.ready} of {decision.desired} agents ready",
+            ),
+            Verdict(
+                "Scaling",
+                "True" if scaled or counts.capacity != decision.desired else "False",
+                decision.reason,
+                f"{decision.message}; rotation: {rot.message}",
+            ),
+            Verdict(
+                "MetricsAvailable",
+                "True" if queue.value is not None else "False",
+                queue.reason,
+                f"queue depth: {queue.message}",
+            ),
+            Verdict("SpecValid", "True", "Valid", "spec passed validation"),
+            Verdict(
+                "BudgetSaturated", "True" if verdict.saturated else "False", verdict.reason, verdict.message
+            ),
+        ],
+        now,
+        pool.generation,
+    )
+    new_status = AgentPoolStatus.model_validate(
+        {
+            **_counted_status(pool, counts),
+            "queue_depth": round(queue.value) if queue.value is not None else prev.queue_depth,
+            "queue_depth_sample_time": metrics.queue_depth.at
+            if queue.value is not None and metrics.queue_depth
+            else prev.queue_depth_sample_time,
+            "desired_replicas": decision.desired,
+            "last_decision_reason": f"{decision.reason}: {decision.message}"[:1024],
+            "memory_limit": format_mebibytes(mem.limit) if mem.limit else None,
+            "memory_recommendation": format_mebibytes(mem.recommendation) if mem.recommendation else None,
+            "last_scale_time": now.replace(microsecond=0) if scaled else prev.last_scale_time,
+            "conditions": conditions,
+        }
+    )
+    events = _events(prev.conditions, conditions)
+    if decision.create:
+        events.append(Event("Normal", "ScaledUp", f"creating {decision.create}: {decision.message}"))
+    if removals:
+        events.append(Event("Normal", "ScaledDown", f"removing {len(removals)}: {decision.message}"))
+    if mem.changed and spec.memory.mode == "Auto":
+        kind: Literal["Normal", "Warning"] = "Warning" if mem.oom_pod else "Normal"
+        events.append(Event(kind, f"MemoryLimit{mem.reason}", mem.message))
+    return Plan(
+        tuple(creates),
+        tuple(drains),
+        tuple(deletes),
+        patch(new_status),
+        tuple(events),
+        ControllerState(decision.history, state.expectations),
+        now,
+    )

@@ -1,0 +1,42 @@
+"""The PromQL the operator runs for a pool, built from metric_names (pure: text in, text out).
+
+Every agent exports the queue depth it sees, so the per-priority values are de-duplicated
+with `max` before summing; `namespace` is the label Prometheus' Kubernetes discovery
+(and a PodMonitor) attaches to every scraped series.
+"""
+
+from tars_agent import metric_names
+from tars_operator.models import AgentPoolSpec
+
+
+def _pool(name: str, namespace: str) -> str:
+    return f'pool="{name}",namespace="{namespace}"'
+
+
+def queue_depth(spec: AgentPoolSpec, name: str, namespace: str) -> str:
+    """The pool's own query if it has one, else the sum over priorities of tars_queue_depth."""
+    if spec.scaling.queue_depth.query is not None:
+        return spec.scaling.queue_depth.query
+    return f"sum(max by (priority) ({metric_names.QUEUE_DEPTH}{{{_pool(name, namespace)}}}))"
+
+
+def budget_utilization(budget: str) -> str:
+    """The most-spent window of the shared budget (0..1)."""
+    return f'max({metric_names.LIMITER_BUDGET_UTILIZATION}{{budget="{budget}"}})'
+
+
+def limiter_wait_seconds(name: str, namespace: str) -> str:
+    """Mean limiter wait per acquisition over the last minute, across the pool's agents."""
+    series = f"{metric_names.LIMITER_WAIT_SECONDS}_%s{{{_pool(name, namespace)}}}"
+    return f"sum(rate({series % 'sum'}[1m])) / sum(rate({series % 'count'}[1m]))"
+
+
+def memory_working_set(name: str, namespace: str, container: str) -> str:
+    """Working-set bytes of the agent container (cAdvisor); run as a range query over memory.window.
+
+    cAdvisor series carry no pod labels, so pods are matched by name: generateName adds 5 characters.
+    """
+    return (
+        f'container_memory_working_set_bytes{{namespace="{namespace}",pod=~"{name}-[a-z0-9]{{5}}",'
+        f'container="{container}"}}'
+    )

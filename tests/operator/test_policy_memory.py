@@ -1,0 +1,112 @@
+"""Table-driven tests of policy/memory.py."""
+
+from datetime import timedelta
+
+import pytest
+from factories import T0, idle
+
+from tars_operator.models import Memory
+from tars_operator.policy.memory import MIN_SAMPLES, decide, percentile
+from tars_operator.policy.metrics import Sample
+from tars_operator.policy.observe import PodState
+
+MI = 2**20
+
+
+def samples(*values_mi: float, age: timedelta = timedelta(minutes=1)) -> list[Sample]:
+    return [Sample(v * MI, T0 - age) for v in values_mi]
+
+
+FLAT_100 = samples(*[100] * MIN_SAMPLES)  # p95 100Mi -> 100/0.7 = 142.9 -> 143Mi
+
+
+def oom(name: str, limit_mi: int, ago: timedelta = timedelta(minutes=2)) -> PodState:
+    return idle(name, last_oom=T0 - ago, memory_limit=limit_mi * MI)
+
+
+@pytest.mark.parametrize(
+    ("mode", "template", "applied", "data", "pods", "limit", "rec", "reason"),
+    [
+        ("Off", 512, None, FLAT_100, [], 512, None, "Off"),
+        ("Recommend", 512, None, FLAT_100, [], 512, 143, "Recommend"),
+        ("Auto", 512, 512, FLAT_100, [], 143, 143, "Resized"),
+        # Too few samples: keep the limit in force.
+        ("Auto", 512, 512, FLAT_100[:-1], [], 512, None, "NotEnoughData"),
+        # No template limit, no data: start safe at memory.max.
+        ("Auto", None, None, [], [], 2048, None, "NotEnoughData"),
+        # Within hysteresis (+/-): no change.
+        ("Auto", None, 150, FLAT_100, [], 150, 143, "WithinHysteresis"),
+        ("Auto", None, 130, FLAT_100, [], 130, 143, "WithinHysteresis"),
+        # The peak sets a floor: 10 % above the highest usage.
+        ("Auto", None, 1000, samples(*[100] * 19, 400), [], 440, 440, "Resized"),
+        # Bounds.
+        ("Auto", None, 1000, samples(*[10] * MIN_SAMPLES), [], 128, 128, "Resized"),
+        ("Auto", None, 512, samples(*[3000] * MIN_SAMPLES), [], 2048, 2048, "Resized"),
+        # OOM at the limit in force: x1.5, even without samples.
+        ("Auto", None, 512, [], [oom("a", 512)], 768, 768, "OOMKilled"),
+        # OOM at an older, smaller limit: already handled, no second bump.
+        ("Auto", None, 768, [], [oom("a", 512)], 768, None, "NotEnoughData"),
+        # OOM outside the window is forgotten.
+        ("Auto", None, 512, [], [oom("a", 512, ago=timedelta(hours=2))], 512, None, "NotEnoughData"),
+        # OOM at max: cannot go higher.
+        ("Auto", None, 2048, [], [oom("a", 2048)], 2048, 2048, "OOMKilledAtMax"),
+        # Samples outside the window (old, or from the future) do not count.
+        (
+            "Auto",
+            512,
+            512,
+            samples(*[100] * MIN_SAMPLES, age=timedelta(hours=2)),
+            [],
+            512,
+            None,
+            "NotEnoughData",
+        ),
+        (
+            "Auto",
+            512,
+            512,
+            samples(*[100] * MIN_SAMPLES, age=-timedelta(minutes=5)),
+            [],
+            512,
+            None,
+            "NotEnoughData",
+        ),
+    ],
+)
+def test_decide(
+    mode: str,
+    template: int | None,
+    applied: int | None,
+    data: list[Sample],
+    pods: list[PodState],
+    limit: int | None,
+    rec: int | None,
+    reason: str,
+) -> None:
+    decision = decide(
+        Memory(mode=mode),  # type: ignore[arg-type]
+        template * MI if template else None,
+        applied * MI if applied else None,
+        data,
+        pods,
+        T0,
+    )
+    assert (decision.limit, decision.recommendation, decision.reason) == (
+        limit * MI if limit else None,
+        rec * MI if rec else None,
+        reason,
+    ), decision.message
+
+
+def test_decision_carries_the_numbers_behind_it() -> None:
+    decision = decide(Memory(mode="Auto"), None, 512 * MI, FLAT_100, [oom("a", 512)], T0)
+    assert decision.changed and decision.oom_pod == "a"
+    assert (decision.p95, decision.peak, decision.samples) == (100 * MI, 100 * MI, MIN_SAMPLES)
+    assert "oomKilled=a" in decision.message and "p95=100Mi" in decision.message
+
+
+@pytest.mark.parametrize(
+    ("values", "q", "expected"), [([1, 2, 3, 4], 0.5, 2), (list(range(1, 101)), 0.95, 95), ([7], 0.95, 7)]
+)
+def test_percentile_nearest_rank(values: list[float], q: float, expected: float) -> None:
+    assert percentile(values, q) == expected
