@@ -29,6 +29,8 @@ OPERATOR_RECONCILE_SECONDS = "tars_operator_reconcile_seconds"
 OPERATOR_PODS_CREATED_TOTAL = "tars_operator_pods_created_total"  # counter{reason}
 OPERATOR_PODS_DELETED_TOTAL = "tars_operator_pods_deleted_total"  # counter{reason}
 OPERATOR_DESIRED_REPLICAS = "tars_operator_desired_replicas"
+OPERATOR_DECISIONS_TOTAL = "tars_operator_decisions_total"  # counter{reason}
+OPERATOR_ERRORS_TOTAL = "tars_operator_errors_total"  # counter{stage}
 
 # Shared limiter, per budget (added for the operator's budget-aware ceiling).
 LIMITER_BUDGET_UTILIZATION = "tars_limiter_budget_utilization"  # gauge{budget,window}: 0..1 spent

@@ -25,6 +25,7 @@ class Metrics:
     budget_utilization: Sample | None = None  # 0..1 of the budget spent in its window
     limiter_wait_seconds: Sample | None = None  # mean wait per limiter acquisition, last minute
     memory_bytes: tuple[Sample, ...] = field(default=())  # agent working-set samples over the window
+    queue_depth_error: str | None = None  # why queue_depth is None, when the query failed
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,11 @@ class Reading:
 MIN_MAX_AGE = timedelta(seconds=30)
 
 
-def read(sample: Sample | None, now: datetime, interval: timedelta) -> Reading:
+def read(sample: Sample | None, now: datetime, interval: timedelta, error: str | None = None) -> Reading:
     if sample is None:
-        return Reading(None, "NoData", "the query failed or returned no series")
+        if error:
+            return Reading(None, "QueryFailed", error)
+        return Reading(None, "NoData", "the query returned no series")
     age = now - sample.at
     max_age = max(3 * interval, MIN_MAX_AGE)
     if age > max_age:

@@ -160,7 +160,7 @@ def _plan_valid(
     defaults: builders.OperatorDefaults,
 ) -> Plan:
     interval = parse_duration(spec.scaling.interval)
-    queue = read(metrics.queue_depth, now, interval)
+    queue = read(metrics.queue_depth, now, interval, metrics.queue_depth_error)
     verdict = budget.assess(
         spec.rate_limit is not None,
         read(metrics.budget_utilization, now, interval).value,

@@ -1,0 +1,78 @@
+"""A stand-in agent for operator e2e tests: speaks the agent side of the
+operator <-> agent contract (tars_agent.contract) and nothing else.
+
+GET  /metrics      tars_agent_busy, tars_agent_draining, tars_queue_depth{pool,priority}
+GET  /healthz      200
+GET  /readyz       200 until drained, then 503
+GET  /status       {"inflight": n, "draining": bool}
+POST /drain        stop taking work
+POST /test/busy?n= set the in-flight count (the test's remote control)
+
+The queue depth it exports is read from the file named by $FAKE_QUEUE_FILE
+(absent or empty: 0), so a test sets the pool's backlog by writing a number.
+"""
+
+import json
+import os
+import signal
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+STATE = {"inflight": 0, "draining": False}
+POOL = os.environ.get("TARS_POOL", "")
+QUEUE_FILE = os.environ.get("FAKE_QUEUE_FILE", "")
+
+
+def queue_depth() -> int:
+    try:
+        return int(Path(QUEUE_FILE).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        path = urlparse(self.path).path
+        if path == "/metrics":
+            body = (
+                f"tars_agent_busy {STATE['inflight']}\n"
+                f"tars_agent_draining {int(bool(STATE['draining']))}\n"
+                f'tars_queue_depth{{pool="{POOL}",priority="normal"}} {queue_depth()}\n'
+            )
+            self._reply(200, body, "text/plain; version=0.0.4")
+        elif path == "/healthz":
+            self._reply(200, "ok")
+        elif path == "/readyz":
+            self._reply(503 if STATE["draining"] else 200, "draining" if STATE["draining"] else "ready")
+        elif path == "/status":
+            self._reply(200, json.dumps(STATE), "application/json")
+        else:
+            self._reply(404, "not found")
+
+    def do_POST(self) -> None:
+        url = urlparse(self.path)
+        if url.path == "/drain":
+            STATE["draining"] = True
+            self._reply(202, json.dumps(STATE), "application/json")
+        elif url.path == "/test/busy":
+            STATE["inflight"] = int(parse_qs(url.query)["n"][0])
+            self._reply(200, json.dumps(STATE), "application/json")
+        else:
+            self._reply(404, "not found")
+
+    def _reply(self, code: int, body: str, kind: str = "text/plain") -> None:
+        data = body.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+ThreadingHTTPServer(("0.0.0.0", int(os.environ.get("TARS_HTTP_PORT", "8080"))), Handler).serve_forever()

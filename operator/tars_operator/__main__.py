@@ -1,0 +1,90 @@
+"""`tars-operator` / `python -m tars_operator`: run the AgentPool operator.
+
+Becomes leader first (unless --no-leader-election), then runs kopf with the
+handlers in handlers.py, serves its Prometheus metrics on --metrics-port and
+kopf's liveness probe on --health-port (/healthz). Exits non-zero when it loses
+leadership, so its Deployment restarts it as a candidate."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+import kopf
+from kubernetes_asyncio import client
+from prometheus_client import start_http_server
+
+from tars_operator import handlers, settings
+from tars_operator.kubeclient import api_client
+from tars_operator.leader import LeaderElector
+
+log = logging.getLogger("tars_operator")
+
+
+async def run(opts: settings.OperatorSettings) -> int:
+    handlers.SETTINGS = opts
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    elector: LeaderElector | None = None
+    api: client.ApiClient | None = None
+    if opts.leader_election:
+        api = await api_client(opts.kubeconfig)
+        elector = LeaderElector(
+            client.CoordinationV1Api(api), opts.lease_namespace, opts.lease_name, opts.identity
+        )
+        acquiring = asyncio.create_task(elector.acquire())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            acquiring.cancel()
+            await api.close()
+            return 0
+
+    operator_stop: asyncio.Future[None] = loop.create_future()
+    operator = asyncio.create_task(
+        kopf.operator(
+            standalone=True,
+            clusterwide=not opts.namespaces,
+            namespaces=list(opts.namespaces),
+            liveness_endpoint=f"http://0.0.0.0:{opts.health_port}/healthz",
+            stop_flag=operator_stop,
+        )
+    )
+    waiters = {operator, asyncio.create_task(stop.wait())}
+    holding = asyncio.create_task(elector.hold()) if elector else None
+    if holding:
+        waiters.add(holding)
+    done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    lost = holding is not None and holding in done
+    if not operator_stop.done():
+        operator_stop.set_result(None)
+    with contextlib.suppress(asyncio.CancelledError):
+        await operator
+    if holding and not holding.done():
+        holding.cancel()
+    if elector and not lost:
+        await elector.release()
+    if api:
+        await api.close()
+    if lost:
+        log.error("leadership lost: exiting so that a fresh candidate takes over")
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = settings.parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per agent status poll is noise
+    start_http_server(opts.metrics_port)
+    return asyncio.run(run(opts))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

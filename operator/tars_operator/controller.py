@@ -1,0 +1,217 @@
+"""The thin shell around `policy.plan`: observe one pool, plan, apply the plan.
+
+One cycle: read the pool's pods (from the kopf index), ask each ready agent
+for its in-flight count, read Prometheus (every `scaling.interval`), call the
+pure `plan(...)`, then apply it: creates, drains, deletes, one status patch,
+events. Everything the cycle learns about failures goes into status and
+Events; nothing here decides anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from tars_agent import contract
+from tars_operator import builders, models, observability, queries
+from tars_operator.policy.metrics import Metrics
+from tars_operator.policy.observe import PodState, pod_state
+from tars_operator.policy.plan import ControllerState, Plan, plan
+from tars_operator.sources import AgentClient, PrometheusReader
+from tars_operator.units import parse_duration
+from tars_operator.validation import check
+
+log = logging.getLogger("tars_operator")
+
+EventSink = Callable[[str, str, str], None]  # (type, reason, message)
+
+
+@dataclass(frozen=True)
+class AgentPod:
+    """What the pod index keeps per agent pod: small, no managedFields."""
+
+    name: str
+    uid: str
+    ip: str | None
+    owner_uid: str | None
+    state: PodState
+
+
+def index_entry(pod: Mapping[str, Any]) -> AgentPod:
+    owners = [o for o in pod["metadata"].get("ownerReferences") or [] if o.get("controller")]
+    return AgentPod(
+        name=pod["metadata"]["name"],
+        uid=pod["metadata"]["uid"],
+        ip=(pod.get("status") or {}).get("podIP"),
+        owner_uid=owners[0]["uid"] if owners else None,
+        state=pod_state(pod, None),
+    )
+
+
+def reason_label(reason: str) -> str:
+    """A bounded metric label from a free-text reason ("scale-up: QueueAboveThreshold" -> "scale-up")."""
+    return reason.split(":", 1)[0].split(" ", 1)[0][:40]
+
+
+@dataclass
+class PoolController:
+    name: str
+    namespace: str
+    uid: str
+    core: client.CoreV1Api
+    custom: client.CustomObjectsApi
+    prometheus: PrometheusReader
+    agents: AgentClient
+    defaults: builders.OperatorDefaults
+    emit: EventSink
+    state: ControllerState = field(default_factory=ControllerState)
+    metrics: Metrics = field(default_factory=Metrics)
+    metrics_read_at: float = float("-inf")
+    last_busy: frozenset[str] = frozenset()
+
+    async def observe(self, indexed: Sequence[AgentPod]) -> tuple[list[PodState], dict[str, AgentPod]]:
+        """The pool's own pods (controller owner = this pool), with the agents' in-flight counts."""
+        mine = [p for p in indexed if p.owner_uid == self.uid]
+        counts = await asyncio.gather(
+            *(self.agents.inflight(p.ip) if p.state.ready else _none() for p in mine)
+        )
+        states = [replace(p.state, inflight=n) for p, n in zip(mine, counts, strict=True)]
+        return states, {p.name: p for p in mine}
+
+    def busy_changed(self, pods: Sequence[PodState]) -> bool:
+        """True when the set of busy agents changed since the last cycle (a reason to act now)."""
+        busy = frozenset(p.name for p in pods if p.inflight)
+        changed = busy != self.last_busy
+        self.last_busy = busy
+        return changed
+
+    async def read_metrics(self, spec: models.AgentPoolSpec) -> Metrics:
+        queue = await self.prometheus.query(queries.queue_depth(spec, self.name, self.namespace))
+        budget = wait = None
+        if spec.rate_limit is not None:
+            budget = (await self.prometheus.query(queries.budget_utilization(spec.rate_limit.budget))).sample
+            wait = (
+                await self.prometheus.query(queries.limiter_wait_seconds(self.name, self.namespace))
+            ).sample
+        return Metrics(
+            queue_depth=queue.sample,
+            queue_depth_error=queue.error,
+            budget_utilization=budget,
+            limiter_wait_seconds=wait,
+        )
+
+    async def cycle(
+        self, body: Mapping[str, Any], pods: Sequence[PodState], by_name: Mapping[str, AgentPod]
+    ) -> Plan:
+        started = time.monotonic()
+        spec_raw = body.get("spec") or {}
+        parsed, _ = check(spec_raw)
+        if parsed is not None:
+            interval = parse_duration(parsed.scaling.interval).total_seconds()
+            if time.monotonic() - self.metrics_read_at >= interval:
+                self.metrics = await self.read_metrics(parsed)
+                self.metrics_read_at = time.monotonic()
+        pool = builders.PoolRef(
+            self.name, self.namespace, self.uid, int(body["metadata"].get("generation", 1))
+        )
+        result = plan(
+            pool,
+            spec_raw,
+            body.get("status") or {},
+            pods,
+            self.metrics,
+            dt.datetime.now(dt.UTC),
+            self.state,
+            self.defaults,
+        )
+        created = await self.apply(result, by_name)
+        self.state = result.expect(created)
+        labels = {"namespace": self.namespace, "pool": self.name}
+        observability.RECONCILE_SECONDS.labels(**labels).observe(time.monotonic() - started)
+        desired = result.status.get("desiredReplicas")
+        if desired is not None:
+            observability.DESIRED_REPLICAS.labels(**labels).set(desired)
+        reason = result.status.get("lastDecisionReason")
+        if reason:
+            observability.DECISIONS.labels(**labels, reason=reason_label(reason)).inc()
+        return result
+
+    async def _guard(self, stage: str, action: Awaitable[Any], what: str) -> bool:
+        """Run one API action; a failure becomes a Warning Event and a metric, never an exception."""
+        try:
+            await action
+        except (TimeoutError, ApiException, OSError) as exc:
+            detail = getattr(exc, "reason", None) or str(exc)
+            body = getattr(exc, "body", None)
+            message = f"{what} failed: {detail} {body or ''}".strip()[:1000]
+            log.warning("pool %s/%s: %s", self.namespace, self.name, message)
+            observability.ERRORS.labels(namespace=self.namespace, pool=self.name, stage=stage).inc()
+            self.emit("Warning", f"{stage.capitalize()}Failed", message)
+            return False
+        return True
+
+    async def apply(self, result: Plan, by_name: Mapping[str, AgentPod]) -> list[str]:
+        labels = {"namespace": self.namespace, "pool": self.name}
+        created: list[str] = []
+        for create in result.creates:
+            manifest: Any = create.manifest  # the client takes a plain dict as well as a V1Pod
+            try:
+                new_pod = await self.core.create_namespaced_pod(self.namespace, manifest)
+            except ApiException as exc:
+                observability.ERRORS.labels(**labels, stage="create").inc()
+                message = f"creating an agent pod failed: {exc.reason} {exc.body!r}"
+                self.emit("Warning", "CreateFailed", message[:1000])
+                break  # the same error would repeat for the rest of this plan
+            name = new_pod.metadata.name
+            created.append(name)
+            observability.PODS_CREATED.labels(**labels, reason=reason_label(create.reason)).inc()
+            log.info("pool %s/%s: created %s (%s)", self.namespace, self.name, name, create.reason)
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+        for drain in result.drains:
+            target = by_name.get(drain.pod)
+            annotate = self.core.patch_namespaced_pod(
+                drain.pod, self.namespace, {"metadata": {"annotations": {contract.DRAINING_ANNOTATION: now}}}
+            )
+            if await self._guard("drain", annotate, f"marking {drain.pod} draining"):
+                error = await self.agents.drain(target.ip if target else None)
+                if error:
+                    # The drain timeout still bounds the wait; the pod may be reachable next cycle.
+                    log.warning("pool %s/%s: %s", self.namespace, self.name, error)
+                log.info("pool %s/%s: draining %s (%s)", self.namespace, self.name, drain.pod, drain.reason)
+        for delete in result.deletes:
+            victim = by_name.get(delete.pod)
+            # The UID precondition: never delete a newer pod that reuses the name.
+            uid = client.V1Preconditions(uid=victim.uid) if victim else None
+            options = client.V1DeleteOptions(preconditions=uid)
+            remove = self.core.delete_namespaced_pod(delete.pod, self.namespace, body=options)
+            if await self._guard("delete", remove, f"deleting {delete.pod}"):
+                observability.PODS_DELETED.labels(**labels, reason=reason_label(delete.reason)).inc()
+                log.info("pool %s/%s: deleted %s (%s)", self.namespace, self.name, delete.pod, delete.reason)
+        await self._guard(
+            "status",
+            self.custom.patch_namespaced_custom_object_status(
+                models.GROUP,
+                models.VERSION,
+                self.namespace,
+                models.PLURAL,
+                self.name,
+                {"status": result.status},
+                _content_type="application/merge-patch+json",
+            ),
+            "writing the pool's status",
+        )
+        for event in result.events:
+            self.emit(event.type, event.reason, event.message)
+        return created
+
+
+async def _none() -> None:
+    return None

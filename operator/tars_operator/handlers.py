@@ -1,0 +1,117 @@
+"""kopf registrations: an index of agent pods and one daemon per AgentPool.
+
+As kopf's docs recommend for this shape: the pods are only indexed (small
+records, no handlers on them, so kopf never writes onto agent pods); each pool
+gets a daemon that wakes every second to refresh its agents' busy state,
+reconciles at once when pods or busy agents change, and in any case every
+`scaling.interval`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+from kubernetes_asyncio import client
+
+from tars_agent import contract
+from tars_operator import builders, models
+from tars_operator.controller import AgentPod, PoolController, index_entry
+from tars_operator.kubeclient import api_client
+from tars_operator.settings import OperatorSettings
+from tars_operator.sources import AgentClient, PrometheusReader
+from tars_operator.units import parse_duration
+from tars_operator.validation import check
+
+log = logging.getLogger("tars_operator")
+POLL_SECONDS = 1.0
+
+# Set by main() before kopf starts.
+SETTINGS = OperatorSettings()
+# (namespace, pool) -> Event: a pod of that pool changed, reconcile now.
+_WAKE: dict[tuple[str, str], asyncio.Event] = {}
+
+
+def _wake(key: tuple[str, str]) -> asyncio.Event:
+    return _WAKE.setdefault(key, asyncio.Event())
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    # Our own Lease election (leader.py) decides who runs; kopf peering would freeze equal peers.
+    settings.peering.standalone = True
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="tars.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="tars.dev")
+    memo.api = await api_client(SETTINGS.kubeconfig)
+    memo.prometheus = PrometheusReader(SETTINGS.prometheus_url)
+    memo.agents = AgentClient()
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    await memo.agents.close()
+    await memo.api.close()
+
+
+@kopf.index("pods", labels={contract.POOL_LABEL: kopf.PRESENT})
+def agent_pods(
+    body: kopf.Body, namespace: str | None, labels: Mapping[str, str], **_: Any
+) -> dict[Any, AgentPod]:
+    key = (namespace or "", labels[contract.POOL_LABEL])
+    _wake(key).set()
+    return {key: index_entry(body)}
+
+
+@kopf.daemon(models.GROUP, models.VERSION, models.PLURAL, initial_delay=0.5, cancellation_timeout=10)  # type: ignore[arg-type]
+async def pool_daemon(
+    name: str,
+    namespace: str | None,
+    uid: str,
+    body: kopf.Body,
+    stopped: kopf.DaemonStopped,
+    memo: kopf.Memo,
+    agent_pods: kopf.Index[tuple[str, str], AgentPod],
+    **_: Any,
+) -> None:
+    def emit(kind: str, reason: str, message: str) -> None:
+        kopf.event(body, type=kind, reason=reason, message=message)
+
+    namespace = namespace or ""  # AgentPool is namespaced; kopf types allow None for cluster objects
+    api = memo.api
+    controller = PoolController(
+        name=name,
+        namespace=namespace,
+        uid=uid,
+        core=client.CoreV1Api(api),
+        custom=client.CustomObjectsApi(api),
+        prometheus=memo.prometheus,
+        agents=memo.agents,
+        defaults=builders.OperatorDefaults(redis_url=SETTINGS.redis_url),
+        emit=emit,
+    )
+    key = (namespace, name)
+    wake = _wake(key)
+    loop = asyncio.get_running_loop()
+    last_cycle = float("-inf")
+    while not stopped:
+        parsed, _problems = check(body.get("spec") or {})
+        interval = parse_duration(parsed.scaling.interval).total_seconds() if parsed else 10.0
+        woken = wake.is_set()
+        wake.clear()
+        pods, by_name = await controller.observe(list(agent_pods.get(key, [])))
+        due = loop.time() - last_cycle >= interval
+        if controller.busy_changed(pods) or woken or due:
+            try:
+                await controller.cycle(body, pods, by_name)
+            except Exception:
+                log.exception("pool %s/%s: reconcile failed; retrying", namespace, name)
+            last_cycle = loop.time()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), POLL_SECONDS)

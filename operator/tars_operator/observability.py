@@ -1,0 +1,29 @@
+"""The operator's own Prometheus metrics (names from tars_agent.metric_names)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from tars_agent import metric_names
+
+RECONCILE_SECONDS = Histogram(
+    metric_names.OPERATOR_RECONCILE_SECONDS,
+    "Duration of one reconcile cycle of a pool",
+    ["namespace", "pool"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+PODS_CREATED = Counter(
+    metric_names.OPERATOR_PODS_CREATED_TOTAL, "Agent pods created", ["namespace", "pool", "reason"]
+)
+PODS_DELETED = Counter(
+    metric_names.OPERATOR_PODS_DELETED_TOTAL, "Agent pods deleted", ["namespace", "pool", "reason"]
+)
+DESIRED_REPLICAS = Gauge(
+    metric_names.OPERATOR_DESIRED_REPLICAS, "Desired agent pods of a pool", ["namespace", "pool"]
+)
+DECISIONS = Counter(
+    metric_names.OPERATOR_DECISIONS_TOTAL, "Scaling decisions by reason", ["namespace", "pool", "reason"]
+)
+ERRORS = Counter(
+    metric_names.OPERATOR_ERRORS_TOTAL, "Errors while reconciling", ["namespace", "pool", "stage"]
+)
