@@ -31,6 +31,7 @@ from tars_operator.validation import check
 
 log = logging.getLogger("tars_operator")
 
+MERGE_PATCH: dict[str, Any] = {"_content_type": "application/merge-patch+json"}
 EventSink = Callable[[str, str, str], None]  # (type, reason, message)
 
 
@@ -204,7 +205,8 @@ class PoolController:
                 models.PLURAL,
                 self.name,
                 {"status": result.status},
-                _content_type="application/merge-patch+json",
+                # A merge patch; the client would pick JSON Patch. Its stubs do not declare the kwarg.
+                **MERGE_PATCH,
             ),
             "writing the pool's status",
         )
