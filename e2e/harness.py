@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -118,3 +119,74 @@ def pod(name: str, command: list[str], **spec: Any) -> JSON:
         "metadata": {"name": name, "labels": {"app": name}},
         "spec": {"containers": [container], **spec},
     }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class TcpProxy:
+    """A TCP forwarder a test can cut and restore: an outage of the service behind it,
+    as its clients see it, without stopping the shared service itself."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._server: Any = None
+        self._conns: list[Any] = []
+
+    def start(self) -> None:
+        import socket
+        import threading
+
+        server = socket.create_server(("127.0.0.1", self.port))  # sets SO_REUSEADDR: restartable
+        self._server = server
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    with contextlib.suppress(OSError):
+                        s.close()
+
+        def accept() -> None:
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                try:
+                    upstream = socket.create_connection(self.target, timeout=5)
+                except OSError:
+                    conn.close()
+                    continue
+                self._conns += [conn, upstream]
+                threading.Thread(target=pump, args=(conn, upstream), daemon=True).start()
+                threading.Thread(target=pump, args=(upstream, conn), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+
+    def stop(self) -> None:
+        import socket
+
+        if self._server is not None:
+            # shutdown() wakes the thread blocked in accept(); close() alone would not.
+            with contextlib.suppress(OSError):
+                self._server.shutdown(socket.SHUT_RDWR)
+            self._server.close()
+            self._server = None
+        for conn in self._conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            except OSError:
+                pass
+        self._conns = []

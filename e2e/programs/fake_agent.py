@@ -1,7 +1,8 @@
 """A stand-in agent for operator e2e tests: speaks the agent side of the
 operator <-> agent contract (tars_agent.contract) and nothing else.
 
-GET  /metrics      tars_agent_busy, tars_agent_draining, tars_queue_depth{pool,priority}
+GET  /metrics      tars_agent_busy, tars_agent_draining, tars_queue_depth{pool,priority},
+                   tars_limiter_budget_utilization{budget}
 GET  /healthz      200
 GET  /readyz       200 until drained, then 503
 GET  /status       {"inflight": n, "draining": bool}
@@ -9,7 +10,8 @@ POST /drain        stop taking work
 POST /test/busy?n= set the in-flight count (the test's remote control)
 
 The queue depth it exports is read from the file named by $FAKE_QUEUE_FILE
-(absent or empty: 0), so a test sets the pool's backlog by writing a number.
+(absent or empty: 0), so a test sets the pool's backlog by writing a number;
+likewise the budget utilisation (0..1) of $TARS_BUDGET from $FAKE_BUDGET_FILE.
 """
 
 import json
@@ -23,13 +25,15 @@ from urllib.parse import parse_qs, urlparse
 STATE = {"inflight": 0, "draining": False}
 POOL = os.environ.get("TARS_POOL", "")
 QUEUE_FILE = os.environ.get("FAKE_QUEUE_FILE", "")
+BUDGET = os.environ.get("TARS_BUDGET", "")
+BUDGET_FILE = os.environ.get("FAKE_BUDGET_FILE", "")
 
 
-def queue_depth() -> int:
+def read_number(path: str) -> float:
     try:
-        return int(Path(QUEUE_FILE).read_text().strip() or 0)
+        return float(Path(path).read_text().strip() or 0)
     except (OSError, ValueError):
-        return 0
+        return 0.0
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -39,8 +43,10 @@ class Handler(BaseHTTPRequestHandler):
             body = (
                 f"tars_agent_busy {STATE['inflight']}\n"
                 f"tars_agent_draining {int(bool(STATE['draining']))}\n"
-                f'tars_queue_depth{{pool="{POOL}",priority="normal"}} {queue_depth()}\n'
+                f'tars_queue_depth{{pool="{POOL}",priority="normal"}} {read_number(QUEUE_FILE):g}\n'
             )
+            if BUDGET:
+                body += f'tars_limiter_budget_utilization{{budget="{BUDGET}"}} {read_number(BUDGET_FILE):g}\n'
             self._reply(200, body, "text/plain; version=0.0.4")
         elif path == "/healthz":
             self._reply(200, "ok")

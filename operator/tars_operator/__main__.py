@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -26,6 +27,9 @@ log = logging.getLogger("tars_operator")
 
 async def run(opts: settings.OperatorSettings) -> int:
     handlers.SETTINGS = opts
+    if opts.kubeconfig:
+        # kopf logs in by itself, from $KUBECONFIG (or in-cluster): point it at the same file.
+        os.environ["KUBECONFIG"] = opts.kubeconfig
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -40,6 +40,15 @@ def _wake(key: tuple[str, str]) -> asyncio.Event:
     return _WAKE.setdefault(key, asyncio.Event())
 
 
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # kopf's default login goes through kubernetes_asyncio, which fixed its kubeconfig
+    # path at import time; main() has pointed $KUBECONFIG at --kubeconfig since.
+    if SETTINGS.kubeconfig:
+        return kopf.login_with_kubeconfig(**kwargs)
+    return kopf.login_with_service_account(**kwargs)
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.level = logging.WARNING
@@ -61,7 +70,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.index("pods", labels={contract.POOL_LABEL: kopf.PRESENT})
-def agent_pods(
+# async: kopf runs sync handlers in threads, and an asyncio.Event must be set in its loop.
+async def agent_pods(
     body: kopf.Body, namespace: str | None, labels: Mapping[str, str], **_: Any
 ) -> dict[Any, AgentPod]:
     key = (namespace or "", labels[contract.POOL_LABEL])

@@ -268,6 +268,11 @@ def _plan_valid(
         events.append(Event("Normal", "ScaledUp", f"creating {decision.create}: {decision.message}"))
     if removals:
         events.append(Event("Normal", "ScaledDown", f"removing {len(removals)}: {decision.message}"))
+    for create in creates:
+        if create.replaces is not None:
+            events.append(Event("Normal", "Rotating", f"replacing {create.replaces}: {create.reason}"))
+    for drain in drains:
+        events.append(Event("Normal", "Draining", f"draining {drain.pod}: {drain.reason}"))
     if mem.changed and spec.memory.mode == "Auto":
         kind: Literal["Normal", "Warning"] = "Warning" if mem.oom_pod else "Normal"
         events.append(Event(kind, f"MemoryLimit{mem.reason}", mem.message))

@@ -1,0 +1,393 @@
+"""The AgentPool operator against the local cluster and real Prometheus (issue 3).
+
+Agents here are e2e/programs/fake_agent.py: the agent side of the contract
+(/status, /drain, /readyz, tars_agent_busy, tars_queue_depth) with a remote
+control for busy-ness and a file for the queue depth, so each test sets the
+exact situation it checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from e2e.harness import PROGRAMS, PYTHON, Kube, TcpProxy, condition, eventually, free_port, unique
+from tars_agent import contract
+from tars_localcluster.cluster import Cluster
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class OperatorProcess:
+    proc: subprocess.Popen[bytes]
+    metrics_port: int
+    health_port: int
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log_tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
+
+
+def start_operator(
+    cluster: Cluster, prometheus_url: str, lease_ns: str, identity: str, log: Path
+) -> OperatorProcess:
+    metrics_port, health_port = free_port(), free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tars_operator",
+                f"--kubeconfig={cluster.cfg.admin_kubeconfig}",
+                f"--prometheus-url={prometheus_url}",
+                f"--redis-url={cluster.cfg.redis_url}",
+                f"--metrics-port={metrics_port}",
+                f"--health-port={health_port}",
+                f"--lease-namespace={lease_ns}",
+                f"--identity={identity}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    return OperatorProcess(proc, metrics_port, health_port, log)
+
+
+@dataclass
+class OperatorEnv:
+    kube: Kube
+    cluster: Cluster
+    proxy: TcpProxy
+    operator: OperatorProcess
+    lease_ns: str
+    tmp: Path
+
+
+@pytest.fixture(scope="module")
+def op(kube: Kube, cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorEnv]:
+    kube.run("apply", "-f", str(REPO / "crds"))
+    kube.run("wait", "--for=condition=Established", "crd/agentpools.tars.dev", "--timeout=30s")
+    lease_ns = unique("tars-system")
+    kube.run("create", "namespace", lease_ns)
+    tmp = tmp_path_factory.mktemp("operator")
+    # Prometheus through a proxy the tests can cut: a metrics outage as the operator sees one.
+    proxy = TcpProxy((cluster.cfg.gateway_ip, cluster.cfg.prometheus_port))
+    proxy.start()
+    operator = start_operator(cluster, f"http://127.0.0.1:{proxy.port}", lease_ns, "op-a", tmp / "op-a.log")
+    eventually(
+        lambda: httpx.get(f"http://127.0.0.1:{operator.health_port}/healthz", timeout=2).status_code == 200,
+        60,
+        "the operator's liveness endpoint",
+    )
+    env = OperatorEnv(kube, cluster, proxy, operator, lease_ns, tmp)
+    yield env
+    env.operator.stop()
+    proxy.stop()
+    kube.run("delete", "namespace", lease_ns, "--wait=false", check=False)
+
+
+def agent_pool(name: str, queue_file: Path, **spec: Any) -> dict[str, Any]:
+    container = {
+        "name": "agent",
+        "image": "fake-agent",
+        "command": [PYTHON, str(PROGRAMS / "fake_agent.py")],
+        "env": [{"name": "FAKE_QUEUE_FILE", "value": str(queue_file)}],
+    }
+    return {
+        "apiVersion": "tars.dev/v1alpha1",
+        "kind": "AgentPool",
+        "metadata": {"name": name},
+        "spec": {"template": {"spec": {"containers": [container]}}, **spec},
+    }
+
+
+def live_pods(kube: Kube, namespace: str, pool: str) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in kube.pods(namespace, f"{contract.POOL_LABEL}={pool}")
+        if not p["metadata"].get("deletionTimestamp")
+    ]
+
+
+def ready_active(kube: Kube, namespace: str, pool: str) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in live_pods(kube, namespace, pool)
+        if condition(p, "Ready") == "True"
+        and contract.DRAINING_ANNOTATION not in p["metadata"].get("annotations", {})
+    ]
+
+
+def wait_ready_agents(
+    kube: Kube, namespace: str, pool: str, n: int, timeout: float = 60
+) -> list[dict[str, Any]]:
+    """Wait until exactly `n` agents of the pool are ready and not draining; return them."""
+
+    def exactly_n() -> list[dict[str, Any]] | None:
+        pods = ready_active(kube, namespace, pool)
+        return pods if len(pods) == n else None
+
+    return eventually(exactly_n, timeout, f"{n} ready agents in pool {pool}")
+
+
+def wait_status(
+    kube: Kube, namespace: str, pool: str, key: str, value: Any, timeout: float = 30
+) -> dict[str, Any]:
+    def matches() -> dict[str, Any] | None:
+        status = pool_status(kube, namespace, pool)
+        return status if status.get(key) == value else None
+
+    return eventually(matches, timeout, f"status.{key} == {value!r} of pool {pool}")
+
+
+def set_busy(pod: dict[str, Any], inflight: int) -> None:
+    httpx.post(
+        f"http://{pod['status']['podIP']}:{contract.HTTP_PORT}/test/busy", params={"n": inflight}, timeout=3
+    )
+
+
+def pool_status(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
+    return kube.get("agentpool", name, namespace).get("status", {})
+
+
+def events(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
+    return [
+        e for e in kube.get("events", namespace=namespace)["items"] if e["involvedObject"]["name"] == name
+    ]
+
+
+def test_warm_pool_replaces_an_agent_that_turns_busy_without_waiting_for_the_interval(
+    op: OperatorEnv, namespace: str
+) -> None:
+    kube = op.kube
+    # A long interval: only the busy signal can explain a quick replacement.
+    kube.apply(
+        agent_pool(
+            "warm",
+            op.tmp / "warm-queue",
+            replicas={"min": 1, "max": 5},
+            warm={"min": 2},
+            scaling={"interval": "60s"},
+        ),
+        namespace=namespace,
+    )
+    first = wait_ready_agents(kube, namespace, "warm", 2, 60)
+    status = wait_status(kube, namespace, "warm", "warm", 2, 30)
+    assert status["desiredReplicas"] == 2 and condition({"status": status}, "Ready") == "True"
+
+    set_busy(first[0], 1)
+    # 2 idle agents again on top of the busy one, well before the 60 s interval.
+    wait_ready_agents(kube, namespace, "warm", 3, 30)
+    status = wait_status(kube, namespace, "warm", "busy", 1, 30)
+    assert status["desiredReplicas"] == 3
+    assert any(e["reason"] == "ScaledUp" for e in events(kube, namespace, "warm"))
+    pods = live_pods(kube, namespace, "warm")
+    owner = pods[0]["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "AgentPool" and owner["name"] == "warm" and owner["controller"] is True
+
+
+def reconcile_count(op: OperatorEnv, namespace: str, pool: str) -> float:
+    """How many reconcile cycles the operator ran for a pool (from its own /metrics)."""
+    text = httpx.get(f"http://127.0.0.1:{op.operator.metrics_port}/metrics", timeout=3).text
+    prefix = f'tars_operator_reconcile_seconds_count{{namespace="{namespace}",pool="{pool}"}} '
+    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def fast_scaling(**overrides: Any) -> dict[str, Any]:
+    scaling = {
+        "interval": "2s",
+        "queueDepth": {"threshold": 5, "targetPerAgent": 2},
+        "scaleDown": {"stabilizationWindow": "6s"},
+    }
+    scaling.update(overrides)
+    return scaling
+
+
+def test_queue_depth_scales_up_and_scale_in_removes_only_idle_agents(op: OperatorEnv, namespace: str) -> None:
+    kube = op.kube
+    queue = op.tmp / "scale-queue"
+    queue.write_text("0")
+    kube.apply(
+        agent_pool("scale", queue, replicas={"min": 1, "max": 6}, warm={"min": 1}, scaling=fast_scaling()),
+        namespace=namespace,
+    )
+    wait_ready_agents(kube, namespace, "scale", 1, 60)
+    queue.write_text("9")  # 4 above the threshold of 5 -> 2 extra agents (targetPerAgent 2)
+    wait_ready_agents(kube, namespace, "scale", 3, 60)
+    status = wait_status(kube, namespace, "scale", "queueDepth", 9, 30)
+    assert status["desiredReplicas"] == 3
+
+    busy = ready_active(kube, namespace, "scale")[0]
+    set_busy(busy, 2)
+    eventually(
+        lambda: len(ready_active(kube, namespace, "scale")) == 4, 60, "a 4th agent beside the busy one"
+    )
+
+    queue.write_text("0")  # desired: busy 1 + warm 1 = 2; the busy agent must survive scale-in
+    seen_busy_draining = False
+
+    def scaled_in() -> bool:
+        nonlocal seen_busy_draining
+        pods = kube.pods(namespace, f"{contract.POOL_LABEL}=scale")
+        me = [p for p in pods if p["metadata"]["name"] == busy["metadata"]["name"]]
+        if (
+            not me
+            or me[0]["metadata"].get("deletionTimestamp")
+            or contract.DRAINING_ANNOTATION in me[0]["metadata"].get("annotations", {})
+        ):
+            seen_busy_draining = True
+        return len(live_pods(kube, namespace, "scale")) == 2
+
+    eventually(scaled_in, 90, "scale-in to 2 agents")
+    assert not seen_busy_draining, "scale-in drained or deleted the busy agent"
+    names = {p["metadata"]["name"] for p in live_pods(kube, namespace, "scale")}
+    assert busy["metadata"]["name"] in names
+    reasons = {e["reason"] for e in events(kube, namespace, "scale")}
+    assert {"ScaledUp", "ScaledDown"} <= reasons
+
+
+def test_metrics_outage_holds_the_pool_and_recovers(op: OperatorEnv, namespace: str) -> None:
+    kube = op.kube
+    queue = op.tmp / "outage-queue"
+    queue.write_text("9")
+    kube.apply(
+        agent_pool("outage", queue, replicas={"min": 1, "max": 6}, warm={"min": 1}, scaling=fast_scaling()),
+        namespace=namespace,
+    )
+    wait_ready_agents(kube, namespace, "outage", 3, 60)
+    queue.write_text("0")
+    op.proxy.stop()
+    try:
+
+        def unavailable() -> dict[str, Any] | None:
+            for c in pool_status(kube, namespace, "outage").get("conditions", []):
+                if c["type"] == "MetricsAvailable" and c["status"] == "False":
+                    return c
+            return None
+
+        cond = eventually(unavailable, 30, "MetricsAvailable=False")
+        assert cond["reason"] == "QueryFailed"
+        assert f"127.0.0.1:{op.proxy.port}" in cond["message"], (
+            "the error names the Prometheus it could not reach"
+        )
+        # Several cycles without data (the stabilization window is 6 s): the pool holds, never scales in.
+        eventually(
+            lambda: (
+                "MetricsUnavailableHold"
+                in pool_status(kube, namespace, "outage").get("lastDecisionReason", "")
+            ),
+            30,
+            "a Hold decision",
+        )
+        # Cycles without data for longer than the 6 s stabilization window: the pool holds.
+        cycles = reconcile_count(op, namespace, "outage")
+        eventually(
+            lambda: reconcile_count(op, namespace, "outage") >= cycles + 5, 60, "5 more reconcile cycles"
+        )
+        assert len(live_pods(kube, namespace, "outage")) == 3
+    finally:
+        op.proxy.start()
+    eventually(
+        lambda: condition({"status": pool_status(kube, namespace, "outage")}, "MetricsAvailable") == "True",
+        30,
+        "MetricsAvailable=True after Prometheus is back",
+    )
+    # With the queue empty again, the pool returns to its floor by itself.
+    eventually(lambda: len(live_pods(kube, namespace, "outage")) == 1, 90, "scale-in to the warm floor")
+
+
+def test_a_spec_the_schema_cannot_refuse_is_reported_and_no_pod_is_touched(
+    op: OperatorEnv, namespace: str
+) -> None:
+    kube = op.kube
+    kube.apply(
+        agent_pool(
+            "broken",
+            op.tmp / "broken-queue",
+            scaling={"queueDepth": {"query": "sum(rate(tars_queue_depth[1m])"}},
+        ),
+        namespace=namespace,
+    )
+
+    def spec_invalid() -> dict[str, Any] | None:
+        for c in pool_status(kube, namespace, "broken").get("conditions", []):
+            if c["type"] == "SpecValid" and c["status"] == "False":
+                return c
+        return None
+
+    cond = eventually(spec_invalid, 30, "SpecValid=False")
+    assert "spec.scaling.queueDepth.query" in cond["message"] and "unclosed" in cond["message"]
+    assert any(
+        e["type"] == "Warning" and "SpecValid=False" in e["message"]
+        for e in events(kube, namespace, "broken")
+    )
+    assert kube.pods(namespace, f"{contract.POOL_LABEL}=broken") == []
+    # Fixing the query brings the pool up.
+    kube.run(
+        "patch",
+        "ap",
+        "broken",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"scaling": {"queueDepth": {"query": "sum(tars_queue_depth)"}}}}',
+    )
+    wait_ready_agents(kube, namespace, "broken", 3, 60)
+
+
+def test_deleting_the_pool_garbage_collects_its_agents(op: OperatorEnv, namespace: str) -> None:
+    kube = op.kube
+    kube.apply(agent_pool("gone", op.tmp / "gone-queue", warm={"min": 2}), namespace=namespace)
+    wait_ready_agents(kube, namespace, "gone", 2, 60)
+    kube.run("delete", "ap", "gone", "-n", namespace, "--wait=false")
+    eventually(
+        lambda: not kube.pods(namespace, f"{contract.POOL_LABEL}=gone"), 60, "the pool's pods to be collected"
+    )
+
+
+def test_pool_rotates_agents_after_their_ttl_replacement_ready_first(op: OperatorEnv, namespace: str) -> None:
+    kube = op.kube
+    kube.apply(
+        agent_pool(
+            "rotate",
+            op.tmp / "rotate-queue",
+            replicas={"min": 2, "max": 4},
+            warm={"min": 2},
+            rotation={"ttl": "15s", "jitter": "2s", "maxUnavailable": 1, "drainTimeout": "10s"},
+        ),
+        namespace=namespace,
+    )
+    originals = {p["metadata"]["name"] for p in wait_ready_agents(kube, namespace, "rotate", 2, 60)}
+    lowest_ready = 2
+
+    def rotated() -> bool:
+        nonlocal lowest_ready
+        pods = ready_active(kube, namespace, "rotate")
+        lowest_ready = min(lowest_ready, len(pods))
+        names = {p["metadata"]["name"] for p in live_pods(kube, namespace, "rotate")}
+        return not (names & originals) and len(pods) >= 2
+
+    eventually(rotated, 120, "both original agents replaced")
+    assert lowest_ready >= 2, "a rotation left the pool with fewer ready agents than its floor"
+    replaced = {e["message"] for e in events(kube, namespace, "rotate") if e["reason"] == "Rotating"}
+    assert all(any(name in message for message in replaced) for name in originals), replaced
