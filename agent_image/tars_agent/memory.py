@@ -1,0 +1,51 @@
+"""Memory-aware admission: how many tasks an agent may hold given its RSS and cgroup limit.
+
+Thresholds follow the architecture's 30/50/70 % steps, as a share of the
+container's memory limit: below 50 % the full concurrency, from 50 % half of
+it, from 70 % no new work (in-flight tasks still finish).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CGROUP_V2_LIMIT = Path("/sys/fs/cgroup/memory.max")
+CGROUP_V1_LIMIT = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+_V1_UNLIMITED = 1 << 60  # v1 reports "no limit" as a huge page-aligned number
+HALF_AT = 0.5
+STOP_AT = 0.7
+
+
+def allowed_inflight(rss_bytes: int, limit_bytes: int | None, concurrency: int) -> int:
+    if not limit_bytes:
+        return concurrency
+    used = rss_bytes / limit_bytes
+    if used >= STOP_AT:
+        return 0
+    if used >= HALF_AT:
+        return max(concurrency // 2, 1)
+    return concurrency
+
+
+def cgroup_memory_limit(v2: Path = CGROUP_V2_LIMIT, v1: Path = CGROUP_V1_LIMIT) -> int | None:
+    """The container's memory limit in bytes, None when unlimited or not in a cgroup."""
+    for path in (v2, v1):
+        try:
+            raw = path.read_text().strip()
+        except OSError:
+            continue
+        if raw == "max":
+            return None
+        value = int(raw)
+        return None if value >= _V1_UNLIMITED else value
+    return None
+
+
+def process_rss() -> int:
+    """Resident set size of this process (Linux /proc; 0 elsewhere)."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,157 @@
+"""The LLM client against the mock upstream: circuit breaker, 429 feedback, retries, coalescing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from pydantic import SecretStr
+
+from tars_agent.circuit import CircuitBreaker, CircuitOpenError, CircuitState
+from tars_agent.limiter import Budget, SharedLimiter, budget_keys
+from tars_agent.llm import LLMClient, LLMConfig, UpstreamError, backoff_delay
+from tars_agent.metrics import AgentMetrics
+from tars_agent.mockllm import MockLLM
+from tars_agent.tasks import TaskSpec
+
+from .conftest import async_wait_until
+
+
+def spec(text: str = "hello", stream: bool = False, max_tokens: int = 16) -> TaskSpec:
+    return TaskSpec.model_validate(
+        {"messages": [{"role": "user", "content": text}], "stream": stream, "max_tokens": max_tokens}
+    )
+
+
+async def discard(_text: str) -> None:
+    return None
+
+
+def test_breaker_opens_after_threshold_and_probes_once_when_half_open() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=3, open_seconds=30, clock=lambda: now[0])
+    for _ in range(2):
+        breaker.record_failure()
+    assert breaker.state is CircuitState.CLOSED and breaker.allow()
+    breaker.record_failure()
+    assert breaker.state is CircuitState.OPEN and not breaker.allow()
+    assert breaker.retry_after() == 30
+    now[0] = 30.0
+    assert breaker.state is CircuitState.HALF_OPEN
+    assert breaker.allow() and not breaker.allow()  # one probe at a time
+    breaker.record_failure()  # the probe failed: open again for a full period
+    assert breaker.state is CircuitState.OPEN and breaker.retry_after() == 30
+    now[0] = 60.0
+    assert breaker.allow()
+    breaker.record_success()
+    assert breaker.state is CircuitState.CLOSED
+
+
+def test_backoff_is_full_jitter_capped_and_never_below_retry_after() -> None:
+    assert backoff_delay(0, 0.5, 20, None, 1.0) == 0.5
+    assert backoff_delay(10, 0.5, 20, None, 1.0) == 20
+    assert backoff_delay(3, 0.5, 20, None, 0.0) == 0.0
+    assert backoff_delay(3, 0.5, 20, 7.0, 0.1) == 7.0
+
+
+async def test_circuit_opens_on_a_dead_upstream_and_recovers(mock_llm: MockLLM) -> None:
+    mock_llm.config.fail_status = 503
+    metrics = AgentMetrics(process_collector=False)
+    breaker = CircuitBreaker(failure_threshold=3, open_seconds=0.5)
+    client = LLMClient(LLMConfig(base_url=mock_llm.url, max_retries=0), breaker=breaker, metrics=metrics)
+    try:
+        for _ in range(3):
+            with pytest.raises(UpstreamError, match="503"):
+                await client.complete(spec(), "normal", discard, time.monotonic() + 5)
+        assert breaker.state is CircuitState.OPEN
+        assert metrics.circuit_state._value.get() == 2
+        with pytest.raises(CircuitOpenError):
+            await client.complete(spec(), "normal", discard, time.monotonic() + 5)
+        assert len(mock_llm.admitted) == 3  # the open circuit sent nothing
+        mock_llm.config.fail_status = 0
+        await async_wait_until(lambda: breaker.state is CircuitState.HALF_OPEN, 5, "half-open")
+        result = await client.complete(spec(), "normal", discard, time.monotonic() + 5)
+        assert result.completion_tokens > 0
+        assert breaker.state is CircuitState.CLOSED and metrics.circuit_state._value.get() == 0
+    finally:
+        await client.aclose()
+
+
+async def test_a_429_pauses_the_whole_budget_in_redis(
+    redis_client: aioredis.Redis, redis_url: str, mock_llm: MockLLM
+) -> None:
+    """Someone outside the pool used up the upstream's limit (1 request / 2 s), so our request gets
+    a 429: its Retry-After pauses the budget for every client (here another 'pod'), and the retry
+    waits for it instead of hammering the upstream."""
+    mock_llm.config.requests_per_minute = 1
+    mock_llm.config.window_s = 2.0
+    mock_llm._reset_buckets()
+    name = f"b429-{uuid.uuid4().hex}"
+    budget = Budget.from_rates(name, requests_per_minute=6000)
+    pod_a = aioredis.Redis.from_url(redis_url)
+    pod_b = aioredis.Redis.from_url(redis_url)
+    metrics = AgentMetrics(process_collector=False)
+    limiter_a, limiter_b = SharedLimiter(pod_a, budget, metrics=metrics), SharedLimiter(pod_b, budget)
+    client = LLMClient(
+        LLMConfig(base_url=mock_llm.url, max_retries=3, backoff_base_s=0.01),
+        limiter=limiter_a,
+        metrics=metrics,
+    )
+    try:
+        async with httpx.AsyncClient() as outsider:
+            body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+            assert (await outsider.post(f"{mock_llm.url}/chat/completions", json=body)).status_code == 200
+        started = time.monotonic()
+        second = asyncio.create_task(client.complete(spec("again"), "normal", discard, time.monotonic() + 10))
+        pause_key, _ = budget_keys(name)
+        await async_wait_until(lambda: pod_b.exists(pause_key), 5, "the budget-wide pause")
+        other_pod, _ = await limiter_b.try_acquire("critical", 0)
+        assert not other_pod.admitted and other_pod.retry_after_us > 0
+        await second
+        assert mock_llm.rejected == 1  # one 429, then it waited for the upstream's refill
+        assert time.monotonic() - started >= 1.5
+        assert metrics.upstream_429.labels(name)._value.get() == 1
+    finally:
+        await client.aclose()
+        await pod_a.aclose()
+        await pod_b.aclose()
+
+
+async def test_identical_inflight_requests_are_coalesced_and_cached(mock_llm: MockLLM) -> None:
+    mock_llm.config.latency_s = 0.2
+    client = LLMClient(LLMConfig(base_url=mock_llm.url, cache_entries=10))
+    try:
+        results = await asyncio.gather(
+            *(client.complete(spec("same"), "normal", discard, time.monotonic() + 5) for _ in range(5))
+        )
+        assert len({r.text for r in results}) == 1
+        assert len(mock_llm.admitted) == 1
+        await client.complete(spec("same"), "normal", discard, time.monotonic() + 5)
+        assert len(mock_llm.admitted) == 1  # served from the cache
+        await client.complete(spec("different"), "normal", discard, time.monotonic() + 5)
+        assert len(mock_llm.admitted) == 2
+    finally:
+        await client.aclose()
+
+
+async def test_api_key_is_sent_but_never_shown(mock_llm: MockLLM, caplog: pytest.LogCaptureFixture) -> None:
+    secret = "sk-test-" + uuid.uuid4().hex
+    mock_llm.config.api_key = secret
+    config = LLMConfig(base_url=mock_llm.url, api_key=SecretStr(secret))
+    client = LLMClient(config, breaker=CircuitBreaker())
+    caplog.set_level(logging.DEBUG)
+    try:
+        await client.complete(spec(stream=True), "normal", discard, time.monotonic() + 5)
+        assert secret not in repr(config) and secret not in repr(client) and secret not in str(config)
+        assert secret not in caplog.text
+        wrong = LLMClient(LLMConfig(base_url=mock_llm.url, api_key=SecretStr("nope")))
+        with pytest.raises(UpstreamError, match="401"):
+            await wrong.complete(spec(), "normal", discard, time.monotonic() + 5)
+        await wrong.aclose()
+    finally:
+        await client.aclose()

@@ -1,0 +1,124 @@
+"""An in-process agent against real Redis and the mock upstream."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import redis.asyncio as aioredis
+
+from tars_agent import contract
+from tars_agent import metric_names as m
+from tars_agent.client import TaskClient
+from tars_agent.mockllm import POISON_MARKER, MockLLM
+
+from .conftest import agent_settings, async_wait_until, running_agent
+
+
+def user(text: str, stream: bool = True, max_tokens: int = 32) -> dict[str, object]:
+    return {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "stream": stream}
+
+
+async def test_tasks_complete_with_streamed_and_plain_answers(
+    redis_client: aioredis.Redis, redis_url: str, mock_llm: MockLLM
+) -> None:
+    mock_llm.config.response_tokens = 5
+    settings = agent_settings(redis_url, mock_llm.url, concurrency=4, requests_per_minute=6000)
+    client = TaskClient(redis_client, settings.namespace, settings.pool)
+    async with running_agent(settings) as agent:
+        ids = [
+            (await client.submit_payload(user(f"q{i}", stream=i % 2 == 0), "normal")).task_id
+            for i in range(12)
+        ]
+        results = [await client.wait(task_id, timeout_s=20) for task_id in ids]
+        assert [r.status for r in results] == ["done"] * 12
+        assert {r.output for r in results} == {"w0 w1 w2 w3 w4"}
+        assert all(r.completion_tokens == 5 and r.worker == settings.pod_name for r in results)
+
+        base = f"http://127.0.0.1:{settings.http_port}"
+        async with httpx.AsyncClient(base_url=base) as http:
+            assert (await http.get(contract.PATH_HEALTHZ)).status_code == 200
+            await async_wait_until(lambda: agent.redis_ready, 5, "agent ready")
+            assert (await http.get(contract.PATH_READYZ)).status_code == 200
+            assert (await http.get(contract.PATH_STATUS)).json() == {"inflight": 0, "draining": False}
+            metrics = (await http.get(contract.PATH_METRICS)).text
+            for name in (
+                m.AGENT_BUSY,
+                m.TASKS_TOTAL,
+                m.LLM_REQUESTS_TOTAL,
+                m.LIMITER_WAIT_SECONDS,
+                m.TASK_DURATION_SECONDS,
+                m.CIRCUIT_STATE,
+                m.QUEUE_DEPTH,
+            ):
+                assert name in metrics, name
+            assert 'tars_tasks_total{outcome="done"} 12.0' in metrics
+            assert 'tars_llm_requests_total{code="200"} 12.0' in metrics
+        beat = await redis_client.hget(
+            contract.agents_heartbeat_key(settings.namespace, settings.pool), settings.pod_name
+        )
+        assert beat is not None and json.loads(beat)["draining"] is False
+    # the heartbeat is removed on exit
+    assert (
+        await redis_client.hget(
+            contract.agents_heartbeat_key(settings.namespace, settings.pool), settings.pod_name
+        )
+        is None
+    )
+
+
+async def test_follow_streams_the_output(
+    redis_client: aioredis.Redis, redis_url: str, mock_llm: MockLLM
+) -> None:
+    mock_llm.config.response_tokens = 30
+    mock_llm.config.chunk_delay_s = 0.01
+    settings = agent_settings(redis_url, mock_llm.url)
+    client = TaskClient(redis_client, settings.namespace, settings.pool)
+    async with running_agent(settings):
+        task_id = (await client.submit_payload(user("stream me", max_tokens=64))).task_id
+        kinds, text = [], []
+        async for event in client.follow(task_id, timeout_s=20):
+            kinds.append(event.kind)
+            text.append(event.text)
+        assert kinds[0] == "start" and kinds[-1] == "done"
+        assert kinds.count("text") > 1  # it arrived in pieces, not at the end
+        assert "".join(text) == " ".join(f"w{i}" for i in range(30))
+
+
+async def test_poison_task_is_dead_lettered_with_its_error_after_max_attempts(
+    redis_client: aioredis.Redis, redis_url: str, mock_llm: MockLLM
+) -> None:
+    settings = agent_settings(redis_url, mock_llm.url, max_attempts=3)
+    client = TaskClient(redis_client, settings.namespace, settings.pool)
+    async with running_agent(settings):
+        poison = (await client.submit_payload(user(f"please {POISON_MARKER}"))).task_id
+        fine = (await client.submit_payload(user("fine"))).task_id
+        result = await client.wait(poison, timeout_s=20)
+        assert (await client.wait(fine, timeout_s=20)).status == "done"
+    assert result.status == "dead"
+    assert result.attempts == 3
+    assert (
+        result.error is not None and "poison input refused" in result.error and "3 attempts" in result.error
+    )
+    dead = await client.dead_letters()
+    assert len(dead) == 1
+    assert json.loads(dead[0]["task"])["id"] == poison
+    assert "poison input refused" in dead[0]["error"]
+    assert len(mock_llm.admitted) == 4  # three tries of the poison task, one of the fine task
+
+
+async def test_unparsable_queue_entry_is_dead_lettered_at_once(
+    redis_client: aioredis.Redis, redis_url: str, mock_llm: MockLLM
+) -> None:
+    settings = agent_settings(redis_url, mock_llm.url)
+    client = TaskClient(redis_client, settings.namespace, settings.pool)
+    stream = client.keys.stream("high")
+    await redis_client.xgroup_create(stream, "agents", id="0", mkstream=True)
+    await redis_client.xadd(stream, {"task": json.dumps({"id": "x", "priority": "urgent"})})
+    async with running_agent(settings):
+        await async_wait_until(lambda: redis_client.xlen(client.keys.dead), 10, "dead letter")
+    [letter] = await client.dead_letters()
+    assert "invalid queued task" in letter["error"]
+    assert "priority" in letter["error"] and "spec" in letter["error"]
+    assert await redis_client.xlen(stream) == 0
+    assert mock_llm.admitted == []
