@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -391,3 +392,56 @@ def test_pool_rotates_agents_after_their_ttl_replacement_ready_first(op: Operato
     assert lowest_ready >= 2, "a rotation left the pool with fewer ready agents than its floor"
     replaced = {e["message"] for e in events(kube, namespace, "rotate") if e["reason"] == "Rotating"}
     assert all(any(name in message for message in replaced) for name in originals), replaced
+
+
+def test_operator_restart_converges_without_duplicate_or_orphaned_agents(
+    op: OperatorEnv, namespace: str
+) -> None:
+    kube = op.kube
+    kube.apply(agent_pool("restart", op.tmp / "restart-queue", warm={"min": 3}), namespace=namespace)
+    before = {p["metadata"]["name"] for p in wait_ready_agents(kube, namespace, "restart", 3)}
+    assert not kube.get("ap", "restart", namespace)["metadata"].get("finalizers"), "pools carry no finalizer"
+    op.operator.proc.kill()  # no clean shutdown: as a crash or an OOM kill would
+    op.operator.proc.wait()
+    # While no operator runs, a pool can still be deleted: nothing blocks it.
+    kube.apply(agent_pool("orphan", op.tmp / "orphan-queue", warm={"min": 1}), namespace=namespace)
+    kube.run("delete", "ap", "orphan", "-n", namespace, "--timeout=30s")
+
+    op.operator = start_operator(
+        op.cluster, f"http://127.0.0.1:{op.proxy.port}", op.lease_ns, "op-a", op.tmp / "op-a-restarted.log"
+    )
+    eventually(
+        lambda: reconcile_count(op, namespace, "restart") >= 5, 60, "5 cycles of the restarted operator"
+    )
+    after = {p["metadata"]["name"] for p in live_pods(kube, namespace, "restart")}
+    assert after == before, "a restart must neither add nor remove agents of a settled pool"
+
+
+def test_only_the_leader_acts_and_a_standby_takes_over_when_it_dies(op: OperatorEnv, namespace: str) -> None:
+    kube = op.kube
+    standby = start_operator(
+        op.cluster, f"http://127.0.0.1:{op.proxy.port}", op.lease_ns, "op-b", op.tmp / "op-b.log"
+    )
+    try:
+        eventually(
+            lambda: "waiting to become leader" in standby.log.read_text(), 30, "op-b to wait as a candidate"
+        )
+        kube.apply(agent_pool("leader", op.tmp / "leader-queue", warm={"min": 1}), namespace=namespace)
+        wait_ready_agents(kube, namespace, "leader", 1)
+        assert "became leader" not in standby.log.read_text()
+
+        op.operator.proc.kill()
+        op.operator.proc.wait()
+        killed = time.monotonic()
+        eventually(lambda: "became leader" in standby.log.read_text(), 40, "op-b to take over")
+        took_over = time.monotonic() - killed
+        # The lease lasts 15 s; a candidate retries every 2 s.
+        assert took_over < 25, f"takeover took {took_over:.0f}s"
+        kube.run(
+            "patch", "ap", "leader", "-n", namespace, "--type=merge", "-p", '{"spec": {"warm": {"min": 2}}}'
+        )
+        wait_ready_agents(kube, namespace, "leader", 2)  # the new leader acts
+        lease = kube.get("lease", "tars-operator", op.lease_ns)
+        assert lease["spec"]["holderIdentity"] == "op-b"
+    finally:
+        op.operator = standby  # the fixture stops whichever operator leads now

@@ -1,10 +1,10 @@
-"""kopf registrations: an index of agent pods and one daemon per AgentPool.
+"""kopf registrations: an index of agent pods and one reconcile loop per AgentPool.
 
 As kopf's docs recommend for this shape: the pods are only indexed (small
 records, no handlers on them, so kopf never writes onto agent pods); each pool
-gets a daemon that wakes every second to refresh its agents' busy state,
-reconciles at once when pods or busy agents change, and in any case every
-`scaling.interval`.
+gets a loop that wakes every second to refresh its agents' busy state,
+reconciles at once when the pool or its pods or busy agents change, and in any
+case every `scaling.interval`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import kopf
 from kubernetes_asyncio import client
@@ -79,26 +80,77 @@ async def agent_pods(
     return {key: index_entry(body)}
 
 
-@kopf.daemon(models.GROUP, models.VERSION, models.PLURAL, initial_delay=0.5, cancellation_timeout=10)  # type: ignore[arg-type]
-async def pool_daemon(
+@dataclass
+class PoolRunner:
+    """One pool's reconcile loop and the newest copy of its object."""
+
+    uid: str
+    body: dict[str, Any]
+    task: asyncio.Task[None] | None = None
+
+
+# (namespace, pool) -> its runner. Each pool runs as our own task rather than a kopf
+# daemon: kopf puts a finalizer on every object with a daemon, so a pool could not be
+# deleted while the operator is down; our pods go with their pool through owner references.
+_RUNNERS: dict[tuple[str, str], PoolRunner] = {}
+
+
+# kopf's handler protocols do not declare index kwargs such as `agent_pods`.
+@kopf.on.event(models.GROUP, models.VERSION, models.PLURAL)  # type: ignore[arg-type]
+async def pool_event(
+    event: kopf.RawEvent,
+    body: kopf.Body,
     name: str,
     namespace: str | None,
     uid: str,
-    body: kopf.Body,
-    stopped: kopf.DaemonStopped,
     memo: kopf.Memo,
     agent_pods: kopf.Index[tuple[str, str], AgentPod],
     **_: Any,
 ) -> None:
-    def emit(kind: str, reason: str, message: str) -> None:
-        kopf.event(body, type=kind, reason=reason, message=message)
+    key = (namespace or "", name)
+    runner = _RUNNERS.get(key)
+    gone = event["type"] == "DELETED" or body.metadata.get("deletionTimestamp")
+    if runner is not None and (gone or runner.uid != uid):
+        if runner.task is not None:
+            runner.task.cancel()
+        del _RUNNERS[key]
+        runner = None
+    if gone:
+        return
+    if runner is None:
+        runner = PoolRunner(uid=uid, body=dict(body))
+        runner.task = asyncio.create_task(_run_pool(runner, key, memo, agent_pods), name=f"pool {key}")
+        _RUNNERS[key] = runner
+    runner.body = dict(body)
+    _wake(key).set()
 
-    namespace = namespace or ""  # AgentPool is namespaced; kopf types allow None for cluster objects
+
+@kopf.on.cleanup()
+async def stop_pools(**_: Any) -> None:
+    for runner in _RUNNERS.values():
+        if runner.task is not None:
+            runner.task.cancel()
+    await asyncio.gather(*(r.task for r in _RUNNERS.values() if r.task), return_exceptions=True)
+    _RUNNERS.clear()
+
+
+async def _run_pool(
+    runner: PoolRunner,
+    key: tuple[str, str],
+    memo: kopf.Memo,
+    agent_pods: kopf.Index[tuple[str, str], AgentPod],
+) -> None:
+    namespace, name = key
+
+    def emit(kind: str, reason: str, message: str) -> None:
+        # kopf.event needs only apiVersion, kind and metadata of the object it is about.
+        kopf.event(cast(kopf.Body, runner.body), type=kind, reason=reason, message=message)
+
     api = memo.api
     controller = PoolController(
         name=name,
         namespace=namespace,
-        uid=uid,
+        uid=runner.uid,
         core=client.CoreV1Api(api),
         custom=client.CustomObjectsApi(api),
         prometheus=memo.prometheus,
@@ -106,11 +158,11 @@ async def pool_daemon(
         defaults=builders.OperatorDefaults(redis_url=SETTINGS.redis_url),
         emit=emit,
     )
-    key = (namespace, name)
     wake = _wake(key)
     loop = asyncio.get_running_loop()
     last_cycle = float("-inf")
-    while not stopped:
+    while True:
+        body = runner.body
         parsed, _problems = check(body.get("spec") or {})
         interval = parse_duration(parsed.scaling.interval).total_seconds() if parsed else 10.0
         woken = wake.is_set()
@@ -120,7 +172,7 @@ async def pool_daemon(
         if controller.busy_changed(pods) or woken or due:
             try:
                 await controller.cycle(body, pods, by_name)
-            except Exception:
+            except Exception:  # one bad cycle must not end the pool's loop
                 log.exception("pool %s/%s: reconcile failed; retrying", namespace, name)
             last_cycle = loop.time()
         with contextlib.suppress(TimeoutError):
