@@ -445,3 +445,42 @@ def test_only_the_leader_acts_and_a_standby_takes_over_when_it_dies(op: Operator
         assert lease["spec"]["holderIdentity"] == "op-b"
     finally:
         op.operator = standby  # the fixture stops whichever operator leads now
+
+
+def test_budget_saturation_stops_scale_up_until_headroom_returns(op: OperatorEnv, namespace: str) -> None:
+    kube = op.kube
+    queue, budget = op.tmp / "budget-queue", op.tmp / "budget-use"
+    queue.write_text("0")
+    budget.write_text("0.99")
+    pool = agent_pool(
+        "budget",
+        queue,
+        replicas={"min": 1, "max": 6},
+        warm={"min": 1},
+        scaling=fast_scaling(),
+        rateLimit={"budget": unique("e2e-budget"), "requestsPerMinute": 600},
+    )
+    pool["spec"]["template"]["spec"]["containers"][0]["env"].append(
+        {"name": "FAKE_BUDGET_FILE", "value": str(budget)}
+    )
+    kube.apply(pool, namespace=namespace)
+    wait_ready_agents(kube, namespace, "budget", 1)
+    eventually(
+        lambda: condition({"status": pool_status(kube, namespace, "budget")}, "BudgetSaturated") == "True",
+        60,
+        "BudgetSaturated=True at 99 % budget use",
+    )
+
+    queue.write_text("20")  # would ask for 6 agents (the max) ...
+    eventually(lambda: pool_status(kube, namespace, "budget").get("queueDepth") == 20, 30, "the backlog seen")
+    cycles = reconcile_count(op, namespace, "budget")
+    eventually(lambda: reconcile_count(op, namespace, "budget") >= cycles + 5, 60, "5 more reconcile cycles")
+    assert len(live_pods(kube, namespace, "budget")) == 1, (
+        "... but more agents would only wait at the limiter"
+    )
+    saturated = [e for e in events(kube, namespace, "budget") if "BudgetSaturated=True" in e["message"]]
+    assert saturated and saturated[0]["type"] == "Warning"
+
+    budget.write_text("0.5")  # headroom again
+    wait_ready_agents(kube, namespace, "budget", 6, 90)
+    assert condition({"status": pool_status(kube, namespace, "budget")}, "BudgetSaturated") == "False"
