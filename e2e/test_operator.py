@@ -484,3 +484,25 @@ def test_budget_saturation_stops_scale_up_until_headroom_returns(op: OperatorEnv
     budget.write_text("0.5")  # headroom again
     wait_ready_agents(kube, namespace, "budget", 6, 90)
     assert condition({"status": pool_status(kube, namespace, "budget")}, "BudgetSaturated") == "False"
+
+
+def test_unschedulable_agents_are_reported_not_replaced_again_and_again(
+    op: OperatorEnv, namespace: str
+) -> None:
+    kube = op.kube
+    pool = agent_pool("nowhere", op.tmp / "nowhere-queue", warm={"min": 2}, scaling=fast_scaling())
+    pool["spec"]["template"]["spec"]["nodeSelector"] = {"tars.dev/no-such-node": "true"}
+    kube.apply(pool, namespace=namespace)
+
+    def unschedulable() -> dict[str, Any] | None:
+        status = pool_status(kube, namespace, "nowhere")
+        return status if status.get("unschedulable") == 2 else None
+
+    status = eventually(unschedulable, 60, "status.unschedulable == 2")
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "Unschedulable"
+    cycles = reconcile_count(op, namespace, "nowhere")
+    eventually(lambda: reconcile_count(op, namespace, "nowhere") >= cycles + 5, 60, "5 more reconcile cycles")
+    pods = kube.pods(namespace, f"{contract.POOL_LABEL}=nowhere")
+    assert len(pods) == 2, "pods that cannot be scheduled must not be replaced by more of the same"
+    assert all(p["status"]["phase"] == "Pending" for p in pods)
