@@ -7,6 +7,7 @@ exact situation it checks."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -506,3 +507,53 @@ def test_unschedulable_agents_are_reported_not_replaced_again_and_again(
     pods = kube.pods(namespace, f"{contract.POOL_LABEL}=nowhere")
     assert len(pods) == 2, "pods that cannot be scheduled must not be replaced by more of the same"
     assert all(p["status"]["phase"] == "Pending" for p in pods)
+
+
+def agent_limits(kube: Kube, namespace: str, pool: str) -> set[str]:
+    return {
+        p["spec"]["containers"][0]["resources"]["limits"]["memory"]
+        for p in ready_active(kube, namespace, pool)
+    }
+
+
+def test_memory_right_sizing_lowers_an_oversized_limit_and_bumps_it_after_an_oom_kill(
+    op: OperatorEnv, namespace: str
+) -> None:
+    kube = op.kube
+    pool = agent_pool(
+        "memory",
+        op.tmp / "memory-queue",
+        warm={"min": 1},
+        scaling=fast_scaling(),
+        memory={"mode": "Auto", "targetUtilization": 0.5, "min": "64Mi", "max": "512Mi", "window": "40s"},
+        rotation={"ttl": "30m", "maxUnavailable": 1, "drainTimeout": "5s"},
+    )
+    pool["spec"]["template"]["spec"]["containers"][0]["resources"] = {"limits": {"memory": "256Mi"}}
+    kube.apply(pool, namespace=namespace)
+    wait_ready_agents(kube, namespace, "memory", 1)
+    assert agent_limits(kube, namespace, "memory") == {"256Mi"}, "before any samples, the template's limit"
+    # The agent uses ~20 MiB: at a 50 % target that asks for ~40 MiB, bounded below by memory.min.
+    wait_status(kube, namespace, "memory", "memoryLimit", "64Mi", 90)
+    eventually(lambda: agent_limits(kube, namespace, "memory") == {"64Mi"}, 90, "the pool rolled to 64Mi")
+    lowered = [e for e in events(kube, namespace, "memory") if e["reason"].startswith("MemoryLimit")]
+    assert lowered and "p95=" in lowered[0]["message"], lowered
+
+    agent = ready_active(kube, namespace, "memory")[0]
+    with contextlib.suppress(httpx.HTTPError):  # the agent may die before it answers
+        httpx.post(
+            f"http://{agent['status']['podIP']}:{contract.HTTP_PORT}/test/alloc", params={"mb": 80}, timeout=5
+        )
+
+    def oom_killed() -> bool:
+        pods = kube.pods(namespace, f"{contract.POOL_LABEL}=memory")
+        return any(
+            s.get("lastState", {}).get("terminated", {}).get("reason") == "OOMKilled"
+            for p in pods
+            for s in p["status"].get("containerStatuses", [])
+        )
+
+    eventually(oom_killed, 60, "the agent to be OOMKilled at 64Mi")
+    wait_status(kube, namespace, "memory", "memoryLimit", "96Mi", 60)  # 1.5 x the limit it died at
+    eventually(lambda: agent_limits(kube, namespace, "memory") == {"96Mi"}, 90, "the pool rolled to 96Mi")
+    bumped = [e for e in events(kube, namespace, "memory") if "oomKilled=" in e["message"]]
+    assert bumped and bumped[0]["type"] == "Warning"

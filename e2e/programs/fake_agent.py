@@ -2,12 +2,13 @@
 operator <-> agent contract (tars_agent.contract) and nothing else.
 
 GET  /metrics      tars_agent_busy, tars_agent_draining, tars_queue_depth{pool,priority},
-                   tars_limiter_budget_utilization{budget}
+                   tars_limiter_budget_utilization{budget}, process_resident_memory_bytes
 GET  /healthz      200
 GET  /readyz       200 until drained, then 503
 GET  /status       {"inflight": n, "draining": bool}
 POST /drain        stop taking work
 POST /test/busy?n= set the in-flight count (the test's remote control)
+POST /test/alloc?mb= allocate and hold that much more memory
 
 The queue depth it exports is read from the file named by $FAKE_QUEUE_FILE
 (absent or empty: 0), so a test sets the pool's backlog by writing a number;
@@ -23,10 +24,15 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 STATE = {"inflight": 0, "draining": False}
+HELD: list[bytearray] = []  # memory a test asked this agent to hold
 POOL = os.environ.get("TARS_POOL", "")
 QUEUE_FILE = os.environ.get("FAKE_QUEUE_FILE", "")
 BUDGET = os.environ.get("TARS_BUDGET", "")
 BUDGET_FILE = os.environ.get("FAKE_BUDGET_FILE", "")
+
+
+def resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def read_number(path: str) -> float:
@@ -44,6 +50,7 @@ class Handler(BaseHTTPRequestHandler):
                 f"tars_agent_busy {STATE['inflight']}\n"
                 f"tars_agent_draining {int(bool(STATE['draining']))}\n"
                 f'tars_queue_depth{{pool="{POOL}",priority="normal"}} {read_number(QUEUE_FILE):g}\n'
+                f"process_resident_memory_bytes {resident_bytes()}\n"
             )
             if BUDGET:
                 body += f'tars_limiter_budget_utilization{{budget="{BUDGET}"}} {read_number(BUDGET_FILE):g}\n'
@@ -62,6 +69,9 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/drain":
             STATE["draining"] = True
             self._reply(202, json.dumps(STATE), "application/json")
+        elif url.path == "/test/alloc":
+            HELD.append(bytearray(b"x" * int(parse_qs(url.query)["mb"][0]) * 1024 * 1024))
+            self._reply(200, "held", "text/plain")
         elif url.path == "/test/busy":
             STATE["inflight"] = int(parse_qs(url.query)["n"][0])
             self._reply(200, json.dumps(STATE), "application/json")

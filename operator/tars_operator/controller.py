@@ -22,7 +22,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from tars_agent import contract
 from tars_operator import builders, models, observability, queries
-from tars_operator.policy.metrics import Metrics
+from tars_operator.policy.metrics import Metrics, Sample
 from tars_operator.policy.observe import PodState, pod_state
 from tars_operator.policy.plan import ControllerState, Plan, plan
 from tars_operator.sources import AgentClient, PrometheusReader
@@ -102,8 +102,15 @@ class PoolController:
             wait = (
                 await self.prometheus.query(queries.limiter_wait_seconds(self.name, self.namespace))
             ).sample
+        memory: list[Sample] = []
+        if spec.memory.mode != "Off":
+            step = max(parse_duration(spec.scaling.interval), dt.timedelta(seconds=2))
+            memory = await self.prometheus.query_range(
+                queries.agent_memory(self.name, self.namespace), parse_duration(spec.memory.window), step
+            )
         return Metrics(
             queue_depth=queue.sample,
+            memory_bytes=tuple(memory),
             queue_depth_error=queue.error,
             budget_utilization=budget,
             limiter_wait_seconds=wait,

@@ -31,12 +31,12 @@ def limiter_wait_seconds(name: str, namespace: str) -> str:
     return f"sum(rate({series % 'sum'}[1m])) / sum(rate({series % 'count'}[1m]))"
 
 
-def memory_working_set(name: str, namespace: str, container: str) -> str:
-    """Working-set bytes of the agent container (cAdvisor); run as a range query over memory.window.
+def agent_memory(name: str, namespace: str) -> str:
+    """Resident memory of the pool's agents, from their own process collector.
 
-    cAdvisor series carry no pod labels, so pods are matched by name: generateName adds 5 characters.
+    Not cAdvisor's container_memory_working_set_bytes: that needs a kubelet's cAdvisor,
+    while every agent exports its own process metrics wherever it is scraped. The agent is
+    its container's main process, so its RSS is the container's working set to within the
+    page cache. Pods are matched by name (generateName adds 5 characters) and namespace.
     """
-    return (
-        f'container_memory_working_set_bytes{{namespace="{namespace}",pod=~"{name}-[a-z0-9]{{5}}",'
-        f'container="{container}"}}'
-    )
+    return f'process_resident_memory_bytes{{namespace="{namespace}",pod=~"{name}-[a-z0-9]{{5}}"}}'

@@ -50,6 +50,25 @@ class PrometheusReader:
     async def query(self, promql: str) -> QueryResult:
         return await asyncio.to_thread(self._query, promql)
 
+    def _range(self, promql: str, window: dt.timedelta, step: dt.timedelta) -> list[Sample]:
+        end = dt.datetime.now(dt.UTC)
+        try:
+            series = self._prom.custom_query_range(
+                promql, start_time=end - window, end_time=end, step=str(max(1, int(step.total_seconds())))
+            )
+        except Exception:  # noqa: BLE001 - no samples is what the memory policy handles
+            return []
+        return [
+            Sample(float(value), dt.datetime.fromtimestamp(float(at), dt.UTC))
+            for one in series
+            for at, value in one["values"]
+            if value not in ("NaN", "+Inf", "-Inf")
+        ]
+
+    async def query_range(self, promql: str, window: dt.timedelta, step: dt.timedelta) -> list[Sample]:
+        """Every sample of every series in the window; empty when the query fails."""
+        return await asyncio.to_thread(self._range, promql, window, step)
+
 
 class AgentClient:
     """The agent's HTTP side of the contract: GET /status and POST /drain."""
