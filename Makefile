@@ -5,7 +5,7 @@ export VENV ?= $(TARS_CACHE)/venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-fast e2e lint typecheck crds cluster-build cluster-up cluster-down cluster-env cluster-status
+.PHONY: help setup test test-fast e2e lint typecheck crds install run cluster-build cluster-up cluster-down cluster-env cluster-status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -29,6 +29,19 @@ test-fast: setup ## the fast tests only (no cluster)
 
 e2e: setup cluster-build ## the e2e tests (start the local cluster unless one runs)
 	$(PY) -m pytest e2e $(PYTEST_ARGS)
+
+crds: setup ## regenerate crds/ from the operator's pydantic models
+	$(PY) -m tars_operator.crd
+
+# Without $$KUBECONFIG, these targets use the local cluster (its API server, Prometheus, Redis).
+LOCAL_ENV = if [ -z "$$KUBECONFIG" ]; then eval "$$($(PY) -m tars_localcluster env)"; fi
+
+install: setup ## apply the CRDs to the cluster in $$KUBECONFIG (default: the local cluster)
+	@$(LOCAL_ENV); $(VENV)/bin/kubectl apply -f crds/ && \
+	  $(VENV)/bin/kubectl wait --for=condition=Established crd/agentpools.tars.dev --timeout=60s
+
+run: install ## run the operator locally against $$KUBECONFIG: same code and flags as in-cluster (ARGS=...)
+	@$(LOCAL_ENV); exec $(VENV)/bin/tars-operator --lease-namespace default --log-format text $(ARGS)
 
 cluster-build: setup ## build the control plane binaries into $(TARS_CACHE)/bin (first time 10-20 min)
 	@bash localcluster/build.sh

@@ -202,6 +202,10 @@ def test_warm_pool_replaces_an_agent_that_turns_busy_without_waiting_for_the_int
     status = wait_status(kube, namespace, "warm", "busy", 1, 30)
     assert status["desiredReplicas"] == 3
     assert any(e["reason"] == "ScaledUp" for e in events(kube, namespace, "warm"))
+    metrics = httpx.get(f"http://127.0.0.1:{op.operator.metrics_port}/metrics", timeout=3).text
+    created = f'tars_operator_pods_created_total{{namespace="{namespace}",pool="warm",reason="scale-up"}} 3.0'
+    assert created in metrics
+    assert f'tars_operator_desired_replicas{{namespace="{namespace}",pool="warm"}} 3.0' in metrics
     pods = live_pods(kube, namespace, "warm")
     owner = pods[0]["metadata"]["ownerReferences"][0]
     assert owner["kind"] == "AgentPool" and owner["name"] == "warm" and owner["controller"] is True

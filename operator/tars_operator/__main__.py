@@ -84,7 +84,8 @@ async def run(opts: settings.OperatorSettings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     opts = settings.parse(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # kopf's formatters: JSON lines carry the object (namespace/name) a message is about.
+    kopf.configure(log_format=kopf.LogFormat.JSON if opts.log_format == "json" else kopf.LogFormat.FULL)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per agent status poll is noise
     start_http_server(opts.metrics_port)
     return asyncio.run(run(opts))

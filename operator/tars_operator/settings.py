@@ -21,6 +21,7 @@ class OperatorSettings:
     lease_namespace: str = "default"
     lease_name: str = "tars-operator"
     identity: str = field(default_factory=socket.gethostname)
+    log_format: str = "json"  # json: one object per line, for log pipelines; text: for people
 
 
 def parse(argv: list[str]) -> OperatorSettings:
@@ -47,6 +48,7 @@ def parse(argv: list[str]) -> OperatorSettings:
     )
     parser.add_argument("--lease-name", default=OperatorSettings.lease_name)
     parser.add_argument("--identity", default=env("POD_NAME", socket.gethostname()))
+    parser.add_argument("--log-format", choices=("json", "text"), default=env("TARS_LOG_FORMAT", "json"))
     args = parser.parse_args(argv)
     return OperatorSettings(
         kubeconfig=args.kubeconfig or None,
@@ -59,4 +61,5 @@ def parse(argv: list[str]) -> OperatorSettings:
         lease_namespace=args.lease_namespace,
         lease_name=args.lease_name,
         identity=args.identity,
+        log_format=args.log_format,
     )
