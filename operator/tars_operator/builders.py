@@ -2,8 +2,9 @@
 
 `render` turns (pool, spec, memory limit, operator defaults) into the full core/v1 Pod the
 operator creates; `with_replaces` adds the per-pod rotation annotation. The template hash
-label is a digest of everything else in the manifest, so any change that would give a
-different pod -- template, env, limits, drain timeout -- rolls the pool through rotation.
+label is a digest of everything else in the manifest but the operator's memory limit, so
+any change that would give a different pod -- template, env, drain timeout -- rolls the
+pool through rotation, while a new memory limit is resized into running pods in place.
 Template values win over the operator's defaults, except for what the operator must own:
 its env vars, the pool/hash labels, owner reference, and terminationGracePeriodSeconds.
 """
@@ -97,7 +98,7 @@ def _secure(container: dict[str, Any]) -> None:
             mounts.append({"name": TMP_VOLUME, "mountPath": "/tmp"})
 
 
-def _configure_agent(agent: dict[str, Any], env: list[dict[str, Any]], memory_limit: int | None) -> None:
+def _configure_agent(agent: dict[str, Any], env: list[dict[str, Any]]) -> None:
     owned = {e["name"] for e in env}
     agent["env"] = [e for e in agent.get("env", []) if e.get("name") not in owned] + env
     ports = agent.setdefault("ports", [])
@@ -115,14 +116,19 @@ def _configure_agent(agent: dict[str, Any], env: list[dict[str, Any]], memory_li
             "failureThreshold": 6,
         },
     )
+
+
+def agent_resources(agent: dict[str, Any], memory_limit: int | None) -> dict[str, Any]:
+    """The agent container's resources with the operator's memory limit (when it sets one)."""
+    resources: dict[str, Any] = copy.deepcopy(agent.get("resources", {}))
     if memory_limit is not None:
-        resources = agent.setdefault("resources", {})
         limit = format_mebibytes(memory_limit)
         resources.setdefault("limits", {})["memory"] = limit
         request = resources.setdefault("requests", {}).get("memory")
         # A request above the limit is invalid; keep a smaller request (burstable), else request = limit.
         if request is None or parse_quantity(request) > parse_quantity(limit):
             resources["requests"]["memory"] = limit
+    return resources
 
 
 def template_memory_limit(spec: models.AgentPoolSpec) -> int | None:
@@ -143,7 +149,7 @@ def render(
     template = copy.deepcopy(spec.template.model_dump(by_alias=True, exclude_none=True))
     meta = template.get("metadata", {})
     pod_spec = template["spec"]
-    _configure_agent(pod_spec["containers"][0], operator_env(pool, spec, defaults), memory_limit)
+    _configure_agent(pod_spec["containers"][0], operator_env(pool, spec, defaults))
     for container in pod_spec["containers"]:
         _secure(container)
     if any(m.get("name") == TMP_VOLUME for c in pod_spec["containers"] for m in c.get("volumeMounts", [])):
@@ -179,8 +185,14 @@ def render(
         },
         "spec": pod_spec,
     }
+    # The operator's memory limit is left out of the hash: running pods get it by an
+    # in-place resize, not by rotation.
     digest = hashlib.sha256(json.dumps(pod, sort_keys=True).encode()).hexdigest()[:10]
     pod["metadata"]["labels"][contract.TEMPLATE_HASH_LABEL] = digest
+    agent = pod_spec["containers"][0]
+    resources = agent_resources(agent, memory_limit)
+    if resources:
+        agent["resources"] = resources
     return pod
 
 

@@ -203,6 +203,11 @@ class PoolController:
             if await self._guard("delete", remove, f"deleting {delete.pod}"):
                 observability.PODS_DELETED.labels(**labels, reason=reason_label(delete.reason)).inc()
                 log.info("pool %s/%s: deleted %s (%s)", self.namespace, self.name, delete.pod, delete.reason)
+        for resize in result.resizes:
+            body = {"spec": {"containers": [{"name": resize.container, "resources": resize.resources}]}}
+            patch = self.core.patch_namespaced_pod_resize(resize.pod, self.namespace, body)
+            if await self._guard("resize", patch, f"resizing {resize.pod} in place ({resize.reason})"):
+                log.info("pool %s/%s: resized %s (%s)", self.namespace, self.name, resize.pod, resize.reason)
         await self._guard(
             "status",
             self.custom.patch_namespaced_custom_object_status(

@@ -286,6 +286,9 @@ class AgentPoolStatus(_Model):
     last_decision_reason: str | None = Field(default=None, max_length=1024)
     memory_limit: Quantity | None = None
     memory_recommendation: Quantity | None = None
+    # When the OOM kill that the last memory bump answered happened: that kill is not
+    # answered again (a pod resized in place keeps its OOM record, at its new limit).
+    memory_oom_handled: datetime | None = None
     last_scale_time: datetime | None = None
     conditions: list[Condition] = Field(
         default_factory=list,

@@ -162,7 +162,11 @@ def test_hash_follows_everything_that_shapes_the_pod() -> None:
 
     base = digest(s, 512 * 2**20)
     assert digest(s, 512 * 2**20) == base
-    assert digest(s, 768 * 2**20) != base
+    # The operator's memory limit is resized into running pods, so it must not roll them.
+    assert digest(s, 768 * 2**20) == base
+    template_limit = s.model_dump(by_alias=True)
+    template_limit["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] = "3Gi"
+    assert digest(spec(**template_limit), 512 * 2**20) != base
     assert digest(spec(**{**s.model_dump(by_alias=True), "queue": {"maxDepth": 10}}), 512 * 2**20) != base
     assert digest(spec(**{**s.model_dump(by_alias=True), "warm": {"min": 1}}), 512 * 2**20) == base
 

@@ -110,3 +110,19 @@ def test_decision_carries_the_numbers_behind_it() -> None:
 )
 def test_percentile_nearest_rank(values: list[float], q: float, expected: float) -> None:
     assert percentile(values, q) == expected
+
+
+def test_an_oom_kill_is_answered_once_even_when_the_pod_is_resized_in_place() -> None:
+    killed = oom("a", 512)
+    first = decide(Memory(mode="Auto"), None, 512 * MI, [], [killed], T0)
+    assert first.limit == 768 * MI and first.oom_at == killed.last_oom
+    # Resized in place, the pod reports the same kill at its new limit: no second bump.
+    resized = idle("a", last_oom=killed.last_oom, memory_limit=768 * MI)
+    again = decide(Memory(mode="Auto"), None, 768 * MI, [], [resized], T0, oom_handled=first.oom_at)
+    assert again.limit == 768 * MI and again.oom_pod is None and not again.changed
+    # A new kill at the new limit is answered.
+    later = idle("a", last_oom=T0 - timedelta(seconds=10), memory_limit=768 * MI)
+    assert (
+        decide(Memory(mode="Auto"), None, 768 * MI, [], [later], T0, oom_handled=first.oom_at).limit
+        == 1152 * MI
+    )

@@ -159,3 +159,21 @@ def test_auto_memory_limit_goes_into_new_pods_and_status() -> None:
     limits = p.creates[0].manifest["spec"]["containers"][0]["resources"]["limits"]
     assert limits == {"memory": "1536Mi"}
     assert ("Warning", "MemoryLimitOOMKilled") in [(e.type, e.reason) for e in p.events]
+
+
+def test_auto_memory_limit_is_resized_into_running_agents_in_place() -> None:
+    spec = raw_spec(memory={"mode": "Auto"})
+    oomed = idle("a", last_oom=T0 - timedelta(minutes=1), memory_limit=2**30)
+    starting = idle("s", phase="Pending", ready=False, memory_limit=2**30)
+    done = idle("d", memory_limit=1536 * 2**20)
+    p = run(current([oomed, starting, done]), spec=spec, status={"memoryLimit": "1Gi"})
+    assert [(r.pod, r.container) for r in p.resizes] == [("a", "agent")]
+    assert p.resizes[0].resources == {"limits": {"memory": "1536Mi"}, "requests": {"memory": "1536Mi"}}
+    assert not any(c.replaces == "a" for c in p.creates), "a new limit is no reason to rotate"
+    assert any(e.reason == "Resizing" for e in p.events)
+
+
+def test_recommend_mode_never_resizes() -> None:
+    spec = raw_spec(memory={"mode": "Recommend"})
+    oomed = idle("a", last_oom=T0 - timedelta(minutes=1), memory_limit=2**30)
+    assert run(current([oomed]), spec=spec).resizes == ()

@@ -1,6 +1,7 @@
 """Pod actions the policies decide and the shell applies, each with the reason it is logged under."""
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -16,4 +17,14 @@ class Delete:
     """Delete the pod (SIGTERM, then terminationGracePeriodSeconds = rotation.drainTimeout)."""
 
     pod: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Resize:
+    """Set the agent container's resources in place, through the pod's `resize` subresource."""
+
+    pod: str
+    container: str
+    resources: dict[str, Any]
     reason: str

@@ -4,7 +4,9 @@ Rule, from the agents' working-set samples within `memory.window` (at least 12 o
   usage  = max(p95 / targetUtilization, peak x 1.1)
 i.e. the p95 sits at `targetUtilization` of the limit, and the limit never falls below
 the highest observed usage plus 10 %. After an OOMKilled at (or above) the limit in
-force, the recommendation is at least 1.5 x that limit -- even without enough samples.
+force, the recommendation is at least 1.5 x that limit -- even without enough samples;
+each kill is answered once (status.memoryOomHandled), since a pod resized in place keeps
+its record of the kill at its new limit.
 The result is bounded by [memory.min, memory.max] and rounded up to a whole Mi.
 Modes: Off -- nothing computed, the template's limit stands; Recommend -- reported in
 status.memoryRecommendation only; Auto -- becomes the limit of new pods (the pod
@@ -46,6 +48,7 @@ class MemoryDecision:
     peak: float | None = None
     samples: int = 0
     oom_pod: str | None = None
+    oom_at: datetime | None = None  # when the OOM kill this decision answers happened
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -61,8 +64,10 @@ def decide(
     samples: Sequence[Sample],
     pods: Sequence[PodState],
     now: datetime,
+    oom_handled: datetime | None = None,
 ) -> MemoryDecision:
-    """`applied`: the limit Auto set before (status.memoryLimit); `template_limit`: the template's."""
+    """`applied`: the limit Auto set before (status.memoryLimit); `template_limit`: the template's;
+    `oom_handled`: the OOM kill an earlier bump answered (status.memoryOomHandled)."""
     if memory.mode == "Off":
         return MemoryDecision(template_limit, None, False, "Off", "memory.mode is Off")
     lo, hi = parse_quantity(memory.min), parse_quantity(memory.max)
@@ -81,6 +86,7 @@ def decide(
         for p in pods
         if p.last_oom is not None
         and now - window <= p.last_oom
+        and (oom_handled is None or p.last_oom > oom_handled)
         and p.memory_limit is not None
         and p.memory_limit >= in_force
     ]
@@ -132,6 +138,7 @@ def decide(
         peak,
         len(values),
         base.oom_pod,
+        oom_pod.last_oom if oom_pod else None,
     )
 
 

@@ -19,7 +19,7 @@ from tars_agent import contract
 from tars_operator import builders
 from tars_operator.models import AgentPoolSpec, AgentPoolStatus, Condition
 from tars_operator.policy import budget, memory, rotation, scale_in, scaling
-from tars_operator.policy.actions import Delete, Drain
+from tars_operator.policy.actions import Delete, Drain, Resize
 from tars_operator.policy.conditions import Verdict, is_true, merge, patch
 from tars_operator.policy.expectations import Expectation, outstanding
 from tars_operator.policy.metrics import Metrics, read
@@ -62,6 +62,7 @@ class Plan:
     events: tuple[Event, ...]
     state: ControllerState
     now: datetime
+    resizes: tuple[Resize, ...] = ()
 
     def expect(self, created: Sequence[str]) -> ControllerState:
         """The state for the next cycle once the shell applied this plan; `created`: names the API gave."""
@@ -106,6 +107,18 @@ def _counted_status(pool: builders.PoolRef, counts: Counts) -> dict[str, Any]:
         "draining": counts.draining,
         "unschedulable": counts.unschedulable,
     }
+
+
+def _resizes(pods: Sequence[PodState], manifest: dict[str, Any], limit: int | None) -> list[Resize]:
+    """Running agents whose memory limit differs from the pool's: resized in place, not rotated."""
+    if limit is None:
+        return []
+    agent = manifest["spec"]["containers"][0]
+    return [
+        Resize(p.name, agent["name"], agent["resources"], f"memory limit {p.memory_limit} -> {limit} bytes")
+        for p in pods
+        if p.active and p.phase == "Running" and p.memory_limit != limit
+    ]
 
 
 def _recent_creates(pods: Sequence[PodState], now: datetime, interval: timedelta) -> int:
@@ -185,6 +198,7 @@ def _plan_valid(
         metrics.memory_bytes,
         pods,
         now,
+        prev.memory_oom_handled,
     )
     manifest = builders.render(pool, spec, mem.limit if spec.memory.mode == "Auto" else None, defaults)
     template_hash = manifest["metadata"]["labels"][contract.TEMPLATE_HASH_LABEL]
@@ -215,6 +229,8 @@ def _plan_valid(
             creates += [
                 Create(builders.with_replaces(manifest, r.pod), r.reason, r.pod) for r in rot.replacements
             ]
+
+    resizes = _resizes(pods, manifest, mem.limit) if spec.memory.mode == "Auto" else []
 
     scaled = bool(decision.create or removals)
     conditions = merge(
@@ -259,6 +275,9 @@ def _plan_valid(
             "last_decision_reason": f"{decision.reason}: {decision.message}"[:1024],
             "memory_limit": format_mebibytes(mem.limit) if mem.limit else None,
             "memory_recommendation": format_mebibytes(mem.recommendation) if mem.recommendation else None,
+            "memory_oom_handled": mem.oom_at
+            if spec.memory.mode == "Auto" and mem.oom_at
+            else prev.memory_oom_handled,
             "last_scale_time": now.replace(microsecond=0) if scaled else prev.last_scale_time,
             "conditions": conditions,
         }
@@ -273,6 +292,8 @@ def _plan_valid(
             events.append(Event("Normal", "Rotating", f"replacing {create.replaces}: {create.reason}"))
     for drain in drains:
         events.append(Event("Normal", "Draining", f"draining {drain.pod}: {drain.reason}"))
+    for resize in resizes:
+        events.append(Event("Normal", "Resizing", f"resizing {resize.pod} in place: {resize.reason}"))
     if mem.changed and spec.memory.mode == "Auto":
         kind: Literal["Normal", "Warning"] = "Warning" if mem.oom_pod else "Normal"
         events.append(Event(kind, f"MemoryLimit{mem.reason}", mem.message))
@@ -284,4 +305,5 @@ def _plan_valid(
         tuple(events),
         ControllerState(decision.history, state.expectations),
         now,
+        tuple(resizes),
     )
