@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from e2e.harness import Kube, eventually, unique
+from e2e.operator_env import op  # noqa: F401 - a fixture shared by the operator test modules
 from tars_localcluster.cluster import Cluster
 from tars_localcluster.config import ClusterConfig
 

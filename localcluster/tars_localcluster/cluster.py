@@ -297,6 +297,8 @@ class Cluster:
         cfg = self.cfg
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
+        # Pods' commands resolve on this PATH: the project's own programs (tars-agent, ...) first.
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
         self._ensure(
             "node-agent",
             [
@@ -425,6 +427,8 @@ def prometheus_config(cfg: ClusterConfig) -> dict[str, object]:
         "scrape_configs": [
             {
                 "job_name": "kubernetes-pods",
+                # A pod's own labels (e.g. tars_queue_depth's `pool`) win over target labels.
+                "honor_labels": True,
                 "file_sd_configs": [
                     {"files": [str(cfg.scrape_targets_dir / "*.json")], "refresh_interval": "5s"}
                 ],

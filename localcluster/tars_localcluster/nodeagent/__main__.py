@@ -39,6 +39,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per status patch is noise
     if os.geteuid() != 0:
         sys.exit("tars node agent: needs root to create network namespaces and memory cgroups")
     image_commands: dict[str, list[str]] = {}

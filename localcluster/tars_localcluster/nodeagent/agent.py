@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 from aiohttp import web
 
+from tars_agent import contract
 from tars_localcluster import cgroups, network
 from tars_localcluster.config import ClusterConfig
 from tars_localcluster.nodeagent.api import ApiError, KubeClient
@@ -49,6 +50,9 @@ def scrape_target(pod: JSON, pod_ip: str) -> JSON | None:
     }
     for key, value in pod["metadata"].get("labels", {}).items():
         labels[re.sub(r"[^a-zA-Z0-9_]", "_", key)] = value
+    if contract.POOL_LABEL in pod["metadata"].get("labels", {}):
+        # As the chart's PodMonitor does: every agent series carries its pool.
+        labels["pool"] = pod["metadata"]["labels"][contract.POOL_LABEL]
     return {"targets": [f"{pod_ip}:{annotations['prometheus.io/port']}"], "labels": labels}
 
 

@@ -1,0 +1,269 @@
+"""The Helm chart against the real API server: every object passes server-side validation, and
+the operator's ServiceAccount can do exactly what the operator does, nothing more.
+
+The local node never pulls images, so the operator Deployment is validated, not run; the
+ServiceAccount and RBAC objects are applied for real and probed with `kubectl auth can-i`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from e2e.harness import Kube, eventually, unique
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "helm" / "tars-operator"
+RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+# The cluster has no Prometheus Operator CRDs: render without ServiceMonitor/PodMonitor/PrometheusRule.
+NO_MONITORING_CRDS = {
+    "serviceMonitor": {"enabled": False},
+    "podMonitor": {"enabled": False},
+    "prometheusRule": {"enabled": False},
+}
+
+
+def find_helm() -> str:
+    cache = Path(os.environ.get("TARS_CACHE", Path.home() / ".cache" / "tars-operator"))
+    for candidate in (os.environ.get("HELM"), str(cache / "bin" / "helm"), shutil.which("helm")):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.fail("helm not found ($HELM, $TARS_CACHE/bin/helm, PATH): run `make cluster-build`", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    return find_helm()
+
+
+def helm_run(helm: str, kube: Kube, *args: str) -> str:
+    proc = subprocess.run(
+        [helm, "--kubeconfig", str(kube.kubeconfig), *args], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, f"helm {' '.join(args)} failed: {proc.stderr}"
+    return proc.stdout
+
+
+def template(helm: str, kube: Kube, release: str, namespace: str, values: dict[str, Any], *extra: str) -> str:
+    """`helm template` for the running server's version, with `values` as a values file."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(values, f)
+        f.flush()
+        return helm_run(
+            helm,
+            kube,
+            "template",
+            release,
+            str(CHART),
+            "--namespace",
+            namespace,
+            "--kube-version",
+            server_version(kube),
+            "-f",
+            f.name,
+            *extra,
+        )
+
+
+def server_version(kube: Kube) -> str:
+    info = json.loads(kube.run("version", "-o", "json").stdout)["serverVersion"]
+    return str(info["gitVersion"]).lstrip("v").split("-")[0]
+
+
+def documents(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+@pytest.fixture
+def release_namespace(kube: Kube) -> Iterator[str]:
+    name = unique("helm")
+    kube.run("create", "namespace", name)
+    yield name
+    kube.run("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def watched_namespace(kube: Kube) -> Iterator[str]:
+    name = unique("helm-apps")
+    kube.run("create", "namespace", name)
+    yield name
+    kube.run("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def applied(kube: Kube) -> Iterator[list[dict[str, Any]]]:
+    """Objects a test applied for real; deleted afterwards (cluster-scoped ones too)."""
+    objs: list[dict[str, Any]] = []
+    yield objs
+    if objs:
+        kube.run(
+            "delete",
+            "--ignore-not-found",
+            "--wait=false",
+            "-f",
+            "-",
+            stdin=yaml.safe_dump_all(objs),
+            check=False,
+        )
+
+
+def test_every_object_passes_server_side_validation(
+    helm: str, kube: Kube, release_namespace: str, watched_namespace: str
+) -> None:
+    values: dict[str, Any] = {
+        **NO_MONITORING_CRDS,
+        "watchNamespaces": [watched_namespace],
+        "dashboard": {"enabled": True},
+        "redis": {"enabled": True, "persistence": {"enabled": True}, "auth": {"existingSecret": "redis"}},
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": "topology.kubernetes.io/zone",
+                "whenUnsatisfiable": "ScheduleAnyway",
+            }
+        ],
+    }
+    for mode in ({}, values):  # defaults (cluster-wide), then everything the cluster can take
+        release = unique("h")
+        rendered = template(
+            helm, kube, release, release_namespace, {**NO_MONITORING_CRDS, **mode}, "--include-crds"
+        )
+        objs = documents(rendered)
+        assert "CustomResourceDefinition" in {o["kind"] for o in objs}
+        proc = kube.run("apply", "--dry-run=server", "-f", "-", stdin=rendered)
+        assert len(proc.stdout.strip().splitlines()) == len(objs), proc.stdout
+
+
+def test_helm_install_dry_run_renders_notes(helm: str, kube: Kube, release_namespace: str) -> None:
+    out = helm_run(
+        helm,
+        kube,
+        "install",
+        unique("h"),
+        str(CHART),
+        "--namespace",
+        release_namespace,
+        "--dry-run=server",
+        "--skip-crds",
+        *[a for k, v in NO_MONITORING_CRDS.items() for a in ("--set-json", f"{k}={json.dumps(v)}")],
+    )
+    assert "kubectl get ap" in out
+    assert "examples/agentpool.yaml" in out
+
+
+def can(kube: Kube, who: str, *args: str) -> bool:
+    proc = kube.run("auth", "can-i", f"--as={who}", *args, check=False)
+    answer = proc.stdout.strip()
+    assert answer in {"yes", "no"}, f"can-i {args}: {proc.stdout} {proc.stderr}"
+    return answer == "yes"
+
+
+def apply_rbac(
+    helm: str, kube: Kube, applied: list[dict[str, Any]], namespace: str, values: dict[str, Any]
+) -> str:
+    release = unique("h")
+    rendered = template(helm, kube, release, namespace, {**NO_MONITORING_CRDS, **values})
+    objs = [o for o in documents(rendered) if o["kind"] in RBAC_KINDS]
+    applied.extend(objs)
+    kube.run("apply", "-f", "-", stdin=yaml.safe_dump_all(objs))
+    (sa,) = [o for o in objs if o["kind"] == "ServiceAccount"]
+    name = sa["metadata"]["name"]
+    eventually(lambda: kube.exists("serviceaccount", name, namespace), 30, f"ServiceAccount {name}")
+    return f"system:serviceaccount:{namespace}:{name}"
+
+
+# Every API call the operator makes (controller.py, leader.py, kopf), in the watched namespace W
+# and the operator's namespace O; "W" and "O" are replaced by the test's namespaces.
+OPERATOR_CALLS = [
+    ("list", "pods", "W"),
+    ("watch", "pods", "W"),
+    ("create", "pods", "W"),
+    ("delete", "pods", "W"),
+    ("patch", "pods", "W"),
+    ("list", "agentpools.tars.dev", "W"),
+    ("watch", "agentpools.tars.dev", "W"),
+    ("patch", "agentpools.tars.dev", "W"),
+    ("patch", "agentpools.tars.dev --subresource=status", "W"),
+    ("create", "events", "W"),
+    ("create", "leases.coordination.k8s.io", "O"),
+    ("get", "leases.coordination.k8s.io/tars-operator", "O"),
+    ("update", "leases.coordination.k8s.io/tars-operator", "O"),
+    ("list", "customresourcedefinitions.apiextensions.k8s.io", ""),
+    ("watch", "customresourcedefinitions.apiextensions.k8s.io", ""),
+]
+FORBIDDEN_CALLS = [
+    ("get", "secrets", "W"),
+    ("list", "secrets", "O"),
+    ("get", "configmaps", "W"),
+    ("delete", "namespaces", ""),
+    ("create", "deployments.apps", "W"),
+    ("update", "nodes", ""),
+    ("create", "pods --subresource=exec", "W"),
+    ("delete", "agentpools.tars.dev", "W"),
+    ("update", "pods", "W"),
+    ("patch", "events", "W"),
+    ("update", "leases.coordination.k8s.io/kube-scheduler", "O"),
+    ("delete", "leases.coordination.k8s.io/tars-operator", "O"),
+    ("update", "leases.coordination.k8s.io/tars-operator", "W"),
+    ("create", "customresourcedefinitions.apiextensions.k8s.io", ""),
+    ("create", "clusterrolebindings.rbac.authorization.k8s.io", ""),
+    ("escalate", "clusterroles.rbac.authorization.k8s.io", ""),
+]
+
+
+def answers(
+    kube: Kube, who: str, calls: list[tuple[str, str, str]], where: dict[str, str]
+) -> dict[str, bool]:
+    """`kubectl auth can-i` for each call: "verb resource in namespace" -> allowed."""
+    result = {}
+    for verb, resource, ns in calls:
+        args = [verb, *resource.split()] + (["-n", where[ns]] if ns else [])
+        result[f"{verb} {resource} in {where[ns] if ns else 'the cluster'}"] = can(kube, who, *args)
+    return result
+
+
+def assert_least_privilege(kube: Kube, who: str, where: dict[str, str]) -> None:
+    missing = [call for call, ok in answers(kube, who, OPERATOR_CALLS, where).items() if not ok]
+    assert missing == [], "the operator needs these calls"
+    excess = [call for call, ok in answers(kube, who, FORBIDDEN_CALLS, where).items() if ok]
+    assert excess == [], "the operator must not be able to make these calls"
+
+
+def test_cluster_wide_service_account_can_do_what_the_operator_does(
+    helm: str,
+    kube: Kube,
+    release_namespace: str,
+    watched_namespace: str,
+    applied: list[dict[str, Any]],
+) -> None:
+    who = apply_rbac(helm, kube, applied, release_namespace, {})
+    assert_least_privilege(kube, who, {"W": watched_namespace, "O": release_namespace})
+    # Cluster-wide mode needs no namespace listing (kopf lists namespaces only for name patterns).
+    assert not can(kube, who, "list", "namespaces")
+
+
+def test_namespaced_service_account_is_confined_to_its_namespaces(
+    helm: str,
+    kube: Kube,
+    release_namespace: str,
+    watched_namespace: str,
+    applied: list[dict[str, Any]],
+) -> None:
+    who = apply_rbac(helm, kube, applied, release_namespace, {"watchNamespaces": [watched_namespace]})
+    assert_least_privilege(kube, who, {"W": watched_namespace, "O": release_namespace})
+    # Pods and pools only in the watched namespace: not in its own, not across the cluster.
+    assert not can(kube, who, "list", "pods", "-n", release_namespace)
+    assert not can(kube, who, "create", "pods", "-n", "default")
+    assert not can(kube, who, "list", "pods", "--all-namespaces")
+    assert not can(kube, who, "patch", "agentpools.tars.dev", "-n", "default")
+    # kopf's namespace observation (read-only).
+    assert can(kube, who, "watch", "namespaces")

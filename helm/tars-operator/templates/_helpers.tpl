@@ -1,0 +1,93 @@
+{{/* The chart name, or nameOverride. */}}
+{{- define "tars-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The prefix of every object name: fullnameOverride, else <release>-<chart> (just <release> when it
+already contains the chart name). Truncated so that suffixes such as "-redis" stay within 63.
+*/}}
+{{- define "tars-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "tars-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "tars-operator.labels" -}}
+helm.sh/chart: {{ include "tars-operator.chart" . }}
+{{ include "tars-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: tars
+{{- end }}
+
+{{/* The operator pods' selector (immutable in a Deployment: never add to it). */}}
+{{- define "tars-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tars-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "tars-operator.operatorSelectorLabels" -}}
+{{ include "tars-operator.selectorLabels" . }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "tars-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "tars-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "tars-operator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "tars-operator.redisName" -}}
+{{- printf "%s-redis" (include "tars-operator.fullname" .) }}
+{{- end }}
+
+{{/* The Redis URL passed to the operator; empty: let the operator use its own default. */}}
+{{- define "tars-operator.redisUrl" -}}
+{{- if .Values.redisUrl }}
+{{- .Values.redisUrl }}
+{{- else if .Values.redis.enabled }}
+{{- printf "redis://%s.%s.svc:%d/0" (include "tars-operator.redisName" .) .Release.Namespace (int .Values.redis.port) }}
+{{- end }}
+{{- end }}
+
+{{/* The rules the operator needs wherever it watches AgentPools (ClusterRole or per-namespace Role). */}}
+{{- define "tars-operator.watchRules" -}}
+# kopf lists and watches AgentPools (the per-pool loops start from these events) and patches them
+# only to remove a finalizer a previous version left behind; get is implied by list anyway.
+- apiGroups: ["tars.dev"]
+  resources: ["agentpools"]
+  verbs: ["get", "list", "watch", "patch"]
+# Each reconcile cycle writes .status (replicas, ready, warm, conditions) with a merge patch.
+- apiGroups: ["tars.dev"]
+  resources: ["agentpools/status"]
+  verbs: ["get", "patch"]
+# Agent pods: kopf's pod index lists/watches them; the operator creates agents (warm pool,
+# scale-up, rotation surge), annotates them draining (patch) and deletes idle/rotated ones.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+# kopf.event() posts core/v1 Events about pools (ScaledUp, Draining, CreateFailed, ...).
+# kopf 1.45 only creates them (POST); it neither patches nor uses events.k8s.io.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end }}

@@ -1,0 +1,122 @@
+"""Fixtures for the chart tests: the helm binary and a renderer returning parsed objects.
+
+No test here is skipped: without helm (or promtool) they fail and say how to get it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "tars-operator"
+VALUES_ALL = Path(__file__).resolve().parent / "values-all.yaml"
+# `helm template` assumes Kubernetes v1.20 unless told (a source-built helm reports no version);
+# the chart requires >= 1.29, so every render names the version the project runs.
+KUBE_VERSION = "1.37.0"
+RELEASE = "t"
+NAMESPACE = "tars-system"
+
+Obj = dict[str, Any]
+Render = Callable[..., list[Obj]]
+
+
+def find_helm() -> str:
+    """$HELM, else the helm `make cluster-build` builds, else helm on PATH; fails if there is none."""
+    cache = Path(os.environ.get("TARS_CACHE", Path.home() / ".cache" / "tars-operator"))
+    for candidate in (os.environ.get("HELM"), str(cache / "bin" / "helm"), shutil.which("helm")):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.fail(
+        "helm not found (looked at $HELM, $TARS_CACHE/bin/helm and PATH): run `make cluster-build`, "
+        "which builds it into ~/.cache/tars-operator/bin/helm",
+        pytrace=False,
+    )
+
+
+def find_promtool() -> str:
+    found = shutil.which("promtool")
+    if not found:
+        pytest.fail(
+            "promtool not found on PATH: run `make setup` (it installs the Debian package prometheus)",
+            pytrace=False,
+        )
+    return found
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    return find_helm()
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    return find_promtool()
+
+
+def run_helm(helm: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([helm, *args], capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def render(helm: str, tmp_path_factory: pytest.TempPathFactory) -> Render:
+    """render(values=None, *files, include_crds=False) -> the rendered objects (None documents dropped)."""
+    counter = iter(range(1_000_000))
+
+    def _render(values: Obj | None = None, *files: Path, include_crds: bool = False) -> list[Obj]:
+        args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION]
+        for f in files:
+            args += ["-f", str(f)]
+        if values is not None:
+            path = tmp_path_factory.getbasetemp() / f"values-{next(counter)}.yaml"
+            path.write_text(yaml.safe_dump(values))
+            args += ["-f", str(path)]
+        if include_crds:
+            args.append("--include-crds")
+        out = run_helm(helm, *args).stdout
+        return [doc for doc in yaml.safe_load_all(out) if doc]
+
+    return _render
+
+
+def render_error(helm: str, tmp_path: Path, values: Obj) -> str:
+    """Render with `values` expecting a refusal; returns helm's error text."""
+    path = tmp_path / "bad-values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    proc = run_helm(
+        helm,
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        "--kube-version",
+        KUBE_VERSION,
+        "-f",
+        str(path),
+        check=False,
+    )
+    assert proc.returncode != 0, f"helm accepted {values!r}"
+    return proc.stderr
+
+
+def by_kind(objs: list[Obj], kind: str) -> list[Obj]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def one(objs: list[Obj], kind: str, name: str | None = None) -> Obj:
+    found = [o for o in by_kind(objs, kind) if name is None or o["metadata"]["name"] == name]
+    assert len(found) == 1, (
+        f"expected one {kind} {name or ''}, found {[o['metadata']['name'] for o in found]}"
+    )
+    return found[0]
