@@ -5,7 +5,7 @@ export VENV ?= $(TARS_CACHE)/venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-fast e2e lint typecheck crds install run cluster-build cluster-up cluster-down cluster-env cluster-status
+.PHONY: help setup demo test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -13,6 +13,9 @@ help: ## list the targets
 setup: ## install system packages (apt) and the Python environment (in $(VENV))
 	@bash hack/install-system-deps.sh
 	@bash hack/setup-venv.sh
+
+helm-lint: cluster-build ## helm lint --strict the chart
+	$(TARS_CACHE)/bin/helm lint --strict helm/tars-operator --kube-version 1.37.0
 
 lint: setup ## ruff (lint + format check)
 	$(VENV)/bin/ruff check .
@@ -45,6 +48,9 @@ run: install ## run the operator locally against $$KUBECONFIG: same code and fla
 
 cluster-build: setup ## build the control plane binaries into $(TARS_CACHE)/bin (first time 10-20 min)
 	@bash localcluster/build.sh
+
+demo: setup ## the main job: local cluster + operator + a pool of real agents working through a burst of tasks
+	$(PY) -m tars_localcluster demo $(ARGS)
 
 cluster-up: setup ## build (first time) and start the local cluster; idempotent
 	$(PY) -m tars_localcluster up

@@ -78,6 +78,8 @@ class OperatorEnv:
 
 @pytest.fixture(scope="module")
 def op(kube: Kube, cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorEnv]:
+    # One operator at a time: a demo operator (`make demo`) would act on the tests' pools too.
+    cluster.daemons["operator"].stop()
     kube.run("apply", "-f", str(REPO / "crds"))
     kube.run("wait", "--for=condition=Established", "crd/agentpools.tars.dev", "--timeout=30s")
     lease_ns = unique("tars-system")

@@ -18,7 +18,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop everything and remove pods' network namespaces and cgroups")
     sub.add_parser("env", help="print shell exports for the running cluster")
     sub.add_parser("status", help="show which daemons run; exit 1 unless all do")
+    demo = sub.add_parser(
+        "demo", help="up + the operator + a pool of real agents working through a burst of tasks"
+    )
+    demo.add_argument("--tasks", type=int, default=120)
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        from tars_localcluster import demo as demo_module  # imports the agent's client: only here
+
+        return demo_module.main([f"--tasks={args.tasks}"])
     cluster = Cluster(ClusterConfig.default())
     try:
         if args.command == "up":

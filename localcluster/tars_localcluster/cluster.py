@@ -39,7 +39,10 @@ DAEMONS = (
     "node-agent",
     "redis",
     "prometheus",
+    "mock-llm",
 )
+# Started on demand (`make demo`, `make run` does its own), stopped by `down`.
+OPTIONAL_DAEMONS = ("operator",)
 
 
 def log(msg: str) -> None:
@@ -80,7 +83,9 @@ class Cluster:
 
     def __post_init__(self) -> None:
         self.pki = Pki(self.cfg.pki_dir)
-        self.daemons = {name: Daemon(name, self.cfg.run_dir, self.cfg.log_dir) for name in DAEMONS}
+        self.daemons = {
+            name: Daemon(name, self.cfg.run_dir, self.cfg.log_dir) for name in (*DAEMONS, *OPTIONAL_DAEMONS)
+        }
 
     # ---- helpers -------------------------------------------------------
     def binary(self, name: str) -> str:
@@ -173,6 +178,7 @@ class Cluster:
         self._node_agent()
         self._redis()
         self._prometheus()
+        self._mock_llm()
         self._wait_cluster_usable()
         log(f"cluster is up in {time.monotonic() - started:.0f}s")
         log(f"export KUBECONFIG={self.cfg.admin_kubeconfig}")
@@ -365,6 +371,41 @@ class Cluster:
             [(cfg.gateway_ip, cfg.prometheus_port)],
         )
 
+    def _mock_llm(self) -> None:
+        """An OpenAI-compatible upstream with a real rate limit, for the demo and tests."""
+        cfg = self.cfg
+        self._ensure(
+            "mock-llm",
+            [
+                str(Path(sys.executable).parent / "tars-mock-llm"),
+                f"--host={cfg.gateway_ip}",
+                f"--port={cfg.mock_llm_port}",
+                "--requests-per-minute=600",
+                "--latency=0.3",
+            ],
+            lambda: self._http_ok(f"http://{cfg.gateway_ip}:{cfg.mock_llm_port}/admin/log"),
+            [(cfg.gateway_ip, cfg.mock_llm_port)],
+        )
+
+    def start_operator(self) -> None:
+        """The operator as a cluster daemon (for the demo): same command as `make run`."""
+        cfg = self.cfg
+        self._ensure(
+            "operator",
+            [
+                str(Path(sys.executable).parent / "tars-operator"),
+                f"--kubeconfig={cfg.admin_kubeconfig}",
+                f"--prometheus-url={cfg.prometheus_url}",
+                f"--redis-url={cfg.redis_url}",
+                f"--metrics-port={cfg.operator_metrics_port}",
+                f"--health-port={cfg.operator_health_port}",
+                "--lease-namespace=default",
+                "--log-format=text",
+            ],
+            lambda: self._http_ok(f"http://127.0.0.1:{cfg.operator_health_port}/healthz"),
+            [("0.0.0.0", cfg.operator_metrics_port), ("0.0.0.0", cfg.operator_health_port)],
+        )
+
     def _wait_cluster_usable(self) -> None:
         def node_ready() -> bool:
             with self.admin_client() as client:
@@ -385,7 +426,7 @@ class Cluster:
     # ---- down ----------------------------------------------------------
     def down(self) -> None:
         # The node agent first: it stops its pods' processes on SIGTERM.
-        for name in ("node-agent", *[d for d in reversed(DAEMONS) if d != "node-agent"]):
+        for name in ("operator", "node-agent", *[d for d in reversed(DAEMONS) if d != "node-agent"]):
             if self.daemons[name].stop(timeout=30 if name == "node-agent" else 15):
                 log(f"{name}: stopped")
         self._kill_leftover_pods()
@@ -416,7 +457,7 @@ class Cluster:
         return {name: d.pid() for name, d in self.daemons.items()}
 
     def is_up(self) -> bool:
-        return all(pid is not None for pid in self.status().values())
+        return all(self.daemons[name].pid() is not None for name in DAEMONS)
 
 
 def prometheus_config(cfg: ClusterConfig) -> dict[str, object]:
@@ -444,5 +485,6 @@ def env_lines(cfg: ClusterConfig) -> list[str]:
         f"export PATH={Path(sys.executable).parent}:{cfg.bin_dir}:$PATH",
         f"export TARS_REDIS_URL={cfg.redis_url}",
         f"export TARS_PROMETHEUS_URL={cfg.prometheus_url}",
+        f"export TARS_LLM_BASE_URL={cfg.llm_base_url}",
         f"# kubernetes {versions['KUBERNETES_VERSION']}, cache {cache_dir()}",
     ]

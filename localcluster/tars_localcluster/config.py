@@ -51,6 +51,9 @@ class ClusterConfig:
     scheduler_port: int = 10259
     redis_port: int = 16379
     prometheus_port: int = 19090
+    mock_llm_port: int = 18000
+    operator_metrics_port: int = 19100
+    operator_health_port: int = 18081
     node_agent_health_port: int = 10248
     netns_prefix: str = "tars-"
 
@@ -77,6 +80,10 @@ class ClusterConfig:
     @property
     def prometheus_url(self) -> str:
         return f"http://{self.gateway_ip}:{self.prometheus_port}"
+
+    @property
+    def llm_base_url(self) -> str:
+        return f"http://{self.gateway_ip}:{self.mock_llm_port}/v1"
 
     @property
     def pki_dir(self) -> Path:
