@@ -134,6 +134,14 @@ def reconcile_count(op: OperatorEnv, namespace: str, pool: str) -> float:
     return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
 
 
+def wait_cycles(op: OperatorEnv, namespace: str, pool: str, cycles: int = 5) -> None:
+    """Let the operator reconcile the pool `cycles` more times (a way to watch it hold, without sleeping)."""
+    before = reconcile_count(op, namespace, pool)
+    eventually(
+        lambda: reconcile_count(op, namespace, pool) >= before + cycles, 60, f"{cycles} more reconcile cycles"
+    )
+
+
 def fast_scaling(**overrides: Any) -> dict[str, Any]:
     scaling = {
         "interval": "2s",
@@ -221,10 +229,7 @@ def test_metrics_outage_holds_the_pool_and_recovers(op: OperatorEnv, namespace: 
             "a Hold decision",
         )
         # Cycles without data for longer than the 6 s stabilization window: the pool holds.
-        cycles = reconcile_count(op, namespace, "outage")
-        eventually(
-            lambda: reconcile_count(op, namespace, "outage") >= cycles + 5, 60, "5 more reconcile cycles"
-        )
+        wait_cycles(op, namespace, "outage")
         assert len(live_pods(kube, namespace, "outage")) == 3
     finally:
         op.proxy.start()
@@ -394,8 +399,7 @@ def test_budget_saturation_stops_scale_up_until_headroom_returns(op: OperatorEnv
 
     queue.write_text("20")  # would ask for 6 agents (the max) ...
     eventually(lambda: pool_status(kube, namespace, "budget").get("queueDepth") == 20, 30, "the backlog seen")
-    cycles = reconcile_count(op, namespace, "budget")
-    eventually(lambda: reconcile_count(op, namespace, "budget") >= cycles + 5, 60, "5 more reconcile cycles")
+    wait_cycles(op, namespace, "budget")
     assert len(live_pods(kube, namespace, "budget")) == 1, (
         "... but more agents would only wait at the limiter"
     )
@@ -422,8 +426,7 @@ def test_unschedulable_agents_are_reported_not_replaced_again_and_again(
     status = eventually(unschedulable, 60, "status.unschedulable == 2")
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["reason"] == "Unschedulable"
-    cycles = reconcile_count(op, namespace, "nowhere")
-    eventually(lambda: reconcile_count(op, namespace, "nowhere") >= cycles + 5, 60, "5 more reconcile cycles")
+    wait_cycles(op, namespace, "nowhere")
     pods = kube.pods(namespace, f"{contract.POOL_LABEL}=nowhere")
     assert len(pods) == 2, "pods that cannot be scheduled must not be replaced by more of the same"
     assert all(p["status"]["phase"] == "Pending" for p in pods)

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = settings.parse(sys.argv[1:] if argv is None else argv)
     # kopf's formatters: JSON lines carry the object (namespace/name) a message is about.
     kopf.configure(log_format=kopf.LogFormat.JSON if opts.log_format == "json" else kopf.LogFormat.FULL)
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # "handler succeeded" per event: noise
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per agent status poll is noise
     start_http_server(opts.metrics_port)
     return asyncio.run(run(opts))

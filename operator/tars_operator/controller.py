@@ -97,6 +97,9 @@ class PoolController:
     async def read_metrics(self, spec: models.AgentPoolSpec) -> Metrics:
         queue = await self.prometheus.query(queries.queue_depth(spec, self.name, self.namespace))
         budget = wait = None
+        if queue.error is not None:
+            # Prometheus (or the pool's query) failed: the other queries would wait on it too.
+            return Metrics(queue_depth_error=queue.error)
         if spec.rate_limit is not None:
             budget = (await self.prometheus.query(queries.budget_utilization(spec.rate_limit.budget))).sample
             wait = (

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import httpx
 from prometheus_api_client import PrometheusConnect
+from urllib3.util.retry import Retry
 
 from tars_agent import contract
 from tars_operator.policy.metrics import Sample
@@ -29,7 +30,9 @@ class PrometheusReader:
 
     def __init__(self, url: str, timeout: float = 5.0) -> None:
         self.url = url
-        self._prom = PrometheusConnect(url=url, disable_ssl=True, timeout=timeout)
+        # No retries inside a query: the pool's loop asks again next cycle, and the client's
+        # default back-off (2 s, 4 s, ...) stalled every reconcile while Prometheus was down.
+        self._prom = PrometheusConnect(url=url, disable_ssl=True, timeout=timeout, retry=Retry(total=0))
 
     def _query(self, promql: str) -> QueryResult:
         try:

@@ -126,3 +126,16 @@ def test_an_oom_kill_is_answered_once_even_when_the_pod_is_resized_in_place() ->
         decide(Memory(mode="Auto"), None, 768 * MI, [], [later], T0, oom_handled=first.oom_at).limit
         == 1152 * MI
     )
+
+
+def test_no_lowering_within_the_window_after_an_oom_kill() -> None:
+    small = [Sample(40 * MI, T0 - timedelta(seconds=i)) for i in range(MIN_SAMPLES)]
+    resized = idle("a", last_oom=T0 - timedelta(minutes=1), memory_limit=768 * MI)
+    held = decide(Memory(mode="Auto"), None, 768 * MI, small, [resized], T0, oom_handled=resized.last_oom)
+    assert held.limit == 768 * MI and held.reason == "HoldAfterOOMKill"
+    later = T0 + timedelta(hours=2)
+    fresh = [Sample(40 * MI, later - timedelta(seconds=i)) for i in range(MIN_SAMPLES)]
+    lowered = decide(
+        Memory(mode="Auto"), None, 768 * MI, fresh, [resized], later, oom_handled=resized.last_oom
+    )
+    assert lowered.reason == "Resized" and lowered.limit == 128 * MI

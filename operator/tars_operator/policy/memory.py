@@ -6,7 +6,8 @@ i.e. the p95 sits at `targetUtilization` of the limit, and the limit never falls
 the highest observed usage plus 10 %. After an OOMKilled at (or above) the limit in
 force, the recommendation is at least 1.5 x that limit -- even without enough samples;
 each kill is answered once (status.memoryOomHandled), since a pod resized in place keeps
-its record of the kill at its new limit.
+its record of the kill at its new limit, and within `window` after a kill the limit is not
+lowered (the samples since the kill do not show what caused it).
 The result is bounded by [memory.min, memory.max] and rounded up to a whole Mi.
 Modes: Off -- nothing computed, the template's limit stands; Recommend -- reported in
 status.memoryRecommendation only; Auto -- becomes the limit of new pods (the pod
@@ -124,7 +125,12 @@ def decide(
     if oom_pod is not None:
         reason = "OOMKilled" if rec > in_force else "OOMKilledAtMax"
         limit = max(rec, in_force)
-    elif rec > in_force * RAISE_ABOVE or rec < in_force * LOWER_BELOW:
+    elif rec > in_force * RAISE_ABOVE:
+        reason, limit = "Resized", rec
+    elif rec < in_force * LOWER_BELOW and oom_handled is not None and now - window <= oom_handled:
+        # The samples since a kill do not show what killed it: no lowering within the window.
+        reason, limit = "HoldAfterOOMKill", in_force
+    elif rec < in_force * LOWER_BELOW:
         reason, limit = "Resized", rec
     else:
         reason, limit = "WithinHysteresis", in_force
