@@ -5,7 +5,7 @@ export VENV ?= $(TARS_CACHE)/venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status
+.PHONY: help setup demo bench test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -14,6 +14,9 @@ setup: ## install system packages (apt) and the Python environment (in $(VENV))
 	@bash hack/install-system-deps.sh
 	@bash hack/setup-venv.sh
 
+bench: setup ## the limiter benchmark: naive retry vs shared limiter vs local limiters (~3 min; ARGS=--quick)
+	$(PY) bench/limiter_bench.py $(ARGS)
+
 helm-lint: cluster-build ## helm lint --strict the chart
 	$(TARS_CACHE)/bin/helm lint --strict helm/tars-operator --kube-version 1.37.0
 
@@ -21,8 +24,9 @@ lint: setup ## ruff (lint + format check)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-typecheck: setup ## mypy --strict on the packages
+typecheck: setup ## mypy --strict on the packages and the benchmarks
 	$(VENV)/bin/mypy
+	MYPYPATH=bench:agent_image $(VENV)/bin/mypy --strict bench/*.py
 
 test: lint typecheck cluster-build ## everything: lint, types, fast tests and e2e tests on the local cluster
 	$(PY) -m pytest tests e2e $(PYTEST_ARGS)

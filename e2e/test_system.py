@@ -34,6 +34,7 @@ def upstream(op: OperatorEnv) -> Iterator[str]:
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     yield f"http://{host}:{port}"
+    asyncio.run_coroutine_threadsafe(mock.stop(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
 

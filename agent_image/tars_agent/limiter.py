@@ -145,6 +145,14 @@ def parse_reset(value: str) -> float | None:
     return total if pos == len(value) else None
 
 
+def _raise_if_cancelled() -> None:
+    """On a busy loop redis-py can surface a cancellation as its own TimeoutError: that is not
+    a Redis outage, and waiting on would keep a cancelled (e.g. drained) task alive."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class SharedLimiter:
     def __init__(
         self,
@@ -156,6 +164,7 @@ class SharedLimiter:
         metrics: AgentMetrics | None = None,
         redis_retry_interval_s: float = 1.0,
         override_ttl_s: int = 600,
+        refund_unused_tokens: bool = False,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -167,6 +176,10 @@ class SharedLimiter:
         self._metrics = metrics
         self._retry_interval = redis_retry_interval_s
         self._override_ttl = override_ttl_s
+        # OpenAI charges max_tokens against its token limit up front and gives nothing back when a
+        # response uses less; refunding it let the pool overrun the upstream's limit (46 % 429s in
+        # `bench/limiter_bench.py --tokens`). True only for an upstream that counts actual usage.
+        self._refund_unused = refund_unused_tokens
         self._sleep = sleep
         self._monotonic = monotonic
         self._pause_key, self._overrides_key = budget_keys(budget.name)
@@ -242,6 +255,7 @@ class SharedLimiter:
                     if self._metrics:
                         self._metrics.limiter_degraded.set(0)
                 except _REDIS_DOWN_ERRORS as exc:
+                    _raise_if_cancelled()
                     self._mark_redis_down(exc)
             if decision is None and priority in DEGRADED_LOCAL:
                 decision, local = self._try_local(priority, tokens), True
@@ -269,10 +283,20 @@ class SharedLimiter:
             await self._sleep(wait_s + random.uniform(0, _WAKE_JITTER_S))
 
     async def reconcile(self, reservation: Reservation, actual_tokens: int) -> None:
-        """Correct the token reservation with the real usage (refund or extra charge)."""
+        """Correct the token reservation with the real usage: charge what was used beyond it;
+        refund what was not used only when `refund_unused_tokens` (see __init__)."""
         delta = actual_tokens - reservation.tokens
         if self._metrics:
             self._metrics.estimation_error.observe(delta)
+        if delta < 0 and not self._refund_unused:
+            return
+        await self._correct(reservation, delta)
+
+    async def release(self, reservation: Reservation) -> None:
+        """Give back a whole reservation: the upstream refused the request and charged no tokens."""
+        await self._correct(reservation, -reservation.tokens)
+
+    async def _correct(self, reservation: Reservation, delta: int) -> None:
         if delta == 0 or reservation.local:
             return
         for p, key in zip(self.budget.limits, self._tat_keys, strict=True):

@@ -221,7 +221,7 @@ class LLMClient:
                 if self.limiter is not None and failure.status == 429:
                     await self.limiter.pause(failure.retry_after_s or self.config.backoff_base_s)
                     if reservation is not None:
-                        await self.limiter.reconcile(reservation, 0)  # refused: no tokens spent
+                        await self.limiter.release(reservation)  # refused: no tokens spent
                 delay = backoff_delay(
                     attempt,
                     self.config.backoff_base_s,

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tars_agent.gcra import LimitParams
 from tars_agent.limiter import Budget, LimiterTimeout, RequestTooLarge, SharedLimiter, budget_keys
@@ -168,3 +171,60 @@ async def test_degraded_mode_per_priority_and_recovery(tmp_path: Path) -> None:
     finally:
         await client.aclose()
         server.stop()
+
+
+async def test_unused_tokens_are_not_refunded_unless_the_upstream_counts_actual_usage(
+    redis_server: RedisServer,
+) -> None:
+    """OpenAI charges max_tokens up front and keeps it: so does the limiter by default."""
+    client = fast_redis(redis_server.url)
+    try:
+        for refund, admitted_after in ((False, False), (True, True)):
+            budget = Budget.from_rates(f"refund-{uuid.uuid4().hex}", tokens_per_minute=6000)  # burst 300
+            limiter = SharedLimiter(client, budget, refund_unused_tokens=refund)
+            reservation = await limiter.acquire("critical", 300, timeout_s=1)
+            await limiter.reconcile(reservation, 10)  # the response used 10 of the 300 reserved
+            decision, _ = await limiter.try_acquire("critical", 200)
+            assert decision.admitted is admitted_after
+    finally:
+        await client.aclose()
+
+
+async def test_a_refused_request_releases_its_whole_reservation(redis_server: RedisServer) -> None:
+    client = fast_redis(redis_server.url)
+    try:
+        limiter = SharedLimiter(
+            client, Budget.from_rates(f"release-{uuid.uuid4().hex}", tokens_per_minute=6000)
+        )
+        reservation = await limiter.acquire("critical", 300, timeout_s=1)
+        assert not (await limiter.try_acquire("critical", 200))[0].admitted
+        await limiter.release(reservation)
+        assert (await limiter.try_acquire("critical", 200))[0].admitted
+    finally:
+        await client.aclose()
+
+
+async def test_a_cancelled_wait_ends_even_when_redis_reports_the_cancel_as_a_timeout(
+    redis_server: RedisServer,
+) -> None:
+    client = fast_redis(redis_server.url)
+    try:
+        limiter = SharedLimiter(
+            client, Budget.from_rates(f"cancel-{uuid.uuid4().hex}", requests_per_minute=60)
+        )
+
+        async def cancel_swallowed_by_redis(priority: str, tokens: int) -> Any:
+            # As redis-py can on a busy loop: the cancellation arrives mid-call and comes out
+            # as redis' TimeoutError, the CancelledError itself consumed.
+            asyncio.current_task().cancel()  # type: ignore[union-attr]
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                raise RedisTimeoutError("Timeout reading from socket") from None
+
+        limiter.try_acquire = cancel_swallowed_by_redis  # type: ignore[method-assign]
+        waiting = asyncio.create_task(limiter.acquire("normal", 1, timeout_s=5))
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(waiting, 3)
+    finally:
+        await client.aclose()
