@@ -53,6 +53,7 @@ async def run(opts: settings.OperatorSettings) -> int:
     operator_stop: asyncio.Future[None] = loop.create_future()
     operator = asyncio.create_task(
         kopf.operator(
+            # Our Lease election decides who runs; kopf's peering would freeze equal replicas.
             standalone=True,
             clusterwide=not opts.namespaces,
             namespaces=list(opts.namespaces),

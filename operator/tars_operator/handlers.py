@@ -55,19 +55,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    # Our own Lease election (leader.py) decides who runs; kopf peering would freeze equal peers.
-    settings.peering.standalone = True
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="tars.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="tars.dev")
     memo.api = await api_client(SETTINGS.kubeconfig)
     memo.prometheus = PrometheusReader(SETTINGS.prometheus_url)
     memo.agents = AgentClient()
-
-
-@kopf.on.cleanup()
-async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    await memo.agents.close()
-    await memo.api.close()
 
 
 @kopf.index("pods", labels={contract.POOL_LABEL: kopf.PRESENT})
@@ -116,6 +106,7 @@ async def pool_event(
         del _RUNNERS[key]
         runner = None
     if gone:
+        _WAKE.pop(key, None)
         return
     if runner is None:
         runner = PoolRunner(uid=uid, body=dict(body))
@@ -126,12 +117,15 @@ async def pool_event(
 
 
 @kopf.on.cleanup()
-async def stop_pools(**_: Any) -> None:
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    # The pools' loops first: they use the clients closed after them.
     for runner in _RUNNERS.values():
         if runner.task is not None:
             runner.task.cancel()
     await asyncio.gather(*(r.task for r in _RUNNERS.values() if r.task), return_exceptions=True)
     _RUNNERS.clear()
+    await memo.agents.close()
+    await memo.api.close()
 
 
 async def _run_pool(

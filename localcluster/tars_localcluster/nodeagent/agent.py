@@ -22,7 +22,7 @@ from tars_agent import contract
 from tars_localcluster import cgroups, network
 from tars_localcluster.config import ClusterConfig
 from tars_localcluster.nodeagent.api import ApiError, KubeClient
-from tars_localcluster.nodeagent.pod import PodRunner, utcnow
+from tars_localcluster.nodeagent.pod import PodRunner, termination_grace, utcnow
 from tars_localcluster.nodeagent.status import rfc3339
 
 JSON = dict[str, Any]
@@ -306,9 +306,9 @@ class NodeAgent:
         runner.update(pod)
         if pod["metadata"].get("deletionTimestamp") and not runner.stopping.is_set():
             grace = pod["metadata"].get("deletionGracePeriodSeconds")
-            if grace is None:
-                grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
-            self._stop(runner, grace=float(grace), delete_object=True)
+            self._stop(
+                runner, grace=termination_grace(pod) if grace is None else float(grace), delete_object=True
+            )
 
     def _stop(self, runner: PodRunner, grace: float, delete_object: bool) -> None:
         runner.stopping.set()

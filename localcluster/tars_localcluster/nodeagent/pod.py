@@ -310,7 +310,7 @@ class PodRunner:
                 self.agent.event(
                     self.pod, "Unhealthy", f"Liveness probe failed: {detail}; restarting", "Warning"
                 )
-                await self._signal_container(view.name, proc, c_spec_grace(self.pod))
+                await self._signal_container(view.name, proc, termination_grace(self.pod))
                 return
             if not ok and failures == failure_threshold:
                 self.agent.event(
@@ -457,5 +457,5 @@ class PodRunner:
         )
 
 
-def c_spec_grace(pod: JSON) -> float:
+def termination_grace(pod: JSON) -> float:
     return float(pod["spec"].get("terminationGracePeriodSeconds", 30))
