@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import time
@@ -150,7 +149,16 @@ async def test_post_drain_stops_taking_work_and_turns_unready(
 
         await async_wait_until(heartbeat_draining, 5, "the heartbeat to say draining")
         [task_id] = await submit(client, 1)
-        await asyncio.sleep(0)  # let the agent's loops run once more before it stops
+        # The drained agent keeps running (two more heartbeats, ~2 s) with a task waiting for it.
+        beats: set[float] = set()
+
+        async def two_more_heartbeats() -> bool:
+            raw = await redis_client.hget(contract.agents_heartbeat_key(s.namespace, s.pool), s.pod_name)
+            if raw is not None:
+                beats.add(json.loads(raw)["ts"])
+            return len(beats) >= 3
+
+        await async_wait_until(two_more_heartbeats, 10, "two more heartbeats of the drained agent")
     result = await client.result(task_id)
     assert result is not None and result.status == "queued"
     assert mock_llm.admitted == []
