@@ -23,6 +23,8 @@ log() { printf '[build] %s\n' "$*" >&2; }
 die() { printf '[build] ERROR: %s\n' "$*" >&2; exit 1; }
 
 command -v go >/dev/null || die "go is not on PATH; install Go >= 1.26 (the machine image ships it)."
+go_minor=$(go env GOVERSION | sed -nE 's/^go1\.([0-9]+).*/\1/p')
+[ "${go_minor:-0}" -ge 26 ] || die "$(go env GOVERSION) is too old: Kubernetes $KUBERNETES_VERSION needs Go >= 1.26"
 
 stamp_ok() { # name version
   [ -x "$BIN/$1" ] && [ "$(cat "$BIN/.$1.version" 2>/dev/null)" = "$2" ]
