@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from e2e.harness import Kube, eventually, unique
+from e2e.harness import Kube, temporary_namespace
 from e2e.operator_env import op  # noqa: F401 - a fixture shared by the operator test modules
 from tars_localcluster.cluster import Cluster
 from tars_localcluster.config import ClusterConfig
@@ -34,14 +34,8 @@ def kube(cluster: Cluster) -> Kube:
 
 @pytest.fixture
 def namespace(kube: Kube) -> Iterator[str]:
-    name = unique("e2e")
-    kube.run("create", "namespace", name)
-    # ServiceAccount admission refuses pods until the namespace's default SA exists.
-    eventually(
-        lambda: kube.exists("serviceaccount", "default", name), 30, f"default ServiceAccount in {name}"
-    )
-    yield name
-    kube.run("delete", "namespace", name, "--wait=false", check=False)
+    with temporary_namespace(kube, "e2e") as name:
+        yield name
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -83,6 +83,21 @@ class Kube:
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+@contextlib.contextmanager
+def temporary_namespace(kube: Kube, prefix: str) -> Iterator[str]:
+    """A fresh namespace, usable for pods (its default ServiceAccount exists), deleted afterwards."""
+    name = unique(prefix)
+    kube.run("create", "namespace", name)
+    # ServiceAccount admission refuses pods until the namespace's default SA exists.
+    eventually(
+        lambda: kube.exists("serviceaccount", "default", name), 30, f"default ServiceAccount in {name}"
+    )
+    try:
+        yield name
+    finally:
+        kube.run("delete", "namespace", name, "--wait=false", check=False)
 
 
 def condition(obj: JSON, kind: str) -> str | None:

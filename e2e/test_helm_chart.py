@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e.harness import Kube, eventually, unique
+from e2e.harness import Kube, eventually, temporary_namespace, unique
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "tars-operator"
@@ -85,18 +85,14 @@ def documents(text: str) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def release_namespace(kube: Kube) -> Iterator[str]:
-    name = unique("helm")
-    kube.run("create", "namespace", name)
-    yield name
-    kube.run("delete", "namespace", name, "--wait=false", check=False)
+    with temporary_namespace(kube, "helm") as name:
+        yield name
 
 
 @pytest.fixture
 def watched_namespace(kube: Kube) -> Iterator[str]:
-    name = unique("helm-apps")
-    kube.run("create", "namespace", name)
-    yield name
-    kube.run("delete", "namespace", name, "--wait=false", check=False)
+    with temporary_namespace(kube, "helm-apps") as name:
+        yield name
 
 
 @pytest.fixture
