@@ -109,7 +109,7 @@ async def test_redis_restart_mid_run_loses_no_task(
     client = TaskClient(redis, s.namespace, s.pool)
     try:
         ids = await submit(client, 12)
-        spawn_agent(agent_env(s), "survivor")
+        agent = spawn_agent(agent_env(s), "survivor")
 
         async def some_done() -> bool:
             results = [await client.result(t) for t in ids]
@@ -117,7 +117,15 @@ async def test_redis_restart_mid_run_loses_no_task(
 
         await async_wait_until(some_done, 20, "a few results")
         persistent_redis.stop(signal.SIGKILL)  # appendfsync always: every acknowledged write is on disk
-        await async_wait_until(lambda: len(mock_llm.admitted) >= 5, 10, "work to go on without Redis")
+
+        async def outage_noticed() -> bool:
+            # Not "work goes on": normal priority fails closed at the limiter while Redis is down.
+            async with httpx.AsyncClient() as http:
+                ready = await http.get(f"http://127.0.0.1:{agent.http_port}{contract.PATH_READYZ}")
+            return ready.status_code == 503 and "redis" in ready.text
+
+        await async_wait_until(outage_noticed, 10, "the agent to report Redis unreachable")
+        assert agent.proc.poll() is None, agent.log()
         persistent_redis.start()
         await redis.connection_pool.disconnect()  # the test's own pooled connections died with the server
         results = [await client.wait(t, timeout_s=40) for t in ids]
