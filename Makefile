@@ -5,7 +5,7 @@ export VENV ?= $(TARS_CACHE)/venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo bench test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status
+.PHONY: help setup lock images demo bench bench-coldwarm test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -14,8 +14,17 @@ setup: ## install system packages (apt) and the Python environment (in $(VENV))
 	@bash hack/install-system-deps.sh
 	@bash hack/setup-venv.sh
 
+lock: setup ## pin the Python dependencies with hashes: requirements-dev.lock and the images' locks (UPGRADE=1: newest allowed)
+	@bash hack/lock.sh
+
+images: setup ## build the node's container images into $(TARS_CACHE)/images, only what changed (NAMES="tars-agent ...")
+	$(PY) -m tars_localcluster.images build $(NAMES)
+
 bench: setup ## the limiter benchmark: naive retry vs shared limiter vs local limiters (~3 min; ARGS=--quick)
 	$(PY) bench/limiter_bench.py $(ARGS)
+
+bench-coldwarm: cluster-up ## cold vs warm agents on the local cluster's real node (~2 min; ARGS=--rounds N)
+	$(PY) bench/coldwarm.py $(ARGS)
 
 helm-lint: cluster-build ## helm lint --strict the chart
 	$(TARS_CACHE)/bin/helm lint --strict helm/tars-operator --kube-version 1.37.0
@@ -26,7 +35,7 @@ lint: setup ## ruff (lint + format check)
 
 typecheck: setup ## mypy --strict on the packages and the benchmarks
 	$(VENV)/bin/mypy
-	MYPYPATH=bench:agent_image $(VENV)/bin/mypy --strict bench/*.py
+	MYPYPATH=bench:agent_image:operator:localcluster $(VENV)/bin/mypy --strict bench/*.py
 
 test: lint typecheck cluster-build ## everything: lint, types, fast tests and e2e tests on the local cluster
 	$(PY) -m pytest tests e2e $(PYTEST_ARGS)
@@ -50,7 +59,7 @@ install: setup ## apply the CRDs to the cluster in $$KUBECONFIG (default: the lo
 run: install ## run the operator locally against $$KUBECONFIG: same code and flags as in-cluster (ARGS=...)
 	@$(LOCAL_ENV); exec $(VENV)/bin/tars-operator --lease-namespace default --log-format text $(ARGS)
 
-cluster-build: setup ## build the control plane binaries into $(TARS_CACHE)/bin (first time 10-20 min)
+cluster-build: setup ## build the cluster's binaries into $(TARS_CACHE)/bin (first time ~55 min on 2 cores)
 	@bash localcluster/build.sh
 
 demo: setup ## the main job: local cluster + operator + a pool of real agents working through a burst of tasks
@@ -59,7 +68,7 @@ demo: setup ## the main job: local cluster + operator + a pool of real agents wo
 cluster-up: setup ## build (first time) and start the local cluster; idempotent
 	$(PY) -m tars_localcluster up
 
-cluster-down: ## stop the local cluster; no process or network namespace is left
+cluster-down: ## stop the local cluster; nothing of the node is left on the machine
 	@if [ -x $(PY) ]; then $(PY) -m tars_localcluster down; fi
 
 cluster-env: ## print `export KUBECONFIG=...` for the local cluster

@@ -1,12 +1,18 @@
-"""Helpers for e2e tests: a kubectl wrapper and polling with a deadline."""
+"""Helpers for e2e tests: kubectl, the API server's proxies, port-forwards, polling with a deadline.
+
+Everything goes through the API server (kubectl with the suite's kubeconfig): the
+same tests run against the local cluster and against any other cluster (kind),
+where the test runner cannot route to pod or Service addresses.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
-import sys
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,10 +21,25 @@ from typing import Any, TypeVar
 
 import yaml
 
+from tars_localcluster.portforward import port_forward
+
 JSON = dict[str, Any]
 T = TypeVar("T")
 PROGRAMS = Path(__file__).resolve().parent / "programs"
-PYTHON = sys.executable
+PROGRAMS_CONFIGMAP = "e2e-programs"
+PROGRAMS_MOUNT = "/e2e"
+
+
+@dataclass(frozen=True)
+class Images:
+    """The images the suite runs (defaults: what `make images` builds; overridable for other clusters)."""
+
+    agent: str = os.environ.get("TARS_E2E_AGENT_IMAGE", "ghcr.io/tars-dev/tars-agent:0.1.0")
+    operator: str = os.environ.get("TARS_E2E_OPERATOR_IMAGE", "ghcr.io/tars-dev/tars-operator:0.1.0")
+    redis: str = os.environ.get("TARS_E2E_REDIS_IMAGE", "localhost/tars/redis:7.0-bookworm")
+
+
+IMAGES = Images()
 
 
 def eventually(check: Callable[[], T], timeout: float, what: str, interval: float = 0.25) -> T:
@@ -43,14 +64,19 @@ class Kube:
     kubectl_bin: str
 
     def run(
-        self, *args: str, stdin: str | None = None, check: bool = True, extra: tuple[str, ...] = ()
+        self,
+        *args: str,
+        stdin: str | None = None,
+        check: bool = True,
+        extra: tuple[str, ...] = (),
+        timeout: float = 60,
     ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             [self.kubectl_bin, "--kubeconfig", str(self.kubeconfig), *extra, *args],
             input=stdin,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=timeout,
         )
         if check and proc.returncode != 0:
             raise AssertionError(
@@ -80,16 +106,70 @@ class Kube:
         items: list[JSON] = self.get("pods", namespace=namespace, selector=selector)["items"]
         return items
 
+    # ---- through the API server's proxies ---------------------------------
+    def pod_get(self, namespace: str, pod: str, port: int, path: str) -> str:
+        return self.run(
+            "get", "--raw", f"/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy{path}"
+        ).stdout
+
+    def pod_post(self, namespace: str, pod: str, port: int, path: str) -> str:
+        raw = f"/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy{path}"
+        return self.run("create", "--raw", raw, "-f", "-", stdin="").stdout
+
+    def service_get(self, namespace: str, service: str, port: int, path: str, **params: str) -> str:
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        raw = f"/api/v1/namespaces/{namespace}/services/{service}:{port}/proxy{path}{query}"
+        return self.run("get", "--raw", raw).stdout
+
+    def port_forward(self, namespace: str, target: str, port: int) -> contextlib.AbstractContextManager[int]:
+        """`kubectl port-forward` to `target` (e.g. svc/redis); the context yields the local port."""
+        return port_forward([self.kubectl_bin, "--kubeconfig", str(self.kubeconfig)], namespace, target, port)
+
+
+@dataclass(frozen=True)
+class Prometheus:
+    """The cluster's Prometheus, queried through the API server's service proxy."""
+
+    kube: Kube
+    namespace: str
+    service: str
+    port: int
+
+    @property
+    def in_cluster_url(self) -> str:
+        return f"http://{self.service}.{self.namespace}.svc:{self.port}"
+
+    def api(self, path: str, **params: str) -> Any:
+        body = json.loads(self.kube.service_get(self.namespace, self.service, self.port, path, **params))
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, promql: str) -> list[JSON]:
+        result: list[JSON] = self.api("/api/v1/query", query=promql)["result"]
+        return result
+
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
+def programs_configmap() -> JSON:
+    """The test programs (e2e/programs) as a ConfigMap, run by the agent image's python."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": PROGRAMS_CONFIGMAP},
+        "data": {p.name: p.read_text() for p in sorted(PROGRAMS.glob("*.py"))},
+    }
+
+
 @contextlib.contextmanager
 def temporary_namespace(kube: Kube, prefix: str) -> Iterator[str]:
-    """A fresh namespace, usable for pods (its default ServiceAccount exists), deleted afterwards."""
+    """A fresh namespace, usable for pods (its default ServiceAccount and the test programs exist),
+    deleted afterwards."""
     name = unique(prefix)
     kube.run("create", "namespace", name)
+    kube.apply(programs_configmap(), namespace=name)
     # ServiceAccount admission refuses pods until the namespace's default SA exists.
     eventually(
         lambda: kube.exists("serviceaccount", "default", name), 30, f"default ServiceAccount in {name}"
@@ -111,97 +191,52 @@ def is_ready(pod: JSON) -> bool:
     return pod.get("status", {}).get("phase") == "Running" and condition(pod, "Ready") == "True"
 
 
-def container_status(pod: JSON, index: int = 0) -> JSON:
-    statuses = pod.get("status", {}).get("containerStatuses", [])
-    return statuses[index] if len(statuses) > index else {}
+RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
 
 
-def pod(name: str, command: list[str], **spec: Any) -> JSON:
-    """A Pod manifest running `command` as a local process (env POD_NAME and POD_IP from the downward API)."""
+def program_container(name: str, program: str, *args: str, **fields: Any) -> JSON:
+    """A container running e2e/programs/<program> in the agent image, fit for the "restricted"
+    Pod Security level (env POD_NAME and POD_IP from the downward API)."""
     container: JSON = {
-        "name": "main",
-        "image": "local/e2e:none",
-        "command": command,
+        "name": name,
+        "image": IMAGES.agent,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python", f"{PROGRAMS_MOUNT}/{program}", *args],
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         ],
+        "securityContext": RESTRICTED_CONTAINER,
+        "volumeMounts": [
+            {"name": "programs", "mountPath": PROGRAMS_MOUNT, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
     }
-    container.update(spec.pop("container", {}))
+    container.update(fields)
+    return container
+
+
+PROGRAM_VOLUMES = [
+    {"name": "programs", "configMap": {"name": PROGRAMS_CONFIGMAP}},
+    {"name": "tmp", "emptyDir": {}},
+]
+
+
+def pod(name: str, program: str, *args: str, labels: dict[str, str] | None = None, **container: Any) -> JSON:
+    """A Pod running one test program."""
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "labels": {"app": name}},
-        "spec": {"containers": [container], **spec},
+        "metadata": {"name": name, "labels": labels or {"app": name}},
+        "spec": {
+            "containers": [program_container("main", program, *args, **container)],
+            "volumes": PROGRAM_VOLUMES,
+            "automountServiceAccountToken": False,
+        },
     }
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class TcpProxy:
-    """A TCP forwarder a test can cut and restore: an outage of the service behind it,
-    as its clients see it, without stopping the shared service itself."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = free_port()
-        self._server: Any = None
-        self._conns: list[Any] = []
-
-    def start(self) -> None:
-        import socket
-        import threading
-
-        server = socket.create_server(("127.0.0.1", self.port))  # sets SO_REUSEADDR: restartable
-        self._server = server
-
-        def pump(src: socket.socket, dst: socket.socket) -> None:
-            try:
-                while data := src.recv(65536):
-                    dst.sendall(data)
-            except OSError:
-                pass
-            finally:
-                for s in (src, dst):
-                    with contextlib.suppress(OSError):
-                        s.close()
-
-        def accept() -> None:
-            while True:
-                try:
-                    conn, _ = server.accept()
-                except OSError:
-                    return
-                try:
-                    upstream = socket.create_connection(self.target, timeout=5)
-                except OSError:
-                    conn.close()
-                    continue
-                self._conns += [conn, upstream]
-                threading.Thread(target=pump, args=(conn, upstream), daemon=True).start()
-                threading.Thread(target=pump, args=(upstream, conn), daemon=True).start()
-
-        threading.Thread(target=accept, daemon=True).start()
-
-    def stop(self) -> None:
-        import socket
-
-        if self._server is not None:
-            # shutdown() wakes the thread blocked in accept(); close() alone would not.
-            with contextlib.suppress(OSError):
-                self._server.shutdown(socket.SHUT_RDWR)
-            self._server.close()
-            self._server = None
-        for conn in self._conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-                conn.close()
-            except OSError:
-                pass
-        self._conns = []

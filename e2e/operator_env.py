@@ -1,101 +1,187 @@
-"""The operator as e2e tests run it: a real `tars-operator` process against the
-local cluster, reaching Prometheus through a proxy the tests can cut."""
+"""The operator as users run it: `helm install` of the chart, the operator in-cluster from its
+image under the chart's ServiceAccount and RBAC, the chart's Redis, the cluster's Prometheus
+(prometheus-operator, fed by the chart's PodMonitor/ServiceMonitor/PrometheusRule)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
+import shutil
 import subprocess
-import sys
+import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import httpx
 import pytest
+import redis
+import yaml
 
-from e2e.harness import Kube, TcpProxy, eventually, free_port, unique
-from tars_localcluster.cluster import Cluster
+from e2e.harness import IMAGES, Kube, Prometheus, eventually, unique
 
 REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "helm" / "tars-operator"
+
+
+def find_helm() -> str:
+    cache = Path(os.environ.get("TARS_CACHE", Path.home() / ".cache" / "tars-operator"))
+    for candidate in (os.environ.get("HELM"), str(cache / "bin" / "helm"), shutil.which("helm")):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.fail("helm not found ($HELM, $TARS_CACHE/bin/helm, PATH): run `make cluster-build`", pytrace=False)
+
+
+def image_values(ref: str) -> dict[str, str]:
+    repository, _, tag = ref.rpartition(":")
+    return {"repository": repository, "tag": tag, "pullPolicy": "IfNotPresent"}
+
+
+def e2e_values(prometheus: Prometheus) -> dict[str, Any]:
+    """The chart's values for the suite: defaults, plus what the tests need to be quick."""
+    return {
+        "replicas": 1,
+        "image": image_values(IMAGES.operator),
+        "prometheusUrl": prometheus.in_cluster_url,
+        "redis": {"enabled": True, "image": image_values(IMAGES.redis)},
+        "podMonitor": {"enabled": True, "interval": "2s", "scrapeTimeout": "2s"},
+        "serviceMonitor": {"enabled": True, "interval": "5s", "scrapeTimeout": "4s"},
+        "prometheusRule": {"enabled": True},
+        "extraArgs": ["--log-format=text"],
+    }
 
 
 @dataclass
-class OperatorProcess:
-    proc: subprocess.Popen[bytes]
-    metrics_port: int
-    health_port: int
-    log: Path
+class Helm:
+    binary: str
+    kube: Kube
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def log_tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
-
-
-def start_operator(
-    cluster: Cluster, prometheus_url: str, lease_ns: str, identity: str, log: Path
-) -> OperatorProcess:
-    metrics_port, health_port = free_port(), free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tars_operator",
-                f"--kubeconfig={cluster.cfg.admin_kubeconfig}",
-                f"--prometheus-url={prometheus_url}",
-                f"--redis-url={cluster.cfg.redis_url}",
-                f"--metrics-port={metrics_port}",
-                f"--health-port={health_port}",
-                f"--lease-namespace={lease_ns}",
-                f"--identity={identity}",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    return OperatorProcess(proc, metrics_port, health_port, log)
+    def run(self, *args: str, values: dict[str, Any] | None = None, timeout: float = 300) -> str:
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+            yaml.safe_dump(values or {}, f)
+            f.flush()
+            proc = subprocess.run(
+                [
+                    self.binary,
+                    "--kubeconfig",
+                    str(self.kube.kubeconfig),
+                    *args,
+                    *(["-f", f.name] if values else []),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        assert proc.returncode == 0, f"helm {' '.join(args)} failed: {proc.stderr}"
+        return proc.stdout
 
 
 @dataclass
 class OperatorEnv:
     kube: Kube
-    cluster: Cluster
-    proxy: TcpProxy
-    operator: OperatorProcess
-    lease_ns: str
-    tmp: Path
+    helm: Helm
+    prometheus: Prometheus
+    namespace: str  # the release's namespace
+    # A name of its own (a `make demo` release may exist: cluster-scoped RBAC names must differ);
+    # it contains the chart's name, so the chart names its objects <release>, <release>-redis, ...
+    release: str = field(default_factory=lambda: unique("tars-operator"))
+    values: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def selector(self) -> str:
+        return f"app.kubernetes.io/instance={self.release},app.kubernetes.io/component=operator"
+
+    def install(self) -> None:
+        self.helm.run(
+            "install",
+            self.release,
+            str(CHART),
+            "-n",
+            self.namespace,
+            "--wait",
+            "--timeout=3m",
+            values=self.values,
+        )
+
+    def upgrade(self, **changes: Any) -> None:
+        self.values = {**self.values, **changes}
+        self.helm.run(
+            "upgrade",
+            self.release,
+            str(CHART),
+            "-n",
+            self.namespace,
+            "--wait",
+            "--timeout=3m",
+            values=self.values,
+        )
+
+    def pods(self) -> list[dict[str, Any]]:
+        return [
+            p
+            for p in self.kube.pods(self.namespace, self.selector)
+            if not p["metadata"].get("deletionTimestamp")
+        ]
+
+    def leader(self) -> str:
+        """The pod holding the Lease (its holderIdentity is the pod's name)."""
+        lease = self.kube.get("lease", "tars-operator", self.namespace)
+        return str(lease["spec"]["holderIdentity"])
+
+    def wait_leader(self, timeout: float = 60) -> str:
+        names = lambda: {p["metadata"]["name"] for p in self.pods()}  # noqa: E731
+        return eventually(
+            lambda: self.leader() if self.leader() in names() else None, timeout, "an operator pod leading"
+        )
+
+    def metrics(self) -> str:
+        """The leading operator's /metrics, through the API server's pod proxy."""
+        return self.kube.pod_get(self.namespace, self.wait_leader(), 9100, "/metrics")
+
+    def logs(self, pod: str) -> str:
+        return self.kube.run("logs", pod, "-n", self.namespace, check=False).stdout
+
+    @contextlib.contextmanager
+    def redis(self) -> Iterator[redis.Redis]:
+        """A client of the release's Redis, through a port-forward."""
+        with self.kube.port_forward(self.namespace, f"svc/{self.release}-redis", 6379) as port:
+            client = redis.Redis(port=port, socket_timeout=5)
+            try:
+                yield client
+            finally:
+                client.close()
+
+    def set_control(self, namespace: str, pool: str, name: str, value: float) -> None:
+        """What the pool's fake agents report as its queue depth ("queue") or budget use ("budget")."""
+        with self.redis() as client:
+            client.set(f"tars-e2e:{namespace}/{pool}:{name}", str(value))
 
 
 @pytest.fixture(scope="module")
-def op(kube: Kube, cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorEnv]:
-    # One operator at a time: a demo operator (`make demo`) would act on the tests' pools too.
-    cluster.daemons["operator"].stop()
-    kube.run("apply", "-f", str(REPO / "crds"))
-    kube.run("wait", "--for=condition=Established", "crd/agentpools.tars.dev", "--timeout=30s")
-    lease_ns = unique("tars-system")
-    kube.run("create", "namespace", lease_ns)
-    tmp = tmp_path_factory.mktemp("operator")
-    # Prometheus through a proxy the tests can cut: a metrics outage as the operator sees one.
-    proxy = TcpProxy((cluster.cfg.gateway_ip, cluster.cfg.prometheus_port))
-    proxy.start()
-    operator = start_operator(cluster, f"http://127.0.0.1:{proxy.port}", lease_ns, "op-a", tmp / "op-a.log")
-    eventually(
-        lambda: httpx.get(f"http://127.0.0.1:{operator.health_port}/healthz", timeout=2).status_code == 200,
-        60,
-        "the operator's liveness endpoint",
-    )
-    env = OperatorEnv(kube, cluster, proxy, operator, lease_ns, tmp)
-    yield env
-    env.operator.stop()
-    proxy.stop()
-    kube.run("delete", "namespace", lease_ns, "--wait=false", check=False)
+def op(kube: Kube, prometheus: Prometheus) -> Iterator[OperatorEnv]:
+    """The chart installed once per test module, in a namespace of its own; uninstalled afterwards."""
+    namespace = unique("tars-e2e")
+    kube.run("create", "namespace", namespace)
+    env = OperatorEnv(kube, Helm(find_helm(), kube), prometheus, namespace, values=e2e_values(prometheus))
+    try:
+        env.install()
+        env.wait_leader()
+        yield env
+    finally:
+        for pod in env.pods():
+            print(f"--- operator pod {pod['metadata']['name']} log (tail) ---")
+            print("\n".join(env.logs(pod["metadata"]["name"]).splitlines()[-40:]))
+        subprocess.run(
+            [
+                env.helm.binary,
+                "--kubeconfig",
+                str(kube.kubeconfig),
+                "uninstall",
+                env.release,
+                "-n",
+                namespace,
+            ],
+            capture_output=True,
+            timeout=120,
+        )
+        kube.run("delete", "namespace", namespace, "--wait=false", check=False)

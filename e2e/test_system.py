@@ -1,49 +1,58 @@
-"""The whole system on the local cluster: the operator scales a pool of real
-agents (tars-agent, the image's entrypoint run as a local process) on the real
-queue depth; the agents take tasks from Redis, call the mock LLM upstream
-through the shared limiter, and store every result."""
+"""The whole system in the cluster, from our images: the operator (installed by the chart)
+scales a pool of real agents on the real queue depth; the agents take tasks from the chart's
+Redis, call the mock LLM upstream (a Deployment, reached by its Service name) through the
+shared limiter, and store every result."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
+import yaml
 
-from e2e.harness import eventually, free_port, unique
+from e2e.harness import IMAGES, Kube, eventually, is_ready, unique
 from e2e.operator_env import OperatorEnv
 from tars_agent import contract
 from tars_agent.client import TaskClient
-from tars_agent.mockllm import MockConfig, MockLLM
 
+REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_RPM = 300  # 5 requests/s: the pool must share it
 
 
 @pytest.fixture
-def upstream(op: OperatorEnv) -> Iterator[str]:
-    """The mock LLM on the bridge address, where pods reach the host."""
-    loop = asyncio.new_event_loop()
-    mock = MockLLM(MockConfig(requests_per_minute=UPSTREAM_RPM, latency_s=0.2, response_tokens=8))
-    host = op.cluster.cfg.gateway_ip
-    port = free_port()
-    loop.run_until_complete(mock.start(host, port))
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield f"http://{host}:{port}"
-    asyncio.run_coroutine_threadsafe(mock.stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
+def upstream(kube: Kube, namespace: str) -> Iterator[str]:
+    """The mock LLM of examples/mock-llm.yaml in the test's namespace, at this test's rate limit."""
+    manifests = list(yaml.safe_load_all((REPO / "examples" / "mock-llm.yaml").read_text()))
+    container = manifests[0]["spec"]["template"]["spec"]["containers"][0]
+    container["image"] = IMAGES.agent
+    container["args"] = [
+        "--host=0.0.0.0",
+        "--port=8000",
+        f"--requests-per-minute={UPSTREAM_RPM}",
+        "--latency=0.2",
+        "--response-tokens=8",
+    ]
+    kube.apply(*manifests, namespace=namespace)
+    kube.run("rollout", "status", "deployment/mock-llm", "-n", namespace, "--timeout=120s")
+    yield f"http://mock-llm.{namespace}.svc:8000"
+
+
+def upstream_log(kube: Kube, namespace: str) -> dict[str, Any]:
+    log: dict[str, Any] = json.loads(kube.service_get(namespace, "mock-llm", 8000, "/admin/log"))
+    return log
 
 
 def agent_pool(name: str, upstream: str, budget: str) -> dict[str, Any]:
     agent = {
         "name": "agent",
-        # No command: the node runs the image's entrypoint (localcluster/image-commands.yaml).
-        "image": "ghcr.io/tars-dev/tars-agent:0.1.0",
+        "image": IMAGES.agent,  # the image's own entrypoint: the tars-agent worker
+        "imagePullPolicy": "IfNotPresent",
         "env": [
             {"name": contract.ENV_LLM_BASE_URL, "value": f"{upstream}/v1"},
             {"name": contract.ENV_CONCURRENCY, "value": "2"},
@@ -71,20 +80,16 @@ def agent_pool(name: str, upstream: str, budget: str) -> dict[str, Any]:
 def test_pool_of_real_agents_scales_on_its_queue_and_completes_every_task_within_budget(
     op: OperatorEnv, namespace: str, upstream: str
 ) -> None:
-    kube, cfg = op.kube, op.cluster.cfg
+    kube = op.kube
     kube.apply(agent_pool("system", upstream, unique("budget")), namespace=namespace)
     eventually(
-        lambda: [
-            p
-            for p in kube.pods(namespace, f"{contract.POOL_LABEL}=system")
-            if any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
-        ],
+        lambda: [p for p in kube.pods(namespace, f"{contract.POOL_LABEL}=system") if is_ready(p)],
         90,
         "the first real agent Ready",
     )
 
-    async def submit_and_wait(n: int) -> list[Any]:
-        client = TaskClient(aioredis.from_url(f"redis://127.0.0.1:{cfg.redis_port}/0"), namespace, "system")
+    async def submit_and_wait(port: int, n: int) -> list[Any]:
+        client = TaskClient(aioredis.from_url(f"redis://127.0.0.1:{port}/0"), namespace, "system")
         submitted = [
             await client.submit_payload(
                 {"messages": [{"role": "user", "content": f"task {i}"}], "max_tokens": 8},
@@ -112,13 +117,14 @@ def test_pool_of_real_agents_scales_on_its_queue_and_completes_every_task_within
     watcher = threading.Thread(target=watch_pods, daemon=True)
     watcher.start()
     try:
-        results = asyncio.run(submit_and_wait(60))
+        with kube.port_forward(op.namespace, f"svc/{op.release}-redis", 6379) as port:
+            results = asyncio.run(submit_and_wait(port, 60))
     finally:
         done.set()
         watcher.join(10)
     assert [r.status for r in results] == ["done"] * 60
     assert all(r.output for r in results)
     assert peak_pods >= 2, "the backlog should have made the operator add agents"
-    log = httpx.get(f"{upstream}/admin/log", timeout=5).json()
+    log = upstream_log(kube, namespace)
     assert len(log["admitted"]) >= 60
     assert log["rejected"] == 0, "the shared limiter kept the pool inside the upstream's limit"

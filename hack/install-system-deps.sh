@@ -3,10 +3,20 @@
 # Idempotent; apt's own cache lives outside the repo.
 set -euo pipefail
 declare -A want=(
+  # the agent tests' Redis, and the Redis image (localcluster/tars_localcluster/images.py)
   [redis-server]=redis-server
   [redis-cli]=redis-tools
-  [prometheus]=prometheus
+  # the local cluster's node: runc under containerd (built from its Go module), the CNI
+  # bridge plugins, nftables (kube-proxy and our forward filter), iptables (the kubelet's chains)
   [ip]=iproute2
+  [runc]=runc
+  [nft]=nftables
+  [iptables]=iptables
+  # `make images` (localcluster/tars_localcluster/images.py): images without Docker
+  [buildah]=buildah
+  [umoci]=umoci
+  [mmdebstrap]=mmdebstrap
+  [gcc]=gcc
 )
 # Go is not here: Debian 12's golang-go (1.19) is too old; localcluster/build.sh checks for >= 1.26.
 missing=()
@@ -14,6 +24,9 @@ for cmd in "${!want[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${want[$cmd]}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+[ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
+# gcc -static (the pause image) needs the C library's static archive.
+[ -e "/usr/lib/$(uname -m)-linux-gnu/libc.a" ] || missing+=(libc6-dev)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "[setup] ERROR: missing packages: ${missing[*]}; install them with: sudo apt-get install -y ${missing[*]}" >&2

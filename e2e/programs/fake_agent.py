@@ -1,18 +1,19 @@
 """A stand-in agent for operator e2e tests: speaks the agent side of the
-operator <-> agent contract (tars_agent.contract) and nothing else.
+operator <-> agent contract (tars_agent.contract) and nothing else. It runs in
+the agent image (python + redis-py), mounted from a ConfigMap.
 
 GET  /metrics      tars_agent_busy, tars_agent_draining, tars_queue_depth{pool,priority},
                    tars_limiter_budget_utilization{budget}, process_resident_memory_bytes
 GET  /healthz      200
 GET  /readyz       200 until drained, then 503
-GET  /status       {"inflight": n, "draining": bool}
+GET  /status       {"inflight": n, "draining": bool, "memoryLimitBytes": the cgroup's limit}
 POST /drain        stop taking work
 POST /test/busy?n= set the in-flight count (the test's remote control)
 POST /test/alloc?mb= allocate and hold that much more memory
 
-The queue depth it exports is read from the file named by $FAKE_QUEUE_FILE
-(absent or empty: 0), so a test sets the pool's backlog by writing a number;
-likewise the budget utilisation (0..1) of $TARS_BUDGET from $FAKE_BUDGET_FILE.
+The pool's backlog and budget use are what a test wrote to the Redis keys
+`tars-e2e:<namespace>/<pool>:queue` and `...:budget` (absent: 0), read at
+every scrape: the whole pool reports one queue, as real agents do.
 """
 
 import json
@@ -23,44 +24,61 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+import redis
+
 STATE = {"inflight": 0, "draining": False}
 HELD: list[bytearray] = []  # memory a test asked this agent to hold
 POOL = os.environ.get("TARS_POOL", "")
-QUEUE_FILE = os.environ.get("FAKE_QUEUE_FILE", "")
+NAMESPACE = os.environ.get("TARS_NAMESPACE", "")
 BUDGET = os.environ.get("TARS_BUDGET", "")
-BUDGET_FILE = os.environ.get("FAKE_BUDGET_FILE", "")
+REDIS = redis.Redis.from_url(os.environ["TARS_REDIS_URL"], socket_timeout=1, socket_connect_timeout=1)
+CONTROL_KEY = f"tars-e2e:{NAMESPACE}/{POOL}"
 
 
 def resident_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def read_number(path: str) -> float:
-    try:
-        return float(Path(path).read_text().strip() or 0)
-    except (OSError, ValueError):
-        return 0.0
+def memory_limit() -> int:
+    """The limit the kernel enforces on this container (cgroup v1 or v2)."""
+    for path in ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory.max"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        return -1 if text == "max" else int(text)
+    return -1
+
+
+def control(name: str) -> float:
+    """A value the test set for the pool; a Redis error is not a value, so no metric is exported."""
+    raw = REDIS.get(f"{CONTROL_KEY}:{name}")
+    return float(raw or 0)
 
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = urlparse(self.path).path
         if path == "/metrics":
-            body = (
-                f"tars_agent_busy {STATE['inflight']}\n"
-                f"tars_agent_draining {int(bool(STATE['draining']))}\n"
-                f'tars_queue_depth{{pool="{POOL}",priority="normal"}} {read_number(QUEUE_FILE):g}\n'
-                f"process_resident_memory_bytes {resident_bytes()}\n"
-            )
-            if BUDGET:
-                body += f'tars_limiter_budget_utilization{{budget="{BUDGET}"}} {read_number(BUDGET_FILE):g}\n'
+            try:
+                body = (
+                    f"tars_agent_busy {STATE['inflight']}\n"
+                    f"tars_agent_draining {int(bool(STATE['draining']))}\n"
+                    f'tars_queue_depth{{pool="{POOL}",priority="normal"}} {control("queue"):g}\n'
+                    f"process_resident_memory_bytes {resident_bytes()}\n"
+                )
+                if BUDGET:
+                    body += f'tars_limiter_budget_utilization{{budget="{BUDGET}"}} {control("budget"):g}\n'
+            except redis.RedisError as exc:
+                self._reply(503, f"redis: {exc}")
+                return
             self._reply(200, body, "text/plain; version=0.0.4")
         elif path == "/healthz":
             self._reply(200, "ok")
         elif path == "/readyz":
             self._reply(503 if STATE["draining"] else 200, "draining" if STATE["draining"] else "ready")
         elif path == "/status":
-            self._reply(200, json.dumps(STATE), "application/json")
+            self._reply(200, json.dumps({**STATE, "memoryLimitBytes": memory_limit()}), "application/json")
         else:
             self._reply(404, "not found")
 

@@ -37,4 +37,6 @@ class Handler(BaseHTTPRequestHandler):
 
 
 PORT = int(sys.argv[1]) if len(sys.argv) > 1 else 8080
-ThreadingHTTPServer(("0.0.0.0", PORT), Handler).serve_forever()
+server = ThreadingHTTPServer(("0.0.0.0", PORT), Handler)
+print(f"serving on {PORT}", flush=True)
+server.serve_forever()

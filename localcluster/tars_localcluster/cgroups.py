@@ -1,4 +1,9 @@
-"""Memory cgroups (v1) of pods and containers."""
+"""The node's cgroup parent (the kubelet's cgroupRoot) in every hierarchy of the host.
+
+The kubelet (cgroupfs driver) puts every pod below one parent; giving it a parent
+of its own keeps the node's cgroups apart from the host's and lets `down` find and
+remove all of them, in the v1 hierarchies and the hybrid host's unified one.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +13,31 @@ import signal
 import time
 from pathlib import Path
 
+CGROUP_FS = Path("/sys/fs/cgroup")
 
-def oom_kills(cgroup: Path) -> int:
-    """How many processes the kernel's OOM killer has killed in `cgroup`."""
-    try:
-        for line in (cgroup / "memory.oom_control").read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value)
-    except OSError:
-        pass
-    return 0
+
+def hierarchies() -> list[Path]:
+    """Every cgroup hierarchy mounted below /sys/fs/cgroup (v1 controllers and unified)."""
+    found = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] in ("cgroup", "cgroup2") and fields[1].startswith(str(CGROUP_FS)):
+            found.append(Path(fields[1]))
+    return sorted(set(found))
+
+
+def ensure_parent(name: str) -> None:
+    """Create the parent everywhere; a new cpuset cgroup needs its cpus and mems before use."""
+    for root in hierarchies():
+        parent = root / name
+        parent.mkdir(exist_ok=True)
+        for knob in ("cpuset.cpus", "cpuset.mems"):
+            if (parent / knob).exists() and not (parent / knob).read_text().strip():
+                (parent / knob).write_text((root / knob).read_text())
 
 
 def kill(cgroup: Path) -> None:
-    """SIGKILL every process in a cgroup, also those that left the process group."""
+    """SIGKILL every process in a cgroup."""
     with contextlib.suppress(OSError):
         for pid in (cgroup / "cgroup.procs").read_text().split():
             with contextlib.suppress(ProcessLookupError):
@@ -48,3 +63,15 @@ def remove_tree(root: Path, timeout: float = 10.0) -> list[Path]:
                     break
                 time.sleep(0.05)
     return busy
+
+
+def remove_parent(name: str) -> list[Path]:
+    """Remove the parent (and every pod's cgroup below it) from every hierarchy."""
+    busy: list[Path] = []
+    for root in hierarchies():
+        busy += remove_tree(root / name)
+    return busy
+
+
+def existing(name: str) -> list[Path]:
+    return [root / name for root in hierarchies() if (root / name).exists()]

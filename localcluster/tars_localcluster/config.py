@@ -35,27 +35,28 @@ def read_versions() -> dict[str, str]:
 @dataclass(frozen=True)
 class ClusterConfig:
     """One local cluster. The defaults avoid the well-known ports of the same
-    services (6443, 2379, 9090, 6379) so a developer's own servers do not clash."""
+    services (6443, 2379, 10250, 10248) so a developer's own servers do not clash."""
 
     root: Path
     node_name: str = "tars-node-0"
-    # The bridge's address is the pods' gateway and the one address on which the
-    # host offers cluster services (API server, Redis, Prometheus) to pods.
+    # The bridge's address is the pods' gateway, the node's InternalIP and the one
+    # address on which the host offers its services (the API server, the kubelet) to pods.
     bridge: str = "tars0"
     pod_cidr: str = "10.244.0.0/16"
     service_cidr: str = "10.96.0.0/16"
+    cluster_dns_ip: str = "10.96.0.10"
+    cluster_domain: str = "cluster.local"
     apiserver_port: int = 16443
     etcd_client_port: int = 12379
     etcd_peer_port: int = 12380
     controller_manager_port: int = 10257
     scheduler_port: int = 10259
-    redis_port: int = 16379
-    prometheus_port: int = 19090
-    mock_llm_port: int = 18000
-    operator_metrics_port: int = 19100
-    operator_health_port: int = 18081
-    node_agent_health_port: int = 10248
-    netns_prefix: str = "tars-"
+    kubelet_port: int = 20250
+    kubelet_healthz_port: int = 20248
+    kube_proxy_healthz_port: int = 20256
+    kube_proxy_metrics_port: int = 20249
+    # The one nftables table of our own (pod traffic stays on the bridge); kube-proxy keeps its own.
+    nft_table: str = "tars-localcluster"
 
     @classmethod
     def default(cls) -> ClusterConfig:
@@ -70,20 +71,12 @@ class ClusterConfig:
         return ipaddress.ip_network(self.pod_cidr).prefixlen
 
     @property
+    def kubernetes_service_ip(self) -> str:
+        return str(next(ipaddress.ip_network(self.service_cidr).hosts()))
+
+    @property
     def apiserver_url(self) -> str:
         return f"https://{self.gateway_ip}:{self.apiserver_port}"
-
-    @property
-    def redis_url(self) -> str:
-        return f"redis://{self.gateway_ip}:{self.redis_port}/0"
-
-    @property
-    def prometheus_url(self) -> str:
-        return f"http://{self.gateway_ip}:{self.prometheus_port}"
-
-    @property
-    def llm_base_url(self) -> str:
-        return f"http://{self.gateway_ip}:{self.mock_llm_port}/v1"
 
     @property
     def pki_dir(self) -> Path:
@@ -98,19 +91,41 @@ class ClusterConfig:
         return self.root / "logs"
 
     @property
-    def scrape_targets_dir(self) -> Path:
-        return self.root / "scrape-targets"
-
-    @property
     def admin_kubeconfig(self) -> Path:
         return self.root / "kubeconfig"
 
     def kubeconfig_for(self, component: str) -> Path:
         return self.root / f"{component}.kubeconfig"
 
+    # ---- the node: containerd, CNI, kubelet -----------------------------
     @property
-    def cgroup_root(self) -> Path:
-        return Path("/sys/fs/cgroup/memory") / "tars-localcluster"
+    def containerd_dir(self) -> Path:
+        return self.root / "containerd"
+
+    @property
+    def containerd_socket(self) -> Path:
+        return self.run_dir / "containerd.sock"
+
+    @property
+    def cni_conf_dir(self) -> Path:
+        return self.root / "cni" / "net.d"
+
+    @property
+    def cni_ipam_dir(self) -> Path:
+        return self.root / "cni" / "ipam"
+
+    @property
+    def kubelet_dir(self) -> Path:
+        return self.root / "kubelet"
+
+    @property
+    def pod_logs_dir(self) -> Path:
+        return self.root / "pod-logs"
+
+    @property
+    def cgroup_parent(self) -> str:
+        """The kubelet's cgroupRoot: every pod lives below it, in every v1 hierarchy."""
+        return "tars-localcluster"
 
     @property
     def bin_dir(self) -> Path:

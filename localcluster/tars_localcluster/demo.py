@@ -1,53 +1,81 @@
 """`make demo`: the system's main job, end to end, on the local cluster.
 
-Brings the cluster up (building it the first time), installs the AgentPool
-CRD, starts the operator, applies examples/demo-pool.yaml (real tars-agent
-processes calling the cluster's rate-limited mock LLM), submits a burst of
-tasks of every priority, and reports as they complete: queue, agents, results,
-and how many requests the upstream had to refuse (the limiter's job: none).
+Brings the cluster up (building it and the images the first time), installs the
+operator with `helm install` (in-cluster, under the chart's RBAC, with the chart's
+Redis and monitors), starts the mock LLM API (examples/mock-llm.yaml) and the pool
+of examples/demo-pool.yaml (real tars-agent containers), submits a burst of tasks
+of every priority and reports as they complete: queue, agents, results, and how
+many requests the upstream had to refuse (the limiter's job: none).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
+import json
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-import httpx
 import redis.asyncio as aioredis
 
 from tars_agent.client import PRIORITY_NAMES, TaskClient
 from tars_localcluster.cluster import Cluster, log
-from tars_localcluster.config import ClusterConfig
-from tars_localcluster.procs import ClusterError, wait_for
+from tars_localcluster.config import LOCALCLUSTER_DIR, ClusterConfig
+from tars_localcluster.portforward import port_forward
+from tars_localcluster.procs import ClusterError, run, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-POOL, NAMESPACE = "demo", "default"
-
-
-def kubectl(cluster: Cluster, *args: str) -> str:
-    proc = subprocess.run(
-        [cluster.kubectl(), "--kubeconfig", str(cluster.cfg.admin_kubeconfig), *args],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise ClusterError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
-    return proc.stdout
+POOL, NAMESPACE = "demo", "tars-demo"
+RELEASE, RELEASE_NAMESPACE = "tars-operator", "tars-system"
 
 
 def pool_line(cluster: Cluster) -> str:
-    return kubectl(cluster, "get", "agentpool", POOL, "-n", NAMESPACE, "--no-headers").strip()
+    return cluster.run_kubectl("get", "agentpool", POOL, "-n", NAMESPACE, "--no-headers").strip()
+
+
+def install(cluster: Cluster) -> None:
+    """The operator by `helm upgrade --install`; it watches only the demo's namespace, so the
+    e2e suite's own pools on the same cluster are not its business."""
+    cluster.run_kubectl(
+        "apply",
+        "-f",
+        "-",
+        stdin=json.dumps({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}),
+    )
+    started = time.monotonic()
+    proc = run(
+        [
+            str(cluster.cfg.bin_dir / "helm"),
+            f"--kubeconfig={cluster.cfg.admin_kubeconfig}",
+            "upgrade",
+            "--install",
+            RELEASE,
+            str(REPO / "helm" / "tars-operator"),
+            "--namespace",
+            RELEASE_NAMESPACE,
+            "--create-namespace",
+            "-f",
+            str(LOCALCLUSTER_DIR / "helm-values.yaml"),
+            "--set-json",
+            f'watchNamespaces=["{NAMESPACE}"]',
+            "--wait",
+            "--timeout=5m",
+        ],
+        check=False,
+        timeout=330,
+    )
+    if proc.returncode != 0:
+        raise ClusterError(f"helm install of the operator failed: {proc.stderr.strip()}")
+    took = time.monotonic() - started
+    log(f"operator installed by helm (release {RELEASE_NAMESPACE}/{RELEASE}, {took:.0f}s)")
 
 
 async def run_tasks(
-    cluster: Cluster, count: int
+    cluster: Cluster, redis_port: int, count: int
 ) -> tuple[list[tuple[str, str]], dict[str, float], Counter[str]]:
-    redis = aioredis.from_url(cluster.cfg.redis_url)
+    redis = aioredis.from_url(f"redis://127.0.0.1:{redis_port}/0")
     client = TaskClient(redis, NAMESPACE, POOL)
     started = time.monotonic()
     submitted = []
@@ -85,8 +113,11 @@ def report(
     for task_id, priority in submitted:
         if task_id in finished:
             by_priority[priority].append(finished[task_id])
-    url = f"http://{cluster.cfg.gateway_ip}:{cluster.cfg.mock_llm_port}/admin/log"
-    upstream = httpx.get(url, timeout=5).json()
+    upstream = json.loads(
+        cluster.run_kubectl(
+            "get", "--raw", f"/api/v1/namespaces/{NAMESPACE}/services/mock-llm:8000/proxy/admin/log"
+        )
+    )
     print()
     print(f"{'priority':<10}{'done':>6}{'mean s':>9}{'last s':>9}")
     for priority, times in by_priority.items():
@@ -99,7 +130,9 @@ def report(
         f"upstream requests admitted: {len(upstream['admitted'])}, refused with 429: {upstream['rejected']}"
     )
     if unfinished:
-        raise ClusterError(f"{unfinished} tasks did not finish in time; see `kubectl get ap,pods`")
+        raise ClusterError(
+            f"{unfinished} tasks did not finish in time; see `kubectl get ap,pods -n {NAMESPACE}`"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,25 +142,27 @@ def main(argv: list[str] | None = None) -> int:
     cluster = Cluster(ClusterConfig.default())
     try:
         cluster.up(build=True)
-        kubectl(cluster, "apply", "-f", str(REPO / "crds"))
-        kubectl(cluster, "wait", "--for=condition=Established", "crd/agentpools.tars.dev", "--timeout=60s")
-        cluster.start_operator()
-        kubectl(cluster, "apply", "-n", NAMESPACE, "-f", str(REPO / "examples" / "demo-pool.yaml"))
+        install(cluster)
+        cluster.run_kubectl("apply", "-n", NAMESPACE, "-f", str(REPO / "examples" / "mock-llm.yaml"))
+        cluster.run_kubectl("rollout", "status", "deployment/mock-llm", "-n", NAMESPACE, "--timeout=120s")
+        cluster.run_kubectl("apply", "-n", NAMESPACE, "-f", str(REPO / "examples" / "demo-pool.yaml"))
         took = wait_for(
             "the demo pool's warm agents",
             lambda: pool_line(cluster).split()[2:4] == ["2", "2"],  # READY and WARM columns
-            120,
-            cluster.daemons["operator"],
+            180,
         )
-        log(f"pool {POOL} has 2 warm agents ({took:.0f}s): {pool_line(cluster)}")
-        report(cluster, *asyncio.run(run_tasks(cluster, args.tasks)))
-    except ClusterError as exc:
+        log(f"pool {NAMESPACE}/{POOL} has 2 warm agents ({took:.0f}s): {pool_line(cluster)}")
+        kubectl = [cluster.kubectl(), f"--kubeconfig={cluster.cfg.admin_kubeconfig}"]
+        with port_forward(kubectl, RELEASE_NAMESPACE, f"svc/{RELEASE}-redis", 6379) as redis_port:
+            report(cluster, *asyncio.run(run_tasks(cluster, redis_port, args.tasks)))
+    except (ClusterError, RuntimeError) as exc:
         print(f"[demo] ERROR: {exc}", file=sys.stderr)
         return 1
     print()
     print("The cluster keeps running. Look around:")
-    print('  eval "$(make -s cluster-env)"; kubectl get agentpools,pods; kubectl describe agentpool demo')
-    print(f"  tars --pool {POOL} queue      # queue statistics")
+    print(f'  eval "$(make -s cluster-env)"; kubectl get agentpools,pods -n {NAMESPACE}')
+    print(f"  kubectl describe agentpool -n {NAMESPACE} {POOL}")
+    print(f"  kubectl logs -n {RELEASE_NAMESPACE} deploy/{RELEASE}")
     print("  make cluster-down             # stop everything")
     return 0
 

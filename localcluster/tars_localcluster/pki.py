@@ -1,5 +1,5 @@
-"""The cluster's certificates and keys: one CA, the API server's serving
-certificate, a client certificate per component, and the service-account
+"""The cluster's certificates and keys: one CA, the serving certificates of the
+API server and the kubelet, a client certificate per component, and the service-account
 signing key. Made once per cluster folder and reused."""
 
 from __future__ import annotations
@@ -24,6 +24,16 @@ class ClientIdentity:
     file_stem: str
     common_name: str
     organizations: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServingIdentity:
+    """A serving certificate: the addresses and names clients verify."""
+
+    file_stem: str
+    common_name: str
+    ips: tuple[str, ...]
+    names: tuple[str, ...] = ()
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -75,7 +85,7 @@ class Pki:
     def key(self, stem: str) -> Path:
         return self.dir / f"{stem}.key"
 
-    def ensure(self, server_ips: list[str], server_names: list[str], clients: list[ClientIdentity]) -> None:
+    def ensure(self, servers: list[ServingIdentity], clients: list[ClientIdentity]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o700)
         if not self.ca_cert.exists():
@@ -88,8 +98,15 @@ class Pki:
                     serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
                 )
             )
-        if not self.cert("apiserver").exists():
-            self._issue("apiserver", _name("kube-apiserver"), server=True, ips=server_ips, dns=server_names)
+        for server in servers:
+            if not self.cert(server.file_stem).exists():
+                self._issue(
+                    server.file_stem,
+                    _name(server.common_name),
+                    server=True,
+                    ips=list(server.ips),
+                    dns=list(server.names),
+                )
         for client in clients:
             if not self.cert(client.file_stem).exists():
                 self._issue(client.file_stem, _name(client.common_name, client.organizations), server=False)

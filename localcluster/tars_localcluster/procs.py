@@ -37,7 +37,15 @@ class Daemon:
     def __init__(self, name: str, run_dir: Path, log_dir: Path) -> None:
         self.name = name
         self.pid_file = run_dir / f"{name}.pid"
+        self.spec_file = run_dir / f"{name}.spec"
         self.log_file = log_dir / f"{name}.log"
+
+    def started_spec(self) -> str | None:
+        """The spec (command, configuration, binary) the running process was started with."""
+        try:
+            return self.spec_file.read_text()
+        except FileNotFoundError:
+            return None
 
     def pid(self) -> int | None:
         try:
@@ -47,7 +55,11 @@ class Daemon:
         return pid if pid_alive(pid) else None
 
     def start(
-        self, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: Path | None = None
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        spec: str = "",
     ) -> int:
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +78,7 @@ class Daemon:
                 start_new_session=True,
             )
         self.pid_file.write_text(str(proc.pid))
+        self.spec_file.write_text(spec)
         return proc.pid
 
     def log_tail(self, lines: int = 15) -> str:
@@ -122,8 +135,10 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def run(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(argv), capture_output=True, text=True)
+def run(
+    argv: Sequence[str], check: bool = True, stdin: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, input=stdin, timeout=timeout)
     if check and proc.returncode != 0:
         raise ClusterError(f"`{' '.join(argv)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc

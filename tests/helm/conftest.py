@@ -18,8 +18,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "tars-operator"
 VALUES_ALL = Path(__file__).resolve().parent / "values-all.yaml"
-# `helm template` assumes Kubernetes v1.20 unless told (a source-built helm reports no version);
-# the chart requires >= 1.29, so every render names the version the project runs.
+# Every render names the Kubernetes version the project runs (helm's default is the one it was
+# built against; test_template_renders_as_gitops_tools_run_it_without_a_kube_version covers that).
 KUBE_VERSION = "1.37.0"
 RELEASE = "t"
 NAMESPACE = "tars-system"
@@ -42,13 +42,16 @@ def find_helm() -> str:
 
 
 def find_promtool() -> str:
-    found = shutil.which("promtool")
-    if not found:
-        pytest.fail(
-            "promtool not found on PATH: run `make setup` (it installs the Debian package prometheus)",
-            pytrace=False,
-        )
-    return found
+    """The promtool of the Prometheus the cluster runs (`make cluster-build`), else promtool on PATH."""
+    cache = Path(os.environ.get("TARS_CACHE", Path.home() / ".cache" / "tars-operator"))
+    for candidate in (str(cache / "bin" / "promtool"), shutil.which("promtool")):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.fail(
+        "promtool not found ($TARS_CACHE/bin/promtool, PATH): run `make cluster-build`, which builds "
+        "it with Prometheus into ~/.cache/tars-operator/bin",
+        pytrace=False,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,8 @@ WATCH_RULES = [
         "resources": ["pods"],
         "verbs": ["get", "list", "watch", "create", "delete", "patch"],
     },
+    {"apiGroups": [""], "resources": ["pods/resize"], "verbs": ["patch"]},
+    {"apiGroups": ["tars.dev"], "resources": ["agentpools/finalizers"], "verbs": ["update"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
 CRD_WATCH = {

@@ -22,6 +22,14 @@ def test_lint_strict(helm: str, values: Path | None) -> None:
     assert "0 chart(s) failed" in proc.stdout
 
 
+def test_template_renders_as_gitops_tools_run_it_without_a_kube_version(helm: str) -> None:
+    """`helm template` with no cluster and no --kube-version assumes the Kubernetes version helm was
+    built against (the official builds set it from client-go): the chart's kubeVersion must accept it."""
+    proc = run_helm(helm, "template", "t", str(CHART), check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "kind: Deployment" in proc.stdout
+
+
 def test_chart_crd_is_the_generated_crd() -> None:
     link = CHART / "crds" / "agentpool.yaml"
     assert link.is_symlink(), "the chart must link the generated CRD, not keep a copy"

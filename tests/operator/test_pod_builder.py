@@ -95,7 +95,7 @@ def test_whole_manifest() -> None:
                         "limits": {"memory": "512Mi"},
                     },
                     "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
-                    "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8080}, "periodSeconds": 5},
+                    "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8080}, "periodSeconds": 1},
                     "livenessProbe": {
                         "httpGet": {"path": "/healthz", "port": 8080},
                         "periodSeconds": 10,

@@ -85,6 +85,17 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "delete", "patch"]
+# Memory right-sizing resizes running agents in place: a patch of the pods/resize subresource
+# (Kubernetes >= 1.33; patching .spec.containers[].resources on the pod itself is refused).
+- apiGroups: [""]
+  resources: ["pods/resize"]
+  verbs: ["patch"]
+# Agents carry an owner reference to their pool with blockOwnerDeletion, so that deleting a pool
+# in the foreground waits for its agents. Clusters with the OwnerReferencesPermissionEnforcement
+# admission plugin (common in hardened clusters) then require update on the owner's finalizers.
+- apiGroups: ["tars.dev"]
+  resources: ["agentpools/finalizers"]
+  verbs: ["update"]
 # kopf.event() posts core/v1 Events about pools (ScaledUp, Draining, CreateFailed, ...).
 # kopf 1.45 only creates them (POST); it neither patches nor uses events.k8s.io.
 - apiGroups: [""]
