@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -19,17 +18,19 @@ import redis
 import yaml
 
 from e2e.harness import IMAGES, Kube, Prometheus, eventually, unique
+from tars_localcluster.config import cached_tool
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "tars-operator"
 
 
 def find_helm() -> str:
-    cache = Path(os.environ.get("TARS_CACHE", Path.home() / ".cache" / "tars-operator"))
-    for candidate in (os.environ.get("HELM"), str(cache / "bin" / "helm"), shutil.which("helm")):
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.fail("helm not found ($HELM, $TARS_CACHE/bin/helm, PATH): run `make cluster-build`", pytrace=False)
+    found = cached_tool("helm", os.environ.get("HELM"))
+    if found is None:
+        pytest.fail(
+            "helm not found ($HELM, $TARS_CACHE/bin/helm, PATH): run `make cluster-build`", pytrace=False
+        )
+    return found
 
 
 def image_values(ref: str) -> dict[str, str]:
@@ -92,28 +93,15 @@ class OperatorEnv:
         return f"app.kubernetes.io/instance={self.release},app.kubernetes.io/component=operator"
 
     def install(self) -> None:
-        self.helm.run(
-            "install",
-            self.release,
-            str(CHART),
-            "-n",
-            self.namespace,
-            "--wait",
-            "--timeout=3m",
-            values=self.values,
-        )
+        self._helm("install")
 
     def upgrade(self, **changes: Any) -> None:
         self.values = {**self.values, **changes}
+        self._helm("upgrade")
+
+    def _helm(self, verb: str) -> None:
         self.helm.run(
-            "upgrade",
-            self.release,
-            str(CHART),
-            "-n",
-            self.namespace,
-            "--wait",
-            "--timeout=3m",
-            values=self.values,
+            verb, self.release, str(CHART), "-n", self.namespace, "--wait", "--timeout=3m", values=self.values
         )
 
     def pods(self) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,15 @@ def cache_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "tars-operator"
+
+
+def cached_tool(name: str, override: str | None = None) -> str | None:
+    """A tool `make cluster-build` builds (helm, promtool, ...): `override` (a path from the
+    environment) when given, else the cache's copy, else one on PATH; None when there is none."""
+    for candidate in (override, str(cache_dir() / "bin" / name), shutil.which(name)):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
 
 
 def read_versions() -> dict[str, str]:

@@ -6,7 +6,6 @@ No test here is skipped: without helm (or promtool) they fail and say how to get
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tars_localcluster.config import cached_tool
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "tars-operator"
@@ -29,29 +30,25 @@ Render = Callable[..., list[Obj]]
 
 
 def find_helm() -> str:
-    """$HELM, else the helm `make cluster-build` builds, else helm on PATH; fails if there is none."""
-    cache = Path(os.environ.get("TARS_CACHE", Path.home() / ".cache" / "tars-operator"))
-    for candidate in (os.environ.get("HELM"), str(cache / "bin" / "helm"), shutil.which("helm")):
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.fail(
-        "helm not found (looked at $HELM, $TARS_CACHE/bin/helm and PATH): run `make cluster-build`, "
-        "which builds it into ~/.cache/tars-operator/bin/helm",
-        pytrace=False,
-    )
+    found = cached_tool("helm", os.environ.get("HELM"))
+    if found is None:
+        pytest.fail(
+            "helm not found (looked at $HELM, $TARS_CACHE/bin/helm and PATH): run `make cluster-build`, "
+            "which builds it into ~/.cache/tars-operator/bin/helm",
+            pytrace=False,
+        )
+    return found
 
 
 def find_promtool() -> str:
-    """The promtool of the Prometheus the cluster runs (`make cluster-build`), else promtool on PATH."""
-    cache = Path(os.environ.get("TARS_CACHE", Path.home() / ".cache" / "tars-operator"))
-    for candidate in (str(cache / "bin" / "promtool"), shutil.which("promtool")):
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.fail(
-        "promtool not found ($TARS_CACHE/bin/promtool, PATH): run `make cluster-build`, which builds "
-        "it with Prometheus into ~/.cache/tars-operator/bin",
-        pytrace=False,
-    )
+    found = cached_tool("promtool")
+    if found is None:
+        pytest.fail(
+            "promtool not found ($TARS_CACHE/bin/promtool, PATH): run `make cluster-build`, which builds "
+            "it with Prometheus into ~/.cache/tars-operator/bin",
+            pytrace=False,
+        )
+    return found
 
 
 @pytest.fixture(scope="session")
