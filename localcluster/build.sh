@@ -69,7 +69,7 @@ build_kubernetes() {
   for p in $pkg $cpkg; do
     ldflags+=" -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
   done
-  log "kubernetes $v: building $KUBE_BINARIES (first time: 15-25 min on 2 cores)"
+  log "kubernetes $v: building $KUBE_BINARIES (first time: ~13 min on 2 cores)"
   local pkgs=()
   for b in $KUBE_BINARIES; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
   # One command: the packages the binaries share compile once.
@@ -136,7 +136,7 @@ build_containerd() {
   # The tags of containerd's own static release build (Makefile: STATIC=1); the shim
   # adds no_grpc (it speaks ttrpc only).
   local tags=urfave_cli_no_docs,osusergo,netgo,static_build
-  log "containerd $v: building (first time: ~4 min)"
+  log "containerd $v: building (first time: ~2 min)"
   (cd "$mod" && go build -trimpath -tags "$tags" -ldflags "$ldflags" -o "$BIN/" "$m/cmd/containerd" "$m/cmd/ctr" \
     && go build -trimpath -tags "$tags,no_grpc" -ldflags "$ldflags" -o "$BIN/containerd-shim-runc-v2" "$m/cmd/containerd-shim-runc-v2") \
     || die "building containerd $v failed (see the go output above); CONTAINERD_VERSION in versions.env must be a github.com/containerd/containerd/v2 release"
@@ -151,7 +151,7 @@ build_coredns() {
   go_wrapper "$mod" "$m" "$v"
   # The version itself is a constant in coremain; only the commit is linked in.
   local ldflags="-s -w -X $m/coremain.GitCommit=$(cd "$mod" && module_revision "$m" "$v")"
-  log "coredns $v: building (first time: ~8 min)"
+  log "coredns $v: building (first time: ~4 min)"
   (cd "$mod" && go build -trimpath -ldflags "$ldflags" -o "$BIN/coredns" "$m") \
     || die "building coredns $v failed (see the go output above); COREDNS_VERSION in versions.env must be a github.com/coredns/coredns release"
   stamp coredns "$v"
@@ -173,7 +173,7 @@ build_prometheus() {
   ldflags="-s -w $(prometheus_version_ldflags "${v#v}" "$(cd "$mod" && module_revision "$m" "$modv")")"
   # netgo as in the release build; builtinassets is left out: the module carries no
   # compiled web UI, so the UI pages are missing but the HTTP API (/api/v1, /-/ready) is complete.
-  log "prometheus $v: building (first time: ~16 min; module $m@$modv)"
+  log "prometheus $v: building (first time: ~9 min; module $m@$modv)"
   (cd "$mod" && go build -trimpath -tags netgo -ldflags "$ldflags" -o "$BIN/" "$m/cmd/prometheus" "$m/cmd/promtool") \
     || die "building prometheus $v ($m@$modv) failed (see the go output above)"
   for b in prometheus promtool; do stamp "$b" "$v"; done
@@ -189,7 +189,7 @@ build_prometheus_operator() {
   go_wrapper "$mod" "$m" "$v" "$m/pkg/apis/monitoring" "$v" "$m/pkg/client" "$v"
   local ldflags
   ldflags="-s -w $(prometheus_version_ldflags "${v#v}" "$(cd "$mod" && module_revision "$m" "$v")")"
-  log "prometheus-operator $v: building (first time: ~8 min)"
+  log "prometheus-operator $v: building (first time: ~4 min)"
   (cd "$mod" && go build -trimpath -ldflags "$ldflags" -o "$BIN/prometheus-operator" "$m/cmd/operator" \
     && go build -trimpath -ldflags "$ldflags" -o "$BIN/prometheus-config-reloader" "$m/cmd/prometheus-config-reloader") \
     || die "building prometheus-operator $v failed (see the go output above); PROMETHEUS_OPERATOR_VERSION in versions.env must be a release whose pkg/apis/monitoring and pkg/client submodules the module proxy serves at the same version"

@@ -143,7 +143,10 @@ class Cluster:
 
     def run_kubectl(self, *args: str, stdin: str | None = None) -> str:
         proc = run(
-            [self.kubectl(), f"--kubeconfig={self.cfg.admin_kubeconfig}", *args], check=False, stdin=stdin
+            [self.kubectl(), f"--kubeconfig={self.cfg.admin_kubeconfig}", *args],
+            check=False,
+            stdin=stdin,
+            timeout=300,
         )
         if proc.returncode != 0:
             raise ClusterError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
@@ -219,7 +222,7 @@ class Cluster:
         for d in (self.cfg.run_dir, self.cfg.log_dir):
             d.mkdir(parents=True, exist_ok=True)
         if build:
-            log("building/reusing binaries (first time: 30-45 min) and images")
+            log("building/reusing binaries and images (first time: ~35 min on 2 cores)")
             proc = subprocess.run(["bash", str(LOCALCLUSTER_DIR / "build.sh")])
             if proc.returncode != 0:
                 raise ClusterError("building the cluster's binaries failed; the output above names the step")
@@ -483,17 +486,43 @@ class Cluster:
                 text = Template(manifest.read_text()).substitute(variables)
                 self.run_kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=text)
         with self._step("CoreDNS ready"):
-            self._wait_rollout("deployment/coredns", "kube-system")
+            self._wait_addon(
+                "CoreDNS",
+                "kube-system",
+                lambda: (
+                    "successfully rolled out"
+                    in self.run_kubectl(
+                        "rollout", "status", "deployment/coredns", "-n", "kube-system", "--timeout=5s"
+                    )
+                ),
+            )
         with self._step("Prometheus ready"):
-            wait_for(
-                "the Prometheus of prometheus-operator to be ready",
+            self._wait_addon(
+                "the Prometheus of prometheus-operator",
+                "monitoring",
                 lambda: self._http_ok(f"{self.prometheus_url}/-/ready"),
-                180,
-                self.daemons["kube-proxy"],
             )
 
-    def _wait_rollout(self, what: str, namespace: str, timeout: int = 120) -> None:
-        self.run_kubectl("rollout", "status", what, "-n", namespace, f"--timeout={timeout}s")
+    def _wait_addon(self, what: str, namespace: str, ready: Callable[[], bool], timeout: float = 180) -> None:
+        """Wait for an add-on; when it does not come, say why with its namespace's Warning events."""
+        try:
+            wait_for(f"{what} to be ready", ready, timeout, self.daemons["kubelet"])
+        except ClusterError as exc:
+            proc = run(
+                [
+                    self.kubectl(),
+                    f"--kubeconfig={self.cfg.admin_kubeconfig}",
+                    "get",
+                    "events",
+                    "-n",
+                    namespace,
+                    "--field-selector=type=Warning",
+                    "--sort-by=.lastTimestamp",
+                ],
+                check=False,
+            )
+            warnings = "\n".join(proc.stdout.splitlines()[-8:]) or "(no Warning events)"
+            raise ClusterError(f"{exc}\nWarning events in namespace {namespace}:\n{warnings}") from exc
 
     @property
     def prometheus_url(self) -> str:

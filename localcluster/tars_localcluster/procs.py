@@ -138,7 +138,10 @@ def port_in_use(host: str, port: int) -> bool:
 def run(
     argv: Sequence[str], check: bool = True, stdin: str | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, input=stdin, timeout=timeout)
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, text=True, input=stdin, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise ClusterError(f"`{' '.join(argv)}` did not finish within {timeout:.0f}s") from exc
     if check and proc.returncode != 0:
         raise ClusterError(f"`{' '.join(argv)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc
