@@ -9,7 +9,7 @@ import pytest
 
 from tars_localcluster.cluster import Cluster
 from tars_localcluster.config import ClusterConfig
-from tars_localcluster.procs import ClusterError, Daemon, wait_for
+from tars_localcluster.procs import ClusterError, Daemon, run, wait_for
 
 
 def test_port_in_use_is_named_with_the_way_to_find_its_owner(tmp_path: Path) -> None:
@@ -38,3 +38,8 @@ def test_a_daemon_that_dies_while_starting_is_reported_with_its_log(tmp_path: Pa
     ):
         wait_for("health", lambda: False, 10, daemon)
     assert daemon.pid() is None
+
+
+def test_a_command_that_hangs_is_reported_naming_it() -> None:
+    with pytest.raises(ClusterError, match=r"`/bin/sleep 5` did not finish within 1s"):
+        run(["/bin/sleep", "5"], timeout=1)
