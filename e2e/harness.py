@@ -201,8 +201,8 @@ RESTRICTED_CONTAINER = {
 
 
 def program_container(name: str, program: str, *args: str, **fields: Any) -> JSON:
-    """A container running e2e/programs/<program> in the agent image, fit for the "restricted"
-    Pod Security level (env POD_NAME and POD_IP from the downward API)."""
+    """A container running e2e/programs/<program> in the agent image (env POD_NAME and POD_IP
+    from the downward API); the pod needs PROGRAMS_VOLUME."""
     container: JSON = {
         "name": name,
         "image": IMAGES.agent,
@@ -212,31 +212,27 @@ def program_container(name: str, program: str, *args: str, **fields: Any) -> JSO
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         ],
-        "securityContext": RESTRICTED_CONTAINER,
-        "volumeMounts": [
-            {"name": "programs", "mountPath": PROGRAMS_MOUNT, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        "volumeMounts": [{"name": "programs", "mountPath": PROGRAMS_MOUNT, "readOnly": True}],
     }
     container.update(fields)
     return container
 
 
-PROGRAM_VOLUMES = [
-    {"name": "programs", "configMap": {"name": PROGRAMS_CONFIGMAP}},
-    {"name": "tmp", "emptyDir": {}},
-]
+PROGRAMS_VOLUME = {"name": "programs", "configMap": {"name": PROGRAMS_CONFIGMAP}}
 
 
 def pod(name: str, program: str, *args: str, labels: dict[str, str] | None = None, **container: Any) -> JSON:
-    """A Pod running one test program."""
+    """A Pod running one test program, fit for the "restricted" Pod Security level (a read-only root
+    with an emptyDir at /tmp)."""
+    main = program_container("main", program, *args, securityContext=RESTRICTED_CONTAINER, **container)
+    main["volumeMounts"].append({"name": "tmp", "mountPath": "/tmp"})
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "labels": labels or {"app": name}},
         "spec": {
-            "containers": [program_container("main", program, *args, **container)],
-            "volumes": PROGRAM_VOLUMES,
+            "containers": [main],
+            "volumes": [PROGRAMS_VOLUME, {"name": "tmp", "emptyDir": {}}],
             "automountServiceAccountToken": False,
         },
     }

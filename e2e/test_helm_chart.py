@@ -8,8 +8,6 @@ The operator running from the chart is the subject of test_operator.py and test_
 from __future__ import annotations
 
 import json
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,54 +16,41 @@ import pytest
 import yaml
 
 from e2e.harness import Kube, eventually, temporary_namespace, unique
-from e2e.operator_env import find_helm
+from e2e.operator_env import Helm, find_helm
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "tars-operator"
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
-# The cluster has no Prometheus Operator CRDs: render without ServiceMonitor/PodMonitor/PrometheusRule.
-NO_MONITORING_CRDS = {
-    "serviceMonitor": {"enabled": False},
-    "podMonitor": {"enabled": False},
-    "prometheusRule": {"enabled": False},
+# The cluster runs the Prometheus Operator: its ServiceMonitor/PodMonitor/PrometheusRule validate too.
+MONITORING = {
+    "serviceMonitor": {"enabled": True},
+    "podMonitor": {"enabled": True},
+    "prometheusRule": {"enabled": True},
 }
 
 
 @pytest.fixture(scope="module")
-def helm(kube: Kube) -> str:
+def helm(kube: Kube) -> Helm:
     # `kubectl auth can-i` answers "no" for a resource the server does not know: install the CRD.
     kube.run("apply", "--server-side", "-f", str(REPO / "crds"))
     kube.run("wait", "--for=condition=Established", "crd/agentpools.tars.dev", "--timeout=30s")
-    return find_helm()
+    return Helm(find_helm(), kube)
 
 
-def helm_run(helm: str, kube: Kube, *args: str) -> str:
-    proc = subprocess.run(
-        [helm, "--kubeconfig", str(kube.kubeconfig), *args], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, f"helm {' '.join(args)} failed: {proc.stderr}"
-    return proc.stdout
-
-
-def template(helm: str, kube: Kube, release: str, namespace: str, values: dict[str, Any], *extra: str) -> str:
+def template(helm: Helm, release: str, namespace: str, values: dict[str, Any], *extra: str) -> str:
     """`helm template` for the running server's version, with `values` as a values file."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        yaml.safe_dump(values, f)
-        f.flush()
-        return helm_run(
-            helm,
-            kube,
-            "template",
-            release,
-            str(CHART),
-            "--namespace",
-            namespace,
-            "--kube-version",
-            server_version(kube),
-            "-f",
-            f.name,
-            *extra,
-        )
+    version = server_version(helm.kube)
+    return helm.run(
+        "template",
+        release,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--kube-version",
+        version,
+        *extra,
+        values=values,
+    )
 
 
 def server_version(kube: Kube) -> str:
@@ -107,10 +92,10 @@ def applied(kube: Kube) -> Iterator[list[dict[str, Any]]]:
 
 
 def test_every_object_passes_server_side_validation(
-    helm: str, kube: Kube, release_namespace: str, watched_namespace: str
+    helm: Helm, kube: Kube, release_namespace: str, watched_namespace: str
 ) -> None:
     values: dict[str, Any] = {
-        **NO_MONITORING_CRDS,
+        **MONITORING,
         "watchNamespaces": [watched_namespace],
         "dashboard": {"enabled": True},
         "redis": {"enabled": True, "persistence": {"enabled": True}, "auth": {"existingSecret": "redis"}},
@@ -124,19 +109,15 @@ def test_every_object_passes_server_side_validation(
     }
     for mode in ({}, values):  # defaults (cluster-wide), then everything the cluster can take
         release = unique("h")
-        rendered = template(
-            helm, kube, release, release_namespace, {**NO_MONITORING_CRDS, **mode}, "--include-crds"
-        )
+        rendered = template(helm, release, release_namespace, mode, "--include-crds")
         objs = documents(rendered)
         assert "CustomResourceDefinition" in {o["kind"] for o in objs}
         proc = kube.run("apply", "--dry-run=server", "-f", "-", stdin=rendered)
         assert len(proc.stdout.strip().splitlines()) == len(objs), proc.stdout
 
 
-def test_helm_install_dry_run_renders_notes(helm: str, kube: Kube, release_namespace: str) -> None:
-    out = helm_run(
-        helm,
-        kube,
+def test_helm_install_dry_run_renders_notes(helm: Helm, kube: Kube, release_namespace: str) -> None:
+    out = helm.run(
         "install",
         unique("h"),
         str(CHART),
@@ -144,7 +125,7 @@ def test_helm_install_dry_run_renders_notes(helm: str, kube: Kube, release_names
         release_namespace,
         "--dry-run=server",
         "--skip-crds",
-        *[a for k, v in NO_MONITORING_CRDS.items() for a in ("--set-json", f"{k}={json.dumps(v)}")],
+        values=MONITORING,
     )
     assert "kubectl get ap" in out
     assert "examples/agentpool.yaml" in out
@@ -158,10 +139,10 @@ def can(kube: Kube, who: str, *args: str) -> bool:
 
 
 def apply_rbac(
-    helm: str, kube: Kube, applied: list[dict[str, Any]], namespace: str, values: dict[str, Any]
+    helm: Helm, kube: Kube, applied: list[dict[str, Any]], namespace: str, values: dict[str, Any]
 ) -> str:
     release = unique("h")
-    rendered = template(helm, kube, release, namespace, {**NO_MONITORING_CRDS, **values})
+    rendered = template(helm, release, namespace, values)
     objs = [o for o in documents(rendered) if o["kind"] in RBAC_KINDS]
     applied.extend(objs)
     kube.run("apply", "-f", "-", stdin=yaml.safe_dump_all(objs))
@@ -235,7 +216,7 @@ def assert_least_privilege(kube: Kube, who: str, where: dict[str, str]) -> None:
 
 
 def test_cluster_wide_service_account_can_do_what_the_operator_does(
-    helm: str,
+    helm: Helm,
     kube: Kube,
     release_namespace: str,
     watched_namespace: str,
@@ -248,7 +229,7 @@ def test_cluster_wide_service_account_can_do_what_the_operator_does(
 
 
 def test_namespaced_service_account_is_confined_to_its_namespaces(
-    helm: str,
+    helm: Helm,
     kube: Kube,
     release_namespace: str,
     watched_namespace: str,

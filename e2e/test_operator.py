@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from e2e.harness import (
-    PROGRAM_VOLUMES,
+    PROGRAMS_VOLUME,
     Kube,
     condition,
     eventually,
@@ -25,9 +25,8 @@ from tars_operator.units import parse_quantity
 
 
 def agent_pool(name: str, **spec: Any) -> dict[str, Any]:
+    # No securityContext and no /tmp: the operator adds both to agent containers itself.
     container = program_container("agent", "fake_agent.py")
-    del container["securityContext"]  # the operator secures agent containers itself
-    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != "tmp"]
     return {
         "apiVersion": "tars.dev/v1alpha1",
         "kind": "AgentPool",
@@ -36,7 +35,7 @@ def agent_pool(name: str, **spec: Any) -> dict[str, Any]:
             "template": {
                 "spec": {
                     "containers": [container],
-                    "volumes": [v for v in PROGRAM_VOLUMES if v["name"] != "tmp"],
+                    "volumes": [PROGRAMS_VOLUME],
                 }
             },
             **spec,
