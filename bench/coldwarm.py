@@ -23,13 +23,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,7 @@ import yaml
 
 from tars_agent import contract
 from tars_agent.client import TaskClient
-from tars_localcluster.portforward import free_port, port_forward
+from tars_localcluster.kubectl import Kubectl
 from tars_operator import models
 from tars_operator.builders import OperatorDefaults, PoolRef, render
 
@@ -51,8 +49,7 @@ TASK = {"messages": [{"role": "user", "content": "ping"}], "max_tokens": 4}
 
 @dataclass
 class Config:
-    kubeconfig: str
-    kubectl: str
+    kubectl: Kubectl
     agent_image: str
     redis_image: str
     rounds: int
@@ -65,46 +62,6 @@ class Results:
     cold_ready: list[float] = field(default_factory=list)  # pod create -> Ready
     cold_first_task: list[float] = field(default_factory=list)  # pod create -> first task started
     warm_pickup: list[float] = field(default_factory=list)  # task submit -> started by a warm agent
-
-
-def kubectl(cfg: Config, *args: str, stdin: str | None = None) -> str:
-    proc = subprocess.run(
-        [cfg.kubectl, f"--kubeconfig={cfg.kubeconfig}", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
-    return proc.stdout
-
-
-@contextmanager
-def kubectl_proxy(cfg: Config) -> Iterator[str]:
-    """An authenticated local door to the API server (the kubeconfig's credentials, any cluster)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [cfg.kubectl, f"--kubeconfig={cfg.kubeconfig}", "proxy", f"--port={port}", "--address=127.0.0.1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("kubectl proxy did not answer in 30 s")
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def agent_pod(cfg: Config, namespace: str, pool: str, redis_url: str, llm_url: str) -> dict[str, Any]:
@@ -348,10 +305,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         from tars_localcluster.config import ClusterConfig
 
         kubeconfig = str(ClusterConfig.default().admin_kubeconfig)
-    kubectl_bin = str(Path(sys.executable).parent / "kubectl")
-    return Config(
-        kubeconfig, kubectl_bin, args.agent_image, args.redis_image, args.rounds, args.warm_agents, args.out
-    )
+    kubectl = Kubectl(str(Path(sys.executable).parent / "kubectl"), kubeconfig)
+    return Config(kubectl, args.agent_image, args.redis_image, args.rounds, args.warm_agents, args.out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -359,17 +314,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     namespace = f"bench-coldwarm-{uuid.uuid4().hex[:6]}"
     command = "python bench/coldwarm.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"command: {command.strip()}\nmachine: {machine()}\nnamespace: {namespace}", flush=True)
-    kubectl(cfg, "create", "namespace", namespace)
+    kubectl = cfg.kubectl
+    kubectl.run("create", "namespace", namespace)
     try:
-        kubectl(cfg, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump_all(infrastructure(cfg)))
-        kubectl(cfg, "wait", "-n", namespace, "--for=condition=Ready", "pod/redis", "--timeout=120s")
-        kubectl(cfg, "rollout", "status", "-n", namespace, "deployment/mock-llm", "--timeout=120s")
+        kubectl.run("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump_all(infrastructure(cfg)))
+        kubectl.run("wait", "-n", namespace, "--for=condition=Ready", "pod/redis", "--timeout=120s")
+        kubectl.run("rollout", "status", "-n", namespace, "deployment/mock-llm", "--timeout=120s")
         results = Results()
-        access = [cfg.kubectl, f"--kubeconfig={cfg.kubeconfig}"]
-        with kubectl_proxy(cfg) as api, port_forward(access, namespace, "svc/redis", 6379) as redis_port:
+        with kubectl.proxy() as api, kubectl.port_forward(namespace, "svc/redis", 6379) as redis_port:
             asyncio.run(measure(cfg, api, namespace, redis_port, results))
     finally:
-        kubectl(cfg, "delete", "namespace", namespace, "--wait=false")
+        kubectl.run("delete", "namespace", namespace, "--wait=false")
     report = table(results)
     print()
     print(report)

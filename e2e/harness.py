@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from tars_localcluster.portforward import port_forward
+from tars_localcluster.kubectl import Kubectl
 
 JSON = dict[str, Any]
 T = TypeVar("T")
@@ -123,7 +123,7 @@ class Kube:
 
     def port_forward(self, namespace: str, target: str, port: int) -> contextlib.AbstractContextManager[int]:
         """`kubectl port-forward` to `target` (e.g. svc/redis); the context yields the local port."""
-        return port_forward([self.kubectl_bin, "--kubeconfig", str(self.kubeconfig)], namespace, target, port)
+        return Kubectl(self.kubectl_bin, self.kubeconfig).port_forward(namespace, target, port)
 
 
 @dataclass(frozen=True)

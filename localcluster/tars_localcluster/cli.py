@@ -7,7 +7,7 @@ import sys
 
 from tars_localcluster.cluster import Cluster, env_lines
 from tars_localcluster.config import ClusterConfig
-from tars_localcluster.procs import ClusterError
+from tars_localcluster.procs import exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_module.main([f"--tasks={args.tasks}"])
     cluster = Cluster(ClusterConfig.default())
-    try:
+
+    def command() -> int:
         if args.command == "up":
             cluster.up(build=not args.no_build)
         elif args.command == "down":
@@ -39,12 +40,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, pid in cluster.status().items():
                 print(f"{name:<24} {'running (pid ' + str(pid) + ')' if pid else 'stopped'}")
             return 0 if cluster.is_up() else 1
-    except ClusterError as exc:
-        print(f"[cluster] ERROR: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+        return 0
+
+    return exit_code("cluster", command)
 
 
 if __name__ == "__main__":

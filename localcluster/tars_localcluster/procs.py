@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -16,6 +18,41 @@ from pathlib import Path
 
 class ClusterError(RuntimeError):
     """A failure with a message that names the cause and the fix."""
+
+
+# The Debian package that has each tool the cluster and its image builds run.
+TOOL_PACKAGES = {
+    "ip": "iproute2",
+    "nft": "nftables",
+    "runc": "runc",
+    "mount": "mount",
+    "buildah": "buildah",
+    "umoci": "umoci",
+    "mmdebstrap": "mmdebstrap",
+    "gcc": "gcc libc6-dev",
+    "ldd": "libc-bin",
+    "ctr": "containerd",
+}
+
+
+def exit_code(prefix: str, command: Callable[[], int | None]) -> int:
+    """Run a command-line command: a ClusterError becomes one line naming cause and fix, exit 1."""
+    try:
+        return command() or 0
+    except ClusterError as exc:
+        print(f"[{prefix}] ERROR: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def require_tool(tool: str, error: type[ClusterError] = ClusterError) -> str:
+    """The tool's path; else `error` naming the Debian package to install."""
+    path = shutil.which(tool)
+    if path is None:
+        package = TOOL_PACKAGES.get(tool, tool)
+        raise error(f"`{tool}` is missing; run `make setup` or install it with: apt-get install -y {package}")
+    return path
 
 
 def pid_alive(pid: int) -> bool:
