@@ -204,10 +204,11 @@ def test_queue_depth_scales_up_and_scale_in_removes_only_idle_agents(op: Operato
 
 
 def set_prometheus_replicas(op: OperatorEnv, replicas: int) -> None:
+    """Scale the Prometheus custom resource behind the suite's Prometheus Service (its namespace's one)."""
+    (name,) = op.kube.run("get", "prometheus", "-n", op.prometheus.namespace, "-o", "name").stdout.split()
     op.kube.run(
         "patch",
-        "prometheus",
-        "k8s",
+        name,
         "-n",
         op.prometheus.namespace,
         "--type=merge",
