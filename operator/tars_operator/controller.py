@@ -15,8 +15,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
+import aiohttp
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -32,6 +33,10 @@ from tars_operator.validation import check
 log = logging.getLogger("tars_operator")
 
 MERGE_PATCH: dict[str, Any] = {"_content_type": "application/merge-patch+json"}
+# What an API call can fail with: a refusal, a timeout, or the connection breaking (an API
+# server restart surfaces as aiohttp errors that are not OSErrors).
+API_ERRORS = (ApiException, TimeoutError, OSError, aiohttp.ClientError)
+Outcome = Literal["done", "gone", "failed"]
 EventSink = Callable[[str, str, str], None]  # (type, reason, message)
 
 
@@ -77,12 +82,18 @@ class PoolController:
     metrics: Metrics = field(default_factory=Metrics)
     metrics_read_at: float = float("-inf")
     last_busy: frozenset[str] = frozenset()
+    # The status as our last write left it (the patch response): the watch's copy can lag it,
+    # and a cycle planned from a stale status repeats what the last one did (a second OOM bump).
+    written_status: Mapping[str, Any] | None = None
 
     async def observe(self, indexed: Sequence[AgentPod]) -> tuple[list[PodState], dict[str, AgentPod]]:
-        """The pool's own pods (controller owner = this pool), with the agents' in-flight counts."""
+        """The pool's own pods (controller owner = this pool), with the agents' in-flight counts.
+
+        Ready agents and draining ones are asked: a draining agent reports NotReady, and
+        its in-flight count is what lets the drain end as soon as its work is done."""
         mine = [p for p in indexed if p.owner_uid == self.uid]
         counts = await asyncio.gather(
-            *(self.agents.inflight(p.ip) if p.state.ready else _none() for p in mine)
+            *(self.agents.inflight(p.ip) if _reports_work(p.state) else _none() for p in mine)
         )
         states = [replace(p.state, inflight=n) for p, n in zip(mine, counts, strict=True)]
         return states, {p.name: p for p in mine}
@@ -133,10 +144,11 @@ class PoolController:
         pool = builders.PoolRef(
             self.name, self.namespace, self.uid, int(body["metadata"].get("generation", 1))
         )
+        status = self.written_status if self.written_status is not None else body.get("status") or {}
         result = plan(
             pool,
             spec_raw,
-            body.get("status") or {},
+            status,
             pods,
             self.metrics,
             dt.datetime.now(dt.UTC),
@@ -155,31 +167,40 @@ class PoolController:
             observability.DECISIONS.labels(**labels, reason=reason_label(reason)).inc()
         return result
 
-    async def _guard(self, stage: str, action: Awaitable[Any], what: str) -> bool:
-        """Run one API action; a failure becomes a Warning Event and a metric, never an exception."""
+    async def _guard(
+        self, stage: str, what: str, action: Awaitable[Any], gone_ok: bool = False
+    ) -> tuple[Outcome, Any]:
+        """Run one API action: ("done", its result), or ("failed", None) after the failure became
+        a Warning Event and a metric. Never raises: each step of a plan is accounted for on its own.
+
+        With `gone_ok`, a 404 is ("gone", None): the pod is already gone, which a delete or a
+        drain can live with."""
         try:
-            await action
-        except (TimeoutError, ApiException, OSError) as exc:
-            detail = getattr(exc, "reason", None) or str(exc)
+            return "done", await action
+        except Exception as exc:  # reported below; the rest of the plan goes on
+            if gone_ok and isinstance(exc, ApiException) and exc.status == 404:
+                log.info("pool %s/%s: %s: the pod is already gone", self.namespace, self.name, what)
+                return "gone", None
+            if not isinstance(exc, API_ERRORS):
+                log.exception("pool %s/%s: %s failed unexpectedly", self.namespace, self.name, what)
+            detail = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
             body = getattr(exc, "body", None)
             message = f"{what} failed: {detail} {body or ''}".strip()[:1000]
             log.warning("pool %s/%s: %s", self.namespace, self.name, message)
             observability.ERRORS.labels(namespace=self.namespace, pool=self.name, stage=stage).inc()
             self.emit("Warning", f"{stage.capitalize()}Failed", message)
-            return False
-        return True
+            return "failed", None
 
     async def apply(self, result: Plan, by_name: Mapping[str, AgentPod]) -> list[str]:
+        """Apply a plan step by step; returns the names of the pods the API created."""
         labels = {"namespace": self.namespace, "pool": self.name}
         created: list[str] = []
         for create in result.creates:
             manifest: Any = create.manifest  # the client takes a plain dict as well as a V1Pod
-            try:
-                new_pod = await self.core.create_namespaced_pod(self.namespace, manifest)
-            except ApiException as exc:
-                observability.ERRORS.labels(**labels, stage="create").inc()
-                message = f"creating an agent pod failed: {exc.reason} {exc.body!r}"
-                self.emit("Warning", "CreateFailed", message[:1000])
+            outcome, new_pod = await self._guard(
+                "create", "creating an agent pod", self.core.create_namespaced_pod(self.namespace, manifest)
+            )
+            if outcome != "done":
                 break  # the same error would repeat for the rest of this plan
             name = new_pod.metadata.name
             created.append(name)
@@ -191,7 +212,8 @@ class PoolController:
             annotate = self.core.patch_namespaced_pod(
                 drain.pod, self.namespace, {"metadata": {"annotations": {contract.DRAINING_ANNOTATION: now}}}
             )
-            if await self._guard("drain", annotate, f"marking {drain.pod} draining"):
+            outcome, _ = await self._guard("drain", f"marking {drain.pod} draining", annotate, gone_ok=True)
+            if outcome == "done":
                 error = await self.agents.drain(target.ip if target else None)
                 if error:
                     # The drain timeout still bounds the wait; the pod may be reachable next cycle.
@@ -203,16 +225,19 @@ class PoolController:
             uid = client.V1Preconditions(uid=victim.uid) if victim else None
             options = client.V1DeleteOptions(preconditions=uid)
             remove = self.core.delete_namespaced_pod(delete.pod, self.namespace, body=options)
-            if await self._guard("delete", remove, f"deleting {delete.pod}"):
+            outcome, _ = await self._guard("delete", f"deleting {delete.pod}", remove, gone_ok=True)
+            if outcome == "done":
                 observability.PODS_DELETED.labels(**labels, reason=reason_label(delete.reason)).inc()
                 log.info("pool %s/%s: deleted %s (%s)", self.namespace, self.name, delete.pod, delete.reason)
         for resize in result.resizes:
             body = {"spec": {"containers": [{"name": resize.container, "resources": resize.resources}]}}
             patch = self.core.patch_namespaced_pod_resize(resize.pod, self.namespace, body)
-            if await self._guard("resize", patch, f"resizing {resize.pod} in place ({resize.reason})"):
+            what = f"resizing {resize.pod} in place ({resize.reason})"
+            if (await self._guard("resize", what, patch, gone_ok=True))[0] == "done":
                 log.info("pool %s/%s: resized %s (%s)", self.namespace, self.name, resize.pod, resize.reason)
-        await self._guard(
+        outcome, written = await self._guard(
             "status",
+            "writing the pool's status",
             self.custom.patch_namespaced_custom_object_status(
                 models.GROUP,
                 models.VERSION,
@@ -223,11 +248,17 @@ class PoolController:
                 # A merge patch; the client would pick JSON Patch. Its stubs do not declare the kwarg.
                 **MERGE_PATCH,
             ),
-            "writing the pool's status",
         )
+        if outcome == "done" and isinstance(written, Mapping):
+            self.written_status = written.get("status") or {}
         for event in result.events:
             self.emit(event.type, event.reason, event.message)
         return created
+
+
+def _reports_work(pod: PodState) -> bool:
+    """Whose in-flight count is worth asking: ready agents, and draining ones that still run."""
+    return pod.ready or (pod.draining_since is not None and not pod.deleting and pod.phase == "Running")
 
 
 async def _none() -> None:

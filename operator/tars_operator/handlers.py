@@ -20,11 +20,12 @@ import kopf
 from kubernetes_asyncio import client
 
 from tars_agent import contract
-from tars_operator import builders, models
+from tars_operator import builders, models, observability
 from tars_operator.controller import AgentPod, PoolController, index_entry
 from tars_operator.kubeclient import api_client
 from tars_operator.settings import OperatorSettings
 from tars_operator.sources import AgentClient, PrometheusReader
+from tars_operator.supervision import Backoff, supervise
 from tars_operator.units import parse_duration
 from tars_operator.validation import check
 
@@ -155,7 +156,9 @@ async def _run_pool(
     wake = _wake(key)
     loop = asyncio.get_running_loop()
     last_cycle = float("-inf")
-    while True:
+
+    async def step() -> None:
+        nonlocal last_cycle
         body = runner.body
         parsed, _problems = check(body.get("spec") or {})
         interval = parse_duration(parsed.scaling.interval).total_seconds() if parsed else 10.0
@@ -164,10 +167,14 @@ async def _run_pool(
         pods, by_name = await controller.observe(list(agent_pods.get(key, [])))
         due = loop.time() - last_cycle >= interval
         if controller.busy_changed(pods) or woken or due:
-            try:
-                await controller.cycle(body, pods, by_name)
-            except Exception:  # one bad cycle must not end the pool's loop
-                log.exception("pool %s/%s: reconcile failed; retrying", namespace, name)
             last_cycle = loop.time()
+            await controller.cycle(body, pods, by_name)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), POLL_SECONDS)
+
+    def on_crash(exc: Exception, delay: float) -> None:
+        log.error("pool %s/%s: the loop crashed; restarting in %.0fs", namespace, name, delay, exc_info=exc)
+        observability.LOOP_CRASHES.labels(namespace=namespace, pool=name).inc()
+        emit("Warning", "ReconcileCrashed", f"{type(exc).__name__}: {exc}; restarting in {delay:.0f}s"[:1000])
+
+    await supervise(step, on_crash, Backoff())

@@ -27,3 +27,8 @@ DECISIONS = Counter(
 ERRORS = Counter(
     metric_names.OPERATOR_ERRORS_TOTAL, "Errors while reconciling", ["namespace", "pool", "stage"]
 )
+LOOP_CRASHES = Counter(
+    metric_names.OPERATOR_LOOP_CRASHES_TOTAL,
+    "Steps of a pool's loop that raised (the loop restarts after a backoff)",
+    ["namespace", "pool"],
+)

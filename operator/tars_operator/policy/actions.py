@@ -28,3 +28,4 @@ class Resize:
     container: str
     resources: dict[str, Any]
     reason: str
+    memory_limit: int  # bytes: what the pod shows once the resize is done

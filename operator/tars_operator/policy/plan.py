@@ -69,6 +69,7 @@ class Plan:
         new = [Expectation(n, "create", self.now) for n in created]
         new += [Expectation(d.pod, "drain", self.now) for d in self.drains]
         new += [Expectation(d.pod, "delete", self.now) for d in self.deletes]
+        new += [Expectation(r.pod, "resize", self.now, r.memory_limit) for r in self.resizes]
         return ControllerState(self.state.history, self.state.expectations + tuple(new))
 
 
@@ -109,15 +110,18 @@ def _counted_status(pool: builders.PoolRef, counts: Counts) -> dict[str, Any]:
     }
 
 
-def _resizes(pods: Sequence[PodState], manifest: dict[str, Any], limit: int | None) -> list[Resize]:
-    """Running agents whose memory limit differs from the pool's: resized in place, not rotated."""
+def _resizes(
+    pods: Sequence[PodState], manifest: dict[str, Any], limit: int | None, resizing: frozenset[str]
+) -> list[Resize]:
+    """Running agents whose memory limit differs from the pool's: resized in place, not rotated.
+    `resizing`: pods whose earlier resize the watch does not show yet (one patch, one Event)."""
     if limit is None:
         return []
     agent = manifest["spec"]["containers"][0]
     return [
-        Resize(p.name, agent["name"], agent["resources"], f"memory limit {p.memory_limit} -> {limit} bytes")
+        Resize(p.name, agent["name"], agent["resources"], f"memory limit {p.memory_limit} -> {limit}", limit)
         for p in pods
-        if p.active and p.phase == "Running" and p.memory_limit != limit
+        if p.active and p.phase == "Running" and p.memory_limit != limit and p.name not in resizing
     ]
 
 
@@ -180,7 +184,7 @@ def _plan_valid(
         read(metrics.limiter_wait_seconds, now, interval).value,
         is_true(prev.conditions, "BudgetSaturated"),
     )
-    pending = len(state.expectations)
+    pending = sum(1 for e in state.expectations if e.holds_scaling)
     decision = scaling.decide(
         spec,
         counts,
@@ -203,7 +207,7 @@ def _plan_valid(
     manifest = builders.render(pool, spec, mem.limit if spec.memory.mode == "Auto" else None, defaults)
     template_hash = manifest["metadata"]["labels"][contract.TEMPLATE_HASH_LABEL]
 
-    busy_names = {e.pod for e in state.expectations}
+    busy_names = {e.pod for e in state.expectations if e.holds_scaling}
     deletes = [
         d
         for d in scale_in.reap(pods)
@@ -230,7 +234,8 @@ def _plan_valid(
                 Create(builders.with_replaces(manifest, r.pod), r.reason, r.pod) for r in rot.replacements
             ]
 
-    resizes = _resizes(pods, manifest, mem.limit) if spec.memory.mode == "Auto" else []
+    resizing = frozenset(e.pod for e in state.expectations if e.kind == "resize")
+    resizes = _resizes(pods, manifest, mem.limit, resizing) if spec.memory.mode == "Auto" else []
 
     scaled = bool(decision.create or removals)
     conditions = merge(

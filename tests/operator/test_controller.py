@@ -1,0 +1,223 @@
+"""Tests of controller.py, the shell around the plan: faults of the API server and a lagging watch.
+
+The Kubernetes API, Prometheus and the agents are in-memory fakes here (the e2e suite runs
+the same shell against the real ones); the faults are what a real API server does under a
+restart: disconnects half-way through a plan, 404s for pods already gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+from factories import raw_spec
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from tars_operator import builders
+from tars_operator.controller import AgentPod, PoolController
+from tars_operator.policy.metrics import Sample
+from tars_operator.policy.observe import PodState
+from tars_operator.sources import QueryResult
+
+NOW = dt.datetime.now(dt.UTC)
+
+
+@dataclass
+class FakeCore:
+    """CoreV1Api's pod calls; `failures` maps a call name to the errors its next calls raise."""
+
+    failures: dict[str, list[BaseException]] = field(default_factory=dict)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    created: int = 0
+
+    def _fail(self, call: str) -> None:
+        errors = self.failures.get(call)
+        if errors:
+            raise errors.pop(0)
+
+    async def create_namespaced_pod(self, namespace: str, body: Mapping[str, Any]) -> Any:
+        self._fail("create")
+        self.created += 1
+        name = f"{body['metadata']['generateName']}{self.created:05d}"
+        self.calls.append(("create", name))
+        return SimpleNamespace(metadata=SimpleNamespace(name=name))
+
+    async def patch_namespaced_pod(self, name: str, namespace: str, body: Any) -> None:
+        self._fail("patch")
+        self.calls.append(("patch", name))
+
+    async def delete_namespaced_pod(self, name: str, namespace: str, body: Any) -> None:
+        self._fail("delete")
+        self.calls.append(("delete", name))
+
+    async def patch_namespaced_pod_resize(self, name: str, namespace: str, body: Any) -> None:
+        self._fail("resize")
+        self.calls.append(("resize", name))
+
+
+@dataclass
+class FakeCustom:
+    """The pool's status subresource: a merge patch answered with the whole object, as the API does."""
+
+    stored: dict[str, Any]
+    failures: list[BaseException] = field(default_factory=list)
+    writes: list[dict[str, Any]] = field(default_factory=list)
+
+    async def patch_namespaced_custom_object_status(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if self.failures:
+            raise self.failures.pop(0)
+        body = args[5]
+        self.writes.append(body["status"])
+        self.stored = {**self.stored, "status": {**self.stored.get("status", {}), **body["status"]}}
+        return self.stored
+
+
+class FakePrometheus:
+    async def query(self, promql: str) -> QueryResult:
+        return QueryResult(Sample(0.0, dt.datetime.now(dt.UTC)))
+
+    async def query_range(self, promql: str, window: dt.timedelta, step: dt.timedelta) -> list[Sample]:
+        return []
+
+
+@dataclass
+class FakeAgents:
+    inflight_by_ip: dict[str, int] = field(default_factory=dict)
+    asked: list[str] = field(default_factory=list)
+
+    async def inflight(self, pod_ip: str | None) -> int | None:
+        self.asked.append(pod_ip or "")
+        return self.inflight_by_ip.get(pod_ip or "")
+
+    async def drain(self, pod_ip: str | None) -> str | None:
+        return None
+
+
+@dataclass
+class Setup:
+    controller: PoolController
+    core: FakeCore
+    custom: FakeCustom
+    agents: FakeAgents
+    events: list[tuple[str, str, str]]
+
+
+def make(spec: dict[str, Any], status: dict[str, Any] | None = None) -> Setup:
+    body = {"metadata": {"name": "p", "namespace": "ns", "uid": "pool-uid", "generation": 1}, "spec": spec}
+    body["status"] = status or {}
+    core, custom, agents = FakeCore(), FakeCustom(body), FakeAgents()
+    events: list[tuple[str, str, str]] = []
+
+    def emit(kind: str, reason: str, message: str) -> None:
+        events.append((kind, reason, message))
+
+    controller = PoolController(
+        name="p",
+        namespace="ns",
+        uid="pool-uid",
+        core=core,  # type: ignore[arg-type]
+        custom=custom,  # type: ignore[arg-type]
+        prometheus=FakePrometheus(),  # type: ignore[arg-type]
+        agents=agents,  # type: ignore[arg-type]
+        defaults=builders.OperatorDefaults(),
+        emit=emit,
+    )
+    return Setup(controller, core, custom, agents, events)
+
+
+def agent(name: str, **fields: Any) -> AgentPod:
+    state = PodState(name=name, uid=f"uid-{name}", created=NOW - dt.timedelta(minutes=5), **fields)
+    return AgentPod(name=name, uid=state.uid, ip=f"10.0.0.{len(name)}", owner_uid="pool-uid", state=state)
+
+
+async def cycle(s: Setup, body: Mapping[str, Any], indexed: Sequence[AgentPod]) -> None:
+    pods, by_name = await s.controller.observe(indexed)
+    await s.controller.cycle(body, pods, by_name)
+
+
+def warnings(s: Setup) -> list[str]:
+    return [reason for kind, reason, _ in s.events if kind == "Warning"]
+
+
+def test_a_disconnect_half_way_through_the_creates_keeps_what_was_created_and_still_writes_status() -> None:
+    s = make(raw_spec(warm={"min": 3}, replicas={"min": 3, "max": 5}))
+    # The first create goes through, the second meets a disconnect (an API server restart).
+    original = s.core.create_namespaced_pod
+    attempts = 0
+
+    async def create_then_disconnect(namespace: str, body: Mapping[str, Any]) -> Any:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 2:
+            raise aiohttp.ServerDisconnectedError()
+        return await original(namespace, body)
+
+    s.core.create_namespaced_pod = create_then_disconnect  # type: ignore[method-assign]
+    asyncio.run(cycle(s, s.custom.stored, []))
+
+    created = [name for call, name in s.core.calls if call == "create"]
+    assert len(created) == 1
+    # The pod the API did create is expected: the next cycle does not create a duplicate for it.
+    assert [e.pod for e in s.controller.state.expectations] == created
+    assert len(s.custom.writes) == 1 and s.custom.writes[0]["desiredReplicas"] == 3
+    assert "CreateFailed" in warnings(s)
+    assert "Server disconnected" in next(m for _, r, m in s.events if r == "CreateFailed")
+
+
+def test_a_disconnect_on_the_status_write_is_a_warning_not_a_crash() -> None:
+    s = make(raw_spec())
+    s.custom.failures = [aiohttp.ClientConnectionError("connection reset")]
+    asyncio.run(cycle(s, s.custom.stored, []))
+    assert "StatusFailed" in warnings(s)
+    assert len(s.core.calls) == 2  # the warm floor was still created
+
+
+def test_deleting_a_pod_that_is_already_gone_is_not_a_warning() -> None:
+    s = make(raw_spec(warm={"min": 0}, replicas={"min": 0, "max": 5}))
+    s.core.failures["delete"] = [ApiException(status=404, reason="Not Found")]
+    finished = agent("p-aaaaa", phase="Failed", ready=False)
+    asyncio.run(cycle(s, s.custom.stored, [finished]))
+    assert warnings(s) == []
+
+
+def test_an_oom_kill_is_answered_once_even_when_the_watch_lags_behind_the_status_write() -> None:
+    spec = raw_spec(memory={"mode": "Auto", "min": "64Mi", "max": "1Gi"})
+    s = make(spec, {"memoryLimit": "100Mi"})
+    stale = dict(s.custom.stored)  # the watch keeps delivering this copy: it lags the write
+    killed = agent(
+        "p-aaaaa",
+        inflight=0,
+        memory_limit=100 * 2**20,
+        last_oom=NOW - dt.timedelta(seconds=30),
+        phase="Running",
+    )
+    asyncio.run(cycle(s, stale, [killed]))
+    assert s.custom.writes[0]["memoryLimit"] == "150Mi"
+    # The pod was resized in place (its limit is the new one, its record of the kill stays).
+    resized = replace(killed, state=replace(killed.state, memory_limit=150 * 2**20))
+    asyncio.run(cycle(s, stale, [resized]))
+    assert s.custom.writes[1]["memoryLimit"] == "150Mi"
+    assert [r for _, r, _ in s.events if r.startswith("MemoryLimit")] == ["MemoryLimitOOMKilled"]
+
+
+def test_a_resize_is_one_patch_and_one_event_until_the_pod_shows_its_new_limit() -> None:
+    spec = raw_spec(memory={"mode": "Auto", "min": "64Mi", "max": "1Gi"})
+    s = make(spec, {"memoryLimit": "128Mi"})
+    old = agent("p-aaaaa", inflight=0, memory_limit=256 * 2**20)
+    for _ in range(3):  # the pod keeps showing its old limit (the kubelet has not acted yet)
+        asyncio.run(cycle(s, s.custom.stored, [old]))
+    assert [c for c in s.core.calls if c[0] == "resize"] == [("resize", "p-aaaaa")]
+    assert [r for _, r, _ in s.events if r == "Resizing"] == ["Resizing"]
+
+
+def test_a_draining_agent_is_still_asked_for_its_work_so_it_goes_as_soon_as_it_is_idle() -> None:
+    s = make(raw_spec(warm={"min": 0}, replicas={"min": 0, "max": 5}))
+    draining = agent("p-aaaaa", ready=False, draining_since=NOW - dt.timedelta(seconds=5))
+    s.agents.inflight_by_ip[draining.ip or ""] = 0
+    asyncio.run(cycle(s, s.custom.stored, [draining]))
+    assert ("delete", "p-aaaaa") in s.core.calls
