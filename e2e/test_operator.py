@@ -123,7 +123,12 @@ def test_warm_pool_replaces_an_agent_that_turns_busy_without_waiting_for_the_int
     wait_ready_agents(kube, namespace, "warm", 3, 30)
     status = wait_status(kube, namespace, "warm", "busy", 1, 30)
     assert status["desiredReplicas"] == 3
-    assert any(e["reason"] == "ScaledUp" for e in events(kube, namespace, "warm"))
+    pool_events = events(kube, namespace, "warm")
+    assert any(e["reason"] == "ScaledUp" for e in pool_events)
+    assert {e["source"].get("component") for e in pool_events} == {"tars-operator"}
+    # A repeat is counted on the first Event (as the kubelet's are), never posted again.
+    keys = [(e["type"], e["reason"], e["message"]) for e in pool_events]
+    assert len(keys) == len(set(keys)), keys
     metrics = op.metrics()
     created = f'tars_operator_pods_created_total{{namespace="{namespace}",pool="warm",reason="scale-up"}} 3.0'
     assert created in metrics

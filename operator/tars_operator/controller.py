@@ -37,7 +37,7 @@ MERGE_PATCH: dict[str, Any] = {"_content_type": "application/merge-patch+json"}
 # server restart surfaces as aiohttp errors that are not OSErrors).
 API_ERRORS = (ApiException, TimeoutError, OSError, aiohttp.ClientError)
 Outcome = Literal["done", "gone", "failed"]
-EventSink = Callable[[str, str, str], None]  # (type, reason, message)
+EventSink = Callable[[str, str, str], Awaitable[None]]  # (type, reason, message)
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ class PoolController:
             message = f"{what} failed: {detail} {body or ''}".strip()[:1000]
             log.warning("pool %s/%s: %s", self.namespace, self.name, message)
             observability.ERRORS.labels(namespace=self.namespace, pool=self.name, stage=stage).inc()
-            self.emit("Warning", f"{stage.capitalize()}Failed", message)
+            await self.emit("Warning", f"{stage.capitalize()}Failed", message)
             return "failed", None
 
     async def apply(self, result: Plan, by_name: Mapping[str, AgentPod]) -> list[str]:
@@ -252,7 +252,7 @@ class PoolController:
         if outcome == "done" and isinstance(written, Mapping):
             self.written_status = written.get("status") or {}
         for event in result.events:
-            self.emit(event.type, event.reason, event.message)
+            await self.emit(event.type, event.reason, event.message)
         return created
 
 

@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import kopf
 from kubernetes_asyncio import client
@@ -22,6 +22,7 @@ from kubernetes_asyncio import client
 from tars_agent import contract
 from tars_operator import builders, models, observability
 from tars_operator.controller import AgentPod, PoolController, index_entry
+from tars_operator.events import COMPONENT, EventRecorder, ObjectRef
 from tars_operator.kubeclient import api_client
 from tars_operator.settings import OperatorSettings
 from tars_operator.sources import AgentClient, PrometheusReader
@@ -54,11 +55,14 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = COMPONENT  # kopf's own Events (handler failures)
+    settings.posting.reporting_instance = SETTINGS.identity
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     memo.api = await api_client(SETTINGS.kubeconfig)
     memo.prometheus = PrometheusReader(SETTINGS.prometheus_url)
     memo.agents = AgentClient()
+    memo.events = EventRecorder(client.CoreV1Api(memo.api), SETTINGS.identity)
 
 
 @kopf.index("pods", labels={contract.POOL_LABEL: kopf.PRESENT})
@@ -137,9 +141,10 @@ async def _run_pool(
 ) -> None:
     namespace, name = key
 
-    def emit(kind: str, reason: str, message: str) -> None:
-        # kopf.event needs only apiVersion, kind and metadata of the object it is about.
-        kopf.event(cast(kopf.Body, runner.body), type=kind, reason=reason, message=message)
+    ref = ObjectRef(f"{models.GROUP}/{models.VERSION}", models.KIND, namespace, name, runner.uid)
+
+    async def emit(kind: str, reason: str, message: str) -> None:
+        await memo.events.record(ref, kind, reason, message)
 
     api = memo.api
     controller = PoolController(
@@ -172,9 +177,9 @@ async def _run_pool(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), POLL_SECONDS)
 
-    def on_crash(exc: Exception, delay: float) -> None:
+    async def on_crash(exc: Exception, delay: float) -> None:
         log.error("pool %s/%s: the loop crashed; restarting in %.0fs", namespace, name, delay, exc_info=exc)
         observability.LOOP_CRASHES.labels(namespace=namespace, pool=name).inc()
-        emit("Warning", "ReconcileCrashed", f"{type(exc).__name__}: {exc}; restarting in {delay:.0f}s"[:1000])
+        await emit("Warning", "ReconcileCrashed", f"{type(exc).__name__}: {exc}; restarting in {delay:.0f}s")
 
     await supervise(step, on_crash, Backoff())

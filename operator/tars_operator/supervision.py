@@ -32,7 +32,7 @@ class Backoff:
 
 async def supervise(
     step: Callable[[], Awaitable[None]],
-    on_crash: Callable[[Exception, float], None],
+    on_crash: Callable[[Exception, float], Awaitable[None]],
     backoff: Backoff,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> NoReturn:
@@ -42,7 +42,7 @@ async def supervise(
             await step()
         except Exception as exc:  # noqa: BLE001 - every crash is reported, then retried
             delay = backoff.next_delay()
-            on_crash(exc, delay)
+            await on_crash(exc, delay)
             await sleep(delay)
         else:
             backoff.reset()

@@ -26,7 +26,7 @@ WATCH_RULES = [
     },
     {"apiGroups": [""], "resources": ["pods/resize"], "verbs": ["patch"]},
     {"apiGroups": ["tars.dev"], "resources": ["agentpools/finalizers"], "verbs": ["update"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
 ]
 CRD_WATCH = {
     "apiGroups": ["apiextensions.k8s.io"],

@@ -113,7 +113,7 @@ def make(spec: dict[str, Any], status: dict[str, Any] | None = None) -> Setup:
     core, custom, agents = FakeCore(), FakeCustom(body), FakeAgents()
     events: list[tuple[str, str, str]] = []
 
-    def emit(kind: str, reason: str, message: str) -> None:
+    async def emit(kind: str, reason: str, message: str) -> None:
         events.append((kind, reason, message))
 
     controller = PoolController(

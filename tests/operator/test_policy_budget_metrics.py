@@ -21,7 +21,7 @@ from tars_operator.policy.metrics import Sample, read
         (True, 0.90, 0.0, False, False, "Hysteresis"),
         (True, 0.80, 0.5, True, True, "Hysteresis"),  # waits still high
         (True, 0.80, 0.1, True, False, "Headroom"),  # resumes
-        (True, None, None, True, True, "NoLimiterData"),
+        (True, None, None, True, False, "NoLimiterData"),  # an idle pool: saturated no more
         (True, None, None, False, False, "NoLimiterData"),
     ],
 )

@@ -26,7 +26,7 @@ def test_a_crashing_step_is_reported_and_retried_with_a_growing_then_reset_backo
     async def sleep(delay: float) -> None:
         slept.append(delay)
 
-    def on_crash(exc: Exception, delay: float) -> None:
+    async def on_crash(exc: Exception, delay: float) -> None:
         crashes.append((type(exc).__name__, delay))
 
     with pytest.raises(asyncio.CancelledError):

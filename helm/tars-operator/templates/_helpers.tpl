@@ -96,9 +96,9 @@ app.kubernetes.io/component: operator
 - apiGroups: ["tars.dev"]
   resources: ["agentpools/finalizers"]
   verbs: ["update"]
-# kopf.event() posts core/v1 Events about pools (ScaledUp, Draining, CreateFailed, ...).
-# kopf 1.45 only creates them (POST); it neither patches nor uses events.k8s.io.
+# core/v1 Events about pools (ScaledUp, Draining, CreateFailed, ...): created, and patched to
+# count a repeat on the first one (events.py aggregates like client-go), as kopf's own are created.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "patch"]
 {{- end }}

@@ -4,7 +4,9 @@ Rule: the budget is *saturated* when its utilisation reaches 95 % or the mean li
 wait reaches 1 s (agents already queue for tokens: one more agent only waits too).
 It is *relieved* only when utilisation is below 85 % and the mean wait below 0.25 s;
 in between the previous verdict stands (hysteresis, so the pool does not flap around
-the threshold). Without limiter data the previous verdict stands as well. While
+the threshold). Without limiter data (no agent asked the limiter in the last minute, so
+nothing waits for the budget) it is not saturated: the condition says what holds now,
+not what held when the pool was last busy. While
 saturated, scaling does not grow the pool beyond its current size (see scaling.py);
 it never shrinks it for that reason -- removing agents would not return budget.
 A pool without `spec.rateLimit` is never saturated.
@@ -33,7 +35,7 @@ def assess(
     numbers = f"utilization={_fmt(utilization, '.0%')} limiterWait={_fmt(wait_seconds, '.2f')}s"
     if utilization is None and wait_seconds is None:
         return BudgetVerdict(
-            was_saturated, "NoLimiterData", f"no limiter metrics; last verdict stands ({numbers})"
+            False, "NoLimiterData", f"no limiter activity: nothing waits for the budget ({numbers})"
         )
     if (utilization is not None and utilization >= SATURATED_UTILIZATION) or (
         wait_seconds is not None and wait_seconds >= SATURATED_WAIT_SECONDS
