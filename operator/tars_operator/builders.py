@@ -55,6 +55,11 @@ def _field_env(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
+def termination_grace_seconds(spec: models.AgentPoolSpec) -> int:
+    """The pod's SIGTERM grace: the pool's drain timeout (a deleted agent may finish that long)."""
+    return math.ceil(parse_duration(spec.rotation.drain_timeout).total_seconds())
+
+
 def operator_env(
     pool: PoolRef, spec: models.AgentPoolSpec, defaults: OperatorDefaults
 ) -> list[dict[str, Any]]:
@@ -66,6 +71,8 @@ def operator_env(
         _field_env(contract.ENV_POD_NAME, "metadata.name"),
         _env(contract.ENV_HTTP_PORT, str(contract.HTTP_PORT)),
         _env(contract.ENV_QUEUE_MAX_DEPTH, str(spec.queue.max_depth)),
+        # The agent's SIGTERM grace is the pod's: it keeps the last tenth to hand work back.
+        _env(contract.ENV_DRAIN_GRACE_SECONDS, str(termination_grace_seconds(spec))),
         _env(contract.ENV_REDIS_URL, redis.url if redis else defaults.redis_url),
     ]
     if redis and redis.password_secret_ref:
@@ -159,9 +166,7 @@ def render(
         pod_spec.setdefault("volumes", []).append({"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}})
     pod_spec["securityContext"] = {**POD_SECURITY, **pod_spec.get("securityContext", {})}
     pod_spec.setdefault("automountServiceAccountToken", False)  # agents never call the API server
-    pod_spec["terminationGracePeriodSeconds"] = math.ceil(
-        parse_duration(spec.rotation.drain_timeout).total_seconds()
-    )
+    pod_spec["terminationGracePeriodSeconds"] = termination_grace_seconds(spec)
     pod: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Pod",

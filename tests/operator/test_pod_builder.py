@@ -82,6 +82,7 @@ def test_whole_manifest() -> None:
                         {"name": "TARS_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                         {"name": "TARS_HTTP_PORT", "value": "8080"},
                         {"name": "TARS_QUEUE_MAX_DEPTH", "value": "500"},
+                        {"name": "TARS_DRAIN_GRACE_SECONDS", "value": "90"},
                         {"name": "TARS_REDIS_URL", "value": "redis://r:6379/1"},
                         {
                             "name": "TARS_REDIS_PASSWORD",
@@ -182,3 +183,12 @@ def test_with_replaces_copies() -> None:
 def test_template_memory_limit() -> None:
     assert template_memory_limit(full_spec()) == 2 * 2**30
     assert template_memory_limit(spec()) is None
+
+
+def test_the_agent_gets_its_drain_grace_from_the_pools_drain_timeout() -> None:
+    # The agent's own default (30 s) cancelled work after ~27 s of a 120 s drainTimeout.
+    for timeout, seconds in (("120s", "120"), ("10s", "10"), ("90s", "90")):
+        pod = render(POOL, spec(rotation={"drainTimeout": timeout}), None, OperatorDefaults())
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env[contract.ENV_DRAIN_GRACE_SECONDS] == seconds
+        assert pod["spec"]["terminationGracePeriodSeconds"] == int(seconds)
