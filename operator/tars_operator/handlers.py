@@ -112,6 +112,7 @@ async def pool_event(
         runner = None
     if gone:
         _WAKE.pop(key, None)
+        observability.forget_pool(*key)
         return
     if runner is None:
         runner = PoolRunner(uid=uid, body=dict(body))

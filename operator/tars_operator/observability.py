@@ -32,3 +32,11 @@ LOOP_CRASHES = Counter(
     "Steps of a pool's loop that raised (the loop restarts after a backoff)",
     ["namespace", "pool"],
 )
+
+_PER_POOL = (RECONCILE_SECONDS, PODS_CREATED, PODS_DELETED, DESIRED_REPLICAS, DECISIONS, ERRORS, LOOP_CRASHES)
+
+
+def forget_pool(namespace: str, pool: str) -> None:
+    """Drop a deleted pool's series: an operator that lives through many pools must not grow."""
+    for metric in _PER_POOL:
+        metric.remove_by_labels({"namespace": namespace, "pool": pool})
