@@ -432,27 +432,30 @@ def test_memory_right_sizing_resizes_running_agents_in_place_and_bumps_after_an_
     op: OperatorEnv, namespace: str
 ) -> None:
     kube = op.kube
+    # 60 characters: the API server cuts generateName to 58, so pod names do not start with
+    # the pool's name plus a dash (an operator that matched its pods' memory by name saw none).
+    name = "memory-" + "m" * 53
     pool = agent_pool(
-        "memory",
+        name,
         warm={"min": 1},
         scaling=fast_scaling(),
         memory={"mode": "Auto", "targetUtilization": 0.5, "min": "64Mi", "max": "512Mi", "window": "40s"},
     )
     pool["spec"]["template"]["spec"]["containers"][0]["resources"] = {"limits": {"memory": "256Mi"}}
     kube.apply(pool, namespace=namespace)
-    (agent,) = wait_ready_agents(kube, namespace, "memory", 1, 90)
-    assert agent_limits(kube, namespace, "memory") == {"256Mi"}, "before any samples, the template's limit"
+    (agent,) = wait_ready_agents(kube, namespace, name, 1, 90)
+    assert agent_limits(kube, namespace, name) == {"256Mi"}, "before any samples, the template's limit"
     assert agent_status(kube, agent)["memoryLimitBytes"] == 256 * 2**20
     # The agent uses ~25 MiB: at a 50 % target that asks for ~50 MiB, bounded below by memory.min.
-    wait_status(kube, namespace, "memory", "memoryLimit", "64Mi", 90)
-    eventually(lambda: agent_limits(kube, namespace, "memory") == {"64Mi"}, 60, "the agent resized to 64Mi")
-    (resized,) = ready_active(kube, namespace, "memory")
+    wait_status(kube, namespace, name, "memoryLimit", "64Mi", 90)
+    eventually(lambda: agent_limits(kube, namespace, name) == {"64Mi"}, 60, "the agent resized to 64Mi")
+    (resized,) = ready_active(kube, namespace, name)
     assert resized["metadata"]["uid"] == agent["metadata"]["uid"], "resized in place, not replaced"
     # The kubelet applied it: the container's own cgroup says so.
     eventually(
         lambda: agent_status(kube, agent)["memoryLimitBytes"] == 64 * 2**20, 60, "the kernel to enforce 64Mi"
     )
-    lowered = [e for e in events(kube, namespace, "memory") if e["reason"].startswith("MemoryLimit")]
+    lowered = [e for e in events(kube, namespace, name) if e["reason"].startswith("MemoryLimit")]
     assert lowered and "p95=" in lowered[0]["message"], lowered
 
     with contextlib.suppress(AssertionError):  # the agent may die before it answers
@@ -473,7 +476,7 @@ def test_memory_right_sizing_resizes_running_agents_in_place_and_bumps_after_an_
         90,
         "the same pod resized to >= 96Mi",
     )
-    bumped_to = parse_quantity(pool_status(kube, namespace, "memory")["memoryLimit"])
+    bumped_to = parse_quantity(pool_status(kube, namespace, name)["memoryLimit"])
     assert 96 * 2**20 <= bumped_to < 512 * 2**20, "one bump, not a run-away to memory.max"
-    bumped = [e for e in events(kube, namespace, "memory") if "oomKilled=" in e["message"]]
+    bumped = [e for e in events(kube, namespace, name) if "oomKilled=" in e["message"]]
     assert bumped and bumped[0]["type"] == "Warning"

@@ -37,6 +37,9 @@ def agent_memory(name: str, namespace: str) -> str:
     Not cAdvisor's container_memory_working_set_bytes: that needs a kubelet's cAdvisor,
     while every agent exports its own process metrics wherever it is scraped. The agent is
     its container's main process, so its RSS is the container's working set to within the
-    page cache. Pods are matched by name (generateName adds 5 characters) and namespace.
+    page cache. The pool's pods are those whose tars_queue_depth carries its pool label (the
+    agent's own label): their names cannot tell, as generateName is cut to 58 characters and
+    a regex of the name lets '.' match any character.
     """
-    return f'process_resident_memory_bytes{{namespace="{namespace}",pod=~"{name}-[a-z0-9]{{5}}"}}'
+    pool_pods = f"{metric_names.QUEUE_DEPTH}{{{_pool(name, namespace)}}}"
+    return f'process_resident_memory_bytes{{namespace="{namespace}"}} and on (namespace, pod) {pool_pods}'
