@@ -18,7 +18,7 @@ from typing import Any
 
 from tars_agent import contract
 from tars_operator import models
-from tars_operator.units import format_mebibytes, parse_duration, parse_quantity
+from tars_operator.units import format_mebibytes, parse_quantity
 
 TMP_VOLUME = "tars-tmp"
 CONTAINER_SECURITY = {
@@ -57,7 +57,7 @@ def _field_env(name: str, path: str) -> dict[str, Any]:
 
 def termination_grace_seconds(spec: models.AgentPoolSpec) -> int:
     """The pod's SIGTERM grace: the pool's drain timeout (a deleted agent may finish that long)."""
-    return math.ceil(parse_duration(spec.rotation.drain_timeout).total_seconds())
+    return math.ceil(spec.rotation.drain_timeout.delta.total_seconds())
 
 
 def operator_env(

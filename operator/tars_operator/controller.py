@@ -27,8 +27,7 @@ from tars_operator.policy.metrics import Metrics, Sample
 from tars_operator.policy.observe import PodState, pod_state
 from tars_operator.policy.plan import ControllerState, Plan, plan
 from tars_operator.sources import AgentClient, PrometheusReader
-from tars_operator.units import parse_duration
-from tars_operator.validation import check
+from tars_operator.validation import Checked, check
 
 log = logging.getLogger("tars_operator")
 
@@ -85,6 +84,7 @@ class PoolController:
     # The status as our last write left it (the patch response): the watch's copy can lag it,
     # and a cycle planned from a stale status repeats what the last one did (a second OOM bump).
     written_status: Mapping[str, Any] | None = None
+    checked_spec: tuple[int, Checked] | None = None  # (generation, its parsed spec)
 
     async def observe(self, indexed: Sequence[AgentPod]) -> tuple[list[PodState], dict[str, AgentPod]]:
         """The pool's own pods (controller owner = this pool), with the agents' in-flight counts.
@@ -118,9 +118,9 @@ class PoolController:
             ).sample
         memory: list[Sample] = []
         if spec.memory.mode != "Off":
-            step = max(parse_duration(spec.scaling.interval), dt.timedelta(seconds=2))
+            step = max(spec.scaling.interval.delta, dt.timedelta(seconds=2))
             memory = await self.prometheus.query_range(
-                queries.agent_memory(self.name, self.namespace), parse_duration(spec.memory.window), step
+                queries.agent_memory(self.name, self.namespace), spec.memory.window.delta, step
             )
         return Metrics(
             queue_depth=queue.sample,
@@ -130,14 +130,21 @@ class PoolController:
             limiter_wait_seconds=wait,
         )
 
+    def checked(self, body: Mapping[str, Any]) -> Checked:
+        """The pool's spec, parsed and checked once per generation (the loop asks every second)."""
+        generation = int(body["metadata"].get("generation", 1))
+        if self.checked_spec is None or self.checked_spec[0] != generation:
+            self.checked_spec = (generation, check(body.get("spec") or {}))
+        return self.checked_spec[1]
+
     async def cycle(
         self, body: Mapping[str, Any], pods: Sequence[PodState], by_name: Mapping[str, AgentPod]
     ) -> Plan:
         started = time.monotonic()
-        spec_raw = body.get("spec") or {}
-        parsed, _ = check(spec_raw)
+        checked = self.checked(body)
+        parsed = checked[0]
         if parsed is not None:
-            interval = parse_duration(parsed.scaling.interval).total_seconds()
+            interval = parsed.scaling.interval.delta.total_seconds()
             if time.monotonic() - self.metrics_read_at >= interval:
                 self.metrics = await self.read_metrics(parsed)
                 self.metrics_read_at = time.monotonic()
@@ -147,7 +154,7 @@ class PoolController:
         status = self.written_status if self.written_status is not None else body.get("status") or {}
         result = plan(
             pool,
-            spec_raw,
+            checked,
             status,
             pods,
             self.metrics,

@@ -27,8 +27,6 @@ from tars_operator.kubeclient import api_client
 from tars_operator.settings import OperatorSettings
 from tars_operator.sources import AgentClient, PrometheusReader
 from tars_operator.supervision import Backoff, supervise
-from tars_operator.units import parse_duration
-from tars_operator.validation import check
 
 log = logging.getLogger("tars_operator")
 POLL_SECONDS = 1.0
@@ -166,8 +164,8 @@ async def _run_pool(
     async def step() -> None:
         nonlocal last_cycle
         body = runner.body
-        parsed, _problems = check(body.get("spec") or {})
-        interval = parse_duration(parsed.scaling.interval).total_seconds() if parsed else 10.0
+        parsed, _problems = controller.checked(body)
+        interval = parsed.scaling.interval.delta.total_seconds() if parsed else 10.0
         woken = wake.is_set()
         wake.clear()
         pods, by_name = await controller.observe(list(agent_pods.get(key, [])))

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
-from tars_operator.units import DURATION_PATTERN, QUANTITY_PATTERN, parse_quantity
+from tars_operator.units import Duration, Quantity
 
 GROUP = "tars.dev"
 VERSION = "v1alpha1"
@@ -25,8 +25,6 @@ SINGULAR = "agentpool"
 SHORT_NAMES = ("ap",)
 CATEGORIES = ("tars", "all")
 
-Duration = Annotated[str, StringConstraints(pattern=DURATION_PATTERN, max_length=32)]
-Quantity = Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN, max_length=32)]
 DnsLabel = Annotated[
     str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", min_length=1, max_length=63)
 ]
@@ -144,13 +142,13 @@ class QueueDepth(_Model):
 class ScaleDown(_Model):
     """Scale-in follows the highest recommendation seen within the window (like the HPA)."""
 
-    stabilization_window: Duration = "5m"
+    stabilization_window: Duration = Duration("5m")
 
 
 class Scaling(_Model):
     """How the desired number of agents is computed and how fast it may grow."""
 
-    interval: Duration = "10s"
+    interval: Duration = Duration("10s")
     queue_depth: QueueDepth = _section(QueueDepth)
     scale_down: ScaleDown = _section(ScaleDown)
     max_spawn_per_interval: int = Field(default=5, ge=1, le=1000)
@@ -160,10 +158,10 @@ class Scaling(_Model):
 class Rotation(_Model):
     """Agents are replaced after `ttl` (plus a per-pod jitter), surge first, drain second."""
 
-    ttl: Duration = "30m"
+    ttl: Duration = Duration("30m")
     max_unavailable: int = Field(default=1, ge=1, le=1000)
-    drain_timeout: Duration = "120s"
-    jitter: Duration = "3m"
+    drain_timeout: Duration = Duration("120s")
+    jitter: Duration = Duration("3m")
 
 
 class Memory(_Model):
@@ -182,13 +180,13 @@ class Memory(_Model):
     )
     mode: Literal["Off", "Recommend", "Auto"] = "Recommend"
     target_utilization: float = Field(default=0.7, gt=0, le=1)
-    min: Quantity = "128Mi"
-    max: Quantity = "2Gi"
-    window: Duration = "1h"
+    min: Quantity = Quantity("128Mi")
+    max: Quantity = Quantity("2Gi")
+    window: Duration = Duration("1h")
 
     @model_validator(mode="after")
     def _min_le_max(self) -> "Memory":
-        if parse_quantity(self.min) > parse_quantity(self.max):
+        if self.min.bytes > self.max.bytes:
             raise ValueError("memory.min must not exceed memory.max")
         return self
 

@@ -8,6 +8,10 @@ accepts parses here.
 import math
 import re
 from datetime import timedelta
+from typing import Any
+
+from pydantic import GetCoreSchemaHandler
+from pydantic_core import CoreSchema, core_schema
 
 # Go-style durations without the sign or the micro/nano units nobody writes in a pool spec.
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
@@ -57,3 +61,40 @@ def ceil_mebibytes(n_bytes: float) -> int:
 def format_mebibytes(n_bytes: int) -> str:
     """Render bytes as "<n>Mi" (rounded up), the form the operator writes back."""
     return f"{ceil_mebibytes(n_bytes) // MI}Mi"
+
+
+class Duration(str):
+    """A duration as the user wrote it ("1h30m"), parsed once, when the spec is: `.delta`.
+
+    A str, so the object serializes, hashes and prints as written; the CRD schema is the
+    string pattern the API server checks."""
+
+    delta: timedelta
+
+    def __new__(cls, text: str) -> "Duration":
+        value = super().__new__(cls, text)
+        value.delta = parse_duration(text)
+        return value
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(
+            cls, core_schema.str_schema(pattern=DURATION_PATTERN, max_length=32)
+        )
+
+
+class Quantity(str):
+    """A memory quantity as the user wrote it ("512Mi"), parsed once: `.bytes`."""
+
+    bytes: int
+
+    def __new__(cls, text: str) -> "Quantity":
+        value = super().__new__(cls, text)
+        value.bytes = parse_quantity(text)
+        return value
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(
+            cls, core_schema.str_schema(pattern=QUANTITY_PATTERN, max_length=32)
+        )

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from tars_agent import contract
 from tars_operator.builders import OperatorDefaults, PoolRef, operator_env
 from tars_operator.models import AgentPoolSpec
-from tars_operator.units import parse_duration, parse_quantity
+from tars_operator.units import parse_quantity
 
 _PAIRS = {")": "(", "]": "[", "}": "{"}
 
@@ -107,11 +107,11 @@ def _template_problems(spec: AgentPoolSpec) -> list[Problem]:
 
 def _timing_problems(spec: AgentPoolSpec) -> list[Problem]:
     problems = []
-    interval = parse_duration(spec.scaling.interval)
-    ttl = parse_duration(spec.rotation.ttl)
+    interval = spec.scaling.interval.delta
+    ttl = spec.rotation.ttl.delta
     if not interval:
         problems.append(Problem("spec.scaling.interval", "must be greater than 0"))
-    window = parse_duration(spec.scaling.scale_down.stabilization_window)
+    window = spec.scaling.scale_down.stabilization_window.delta
     if window and window < interval:
         problems.append(
             Problem(
@@ -121,15 +121,18 @@ def _timing_problems(spec: AgentPoolSpec) -> list[Problem]:
         )
     if not ttl:
         problems.append(Problem("spec.rotation.ttl", "must be greater than 0"))
-    drain = parse_duration(spec.rotation.drain_timeout)
+    drain = spec.rotation.drain_timeout.delta
     if not drain or drain >= ttl:
         problems.append(Problem("spec.rotation.drainTimeout", f"must be > 0 and shorter than the ttl {ttl}"))
-    if parse_duration(spec.rotation.jitter) >= ttl:
+    if spec.rotation.jitter.delta >= ttl:
         problems.append(Problem("spec.rotation.jitter", f"must be shorter than the ttl {ttl}"))
     return problems
 
 
-def check(raw_spec: Mapping[str, Any]) -> tuple[AgentPoolSpec | None, list[Problem]]:
+Checked = tuple[AgentPoolSpec | None, list[Problem]]
+
+
+def check(raw_spec: Mapping[str, Any]) -> Checked:
     """Parse and check a spec as stored; the spec is None when it does not parse."""
     try:
         spec = AgentPoolSpec.model_validate(raw_spec)

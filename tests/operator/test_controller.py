@@ -221,3 +221,15 @@ def test_a_draining_agent_is_still_asked_for_its_work_so_it_goes_as_soon_as_it_i
     s.agents.inflight_by_ip[draining.ip or ""] = 0
     asyncio.run(cycle(s, s.custom.stored, [draining]))
     assert ("delete", "p-aaaaa") in s.core.calls
+
+
+def test_the_spec_is_parsed_once_per_generation() -> None:
+    s = make(raw_spec(scaling={"interval": "1h30m"}))
+    body = s.custom.stored
+    first = s.controller.checked(body)
+    assert s.controller.checked(dict(body)) is first  # the loop asks every second: no re-parse
+    parsed = first[0]
+    assert parsed is not None and parsed.scaling.interval.delta == dt.timedelta(minutes=90)
+    assert parsed.scaling.interval == "1h30m"  # still the text the user wrote, for the status and hash
+    newer = {**body, "metadata": {**body["metadata"], "generation": 2}}
+    assert s.controller.checked(newer) is not first

@@ -12,6 +12,7 @@ from tars_operator.policy.metrics import Metrics, Sample
 from tars_operator.policy.observe import PodState
 from tars_operator.policy.plan import ControllerState, Plan, plan
 from tars_operator.policy.scaling import Recommendation, ScaleHistory
+from tars_operator.validation import check
 
 POOL = PoolRef("researcher", "agents", "pool-uid", generation=4)
 FRESH_QUEUE = Metrics(queue_depth=Sample(0, T0))
@@ -26,7 +27,7 @@ def run(
 ) -> Plan:
     return plan(
         POOL,
-        spec or raw_spec(),
+        check(spec or raw_spec()),
         status or {},
         pods,
         metrics,

@@ -26,7 +26,7 @@ from datetime import datetime
 from tars_operator.models import Memory
 from tars_operator.policy.metrics import Sample
 from tars_operator.policy.observe import PodState
-from tars_operator.units import ceil_mebibytes, parse_duration, parse_quantity
+from tars_operator.units import ceil_mebibytes
 
 MIN_SAMPLES = 12
 PERCENTILE = 0.95
@@ -71,11 +71,11 @@ def decide(
     `oom_handled`: the OOM kill an earlier bump answered (status.memoryOomHandled)."""
     if memory.mode == "Off":
         return MemoryDecision(template_limit, None, False, "Off", "memory.mode is Off")
-    lo, hi = parse_quantity(memory.min), parse_quantity(memory.max)
+    lo, hi = memory.min.bytes, memory.max.bytes
     in_force = applied or template_limit or hi
     if memory.mode == "Auto":
         in_force = min(max(in_force, lo), hi)
-    window = parse_duration(memory.window)
+    window = memory.window.delta
     values = [s.value for s in samples if now - window <= s.at <= now]
     p95 = peak = None
     candidates: list[float] = []

@@ -24,8 +24,8 @@ from tars_operator.policy.conditions import Verdict, is_true, merge, patch
 from tars_operator.policy.expectations import Expectation, outstanding
 from tars_operator.policy.metrics import Metrics, read
 from tars_operator.policy.observe import Counts, PodState, count, surge_pods
-from tars_operator.units import format_mebibytes, parse_duration, parse_quantity
-from tars_operator.validation import check
+from tars_operator.units import format_mebibytes
+from tars_operator.validation import Checked
 
 # Conditions whose change of status deserves an Event, with their unhealthy status.
 _ALARMS = {"Ready": "False", "MetricsAvailable": "False", "SpecValid": "False", "BudgetSaturated": "True"}
@@ -132,7 +132,7 @@ def _recent_creates(pods: Sequence[PodState], now: datetime, interval: timedelta
 
 def plan(
     pool: builders.PoolRef,
-    spec: Mapping[str, Any],
+    checked: Checked,
     status: Mapping[str, Any],
     pods: Sequence[PodState],
     metrics: Metrics,
@@ -140,11 +140,12 @@ def plan(
     state: ControllerState,
     defaults: builders.OperatorDefaults,
 ) -> Plan:
-    """Everything to do for one pool this cycle. `spec`/`status` are the object's, as stored."""
+    """Everything to do for one pool this cycle. `checked`: the spec as `validation.check` parsed it
+    (once per generation); `status`: the last status written."""
     prev = _previous(status)
     counts = count(pods)
     pending = outstanding(state.expectations, pods, now)
-    parsed, problems = check(spec)
+    parsed, problems = checked
     if parsed is None or problems:
         message = "; ".join(str(p) for p in problems)[:32768]
         conditions = merge(
@@ -176,7 +177,7 @@ def _plan_valid(
     state: ControllerState,
     defaults: builders.OperatorDefaults,
 ) -> Plan:
-    interval = parse_duration(spec.scaling.interval)
+    interval = spec.scaling.interval.delta
     queue = read(metrics.queue_depth, now, interval, metrics.queue_depth_error)
     verdict = budget.assess(
         spec.rate_limit is not None,
@@ -198,7 +199,7 @@ def _plan_valid(
     mem = memory.decide(
         spec.memory,
         builders.template_memory_limit(spec),
-        parse_quantity(prev.memory_limit) if prev.memory_limit else None,
+        prev.memory_limit.bytes if prev.memory_limit else None,
         metrics.memory_bytes,
         pods,
         now,
@@ -210,8 +211,7 @@ def _plan_valid(
     busy_names = {e.pod for e in state.expectations if e.holds_scaling}
     deletes = [
         d
-        for d in scale_in.reap(pods)
-        + scale_in.finish_drains(pods, now, parse_duration(spec.rotation.drain_timeout))
+        for d in scale_in.reap(pods) + scale_in.finish_drains(pods, now, spec.rotation.drain_timeout.delta)
         if d.pod not in busy_names
     ]
     removals = scale_in.choose(pods, decision.remove, surge_pods(pods))
@@ -220,8 +220,8 @@ def _plan_valid(
     rot = rotation.decide(
         pods,
         now,
-        parse_duration(spec.rotation.ttl),
-        parse_duration(spec.rotation.jitter),
+        spec.rotation.ttl.delta,
+        spec.rotation.jitter.delta,
         spec.rotation.max_unavailable,
         template_hash,
         frozenset(a.pod for a in removals),

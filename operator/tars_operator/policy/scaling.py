@@ -29,7 +29,6 @@ from datetime import datetime, timedelta
 
 from tars_operator.models import AgentPoolSpec
 from tars_operator.policy.observe import Counts
-from tars_operator.units import parse_duration
 
 
 @dataclass(frozen=True)
@@ -120,7 +119,7 @@ def decide(
         rec = max(capacity, floor)
         why, msg = "BudgetSaturated", f"{msg}; held at {rec}: the LLM budget is saturated"
 
-    window = parse_duration(spec.scaling.scale_down.stabilization_window)
+    window = spec.scaling.scale_down.stabilization_window.delta
     history, covered = _remember(history, Recommendation(now, rec), window)
     if capacity > ceiling:
         desired = ceiling  # the spec's bound, not a metric: obey at once
