@@ -58,3 +58,11 @@ def agents_heartbeat_key(namespace: str, pool: str) -> str:
     operator reads it as a busy signal faster than a Prometheus scrape.
     """
     return f"tars:agents:{namespace}/{pool}"
+
+
+# Memory: the agent halves its intake at MEMORY_HALF_AT of its cgroup limit and takes no new
+# work from MEMORY_STOP_AT; the operator's right-sizer puts the p95 usage at
+# memory.targetUtilization, which the CRD bounds below both, so the two never fight.
+MEMORY_HALF_AT = 0.8
+MEMORY_STOP_AT = 0.9
+MAX_MEMORY_TARGET_UTILIZATION = 0.75

@@ -1,8 +1,9 @@
 """Memory-aware admission: how many tasks an agent may hold given its RSS and cgroup limit.
 
-Thresholds follow the architecture's 30/50/70 % steps, as a share of the
-container's memory limit: below 50 % the full concurrency, from 50 % half of
-it, from 70 % no new work (in-flight tasks still finish).
+As a share of the container's memory limit: below 80 % the full concurrency, from
+80 % half of it, from 90 % no new work (in-flight tasks still finish). The operator's
+right-sizer aims the p95 usage at memory.targetUtilization (at most 75 %), so a
+right-sized agent works at full concurrency (contract.py holds the numbers).
 """
 
 from __future__ import annotations
@@ -10,20 +11,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tars_agent import contract
+
 CGROUP_V2_LIMIT = Path("/sys/fs/cgroup/memory.max")
 CGROUP_V1_LIMIT = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
 _V1_UNLIMITED = 1 << 60  # v1 reports "no limit" as a huge page-aligned number
-HALF_AT = 0.5
-STOP_AT = 0.7
 
 
 def allowed_inflight(rss_bytes: int, limit_bytes: int | None, concurrency: int) -> int:
     if not limit_bytes:
         return concurrency
     used = rss_bytes / limit_bytes
-    if used >= STOP_AT:
+    if used >= contract.MEMORY_STOP_AT:
         return 0
-    if used >= HALF_AT:
+    if used >= contract.MEMORY_HALF_AT:
         return max(concurrency // 2, 1)
     return concurrency
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
+from tars_agent import contract
 from tars_operator.units import Duration, Quantity
 
 GROUP = "tars.dev"
@@ -179,7 +180,8 @@ class Memory(_Model):
         }
     )
     mode: Literal["Off", "Recommend", "Auto"] = "Recommend"
-    target_utilization: float = Field(default=0.7, gt=0, le=1)
+    # Bounded below the agent's own admission thresholds (contract.py), so the two never fight.
+    target_utilization: float = Field(default=0.7, gt=0, le=contract.MAX_MEMORY_TARGET_UTILIZATION)
     min: Quantity = Quantity("128Mi")
     max: Quantity = Quantity("2Gi")
     window: Duration = Duration("1h")

@@ -10,19 +10,10 @@ from pathlib import Path
 import pytest
 
 from tars_agent.cache import BoundedTTLCache
-from tars_agent.memory import allowed_inflight, cgroup_memory_limit
+from tars_agent.memory import cgroup_memory_limit
 from tars_agent.settings import SettingsError, load_settings
 
 from .conftest import RedisServer
-
-GIB = 1 << 30
-
-
-def test_memory_thresholds_cut_concurrency_then_stop_new_work() -> None:
-    assert allowed_inflight(GIB // 4, GIB, 8) == 8
-    assert allowed_inflight(GIB // 2, GIB, 8) == 4
-    assert allowed_inflight(int(GIB * 0.7) + 1, GIB, 8) == 0
-    assert allowed_inflight(10 * GIB, None, 8) == 8
 
 
 def test_cgroup_limit_v2_v1_and_unlimited(tmp_path: Path) -> None:

@@ -94,7 +94,7 @@ def test_cross_field_rules_and_defaults(version: dict[str, Any]) -> None:
         "default": 0.7,
         "minimum": 0,
         "exclusiveMinimum": True,
-        "maximum": 1,
+        "maximum": 0.75,
     }
 
 

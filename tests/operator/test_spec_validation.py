@@ -33,6 +33,8 @@ AGENT = {"name": "agent", "image": "i"}
         ({"replicas": {"min": 5, "max": 2}}, "spec.replicas"),
         ({"warm": {"min": 11}}, "spec"),
         ({"memory": {"min": "4Gi", "max": "1Gi"}}, "spec.memory"),
+        # The agent halves its intake at 80 % of its limit: a target above 75 % would fight it.
+        ({"memory": {"targetUtilization": 0.85}}, "spec.memory.targetUtilization"),
         ({"rotation": {"ttl": "30 minutes"}}, "spec.rotation.ttl"),
         ({"template": {"spec": {"containers": []}}}, "spec.template.spec.containers"),
         ({"scaling": {"onMetricsUnavailable": "Guess"}}, "spec.scaling.onMetricsUnavailable"),
