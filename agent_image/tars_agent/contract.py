@@ -66,3 +66,11 @@ def agents_heartbeat_key(namespace: str, pool: str) -> str:
 MEMORY_HALF_AT = 0.8
 MEMORY_STOP_AT = 0.9
 MAX_MEMORY_TARGET_UTILIZATION = 0.75
+
+# Rate limits of a budget: what the AgentPool API accepts, the agent runs. At least 2: the
+# limiter keeps a burst of at least one unit below the limit. Requests refill at most one per
+# microsecond (the limiter's clock); tokens are counted in blocks above that (gcra.LimitParams).
+MIN_RATE_LIMIT = 2
+MAX_REQUESTS_PER_MINUTE = 50_000_000
+MAX_REQUESTS_PER_HOUR = 1_000_000_000
+MAX_TOKENS_PER_MINUTE = 1_000_000_000

@@ -33,6 +33,22 @@ class LimitParams:
     window_us: int
     burst: int  # bucket size, 1 <= burst < limit
     unit: str = "requests"  # "requests" (cost 1 each) or "tokens"
+    # Tokens one unit stands for: a token limit that would refill more than one unit per
+    # microsecond is counted in blocks (150M tokens/minute: blocks of 3), see `scaled`.
+    unit_size: int = 1
+
+    @staticmethod
+    def scaled(name: str, tokens: int, window_us: int, burst_fraction: float) -> LimitParams:
+        """A token limit in the smallest blocks that keep the refill at most one per microsecond;
+        rounding down the limit and up the costs keeps the budget on the safe side."""
+        size = max(math.ceil(tokens / window_us), 1)
+        limit = tokens // size
+        burst = min(max(math.floor(limit * burst_fraction), 1), limit - 1)
+        return LimitParams(name, limit, window_us, burst, "tokens", size)
+
+    def units(self, tokens: int) -> int:
+        """A cost in this limit's units (blocks rounded up)."""
+        return -(-tokens // self.unit_size)
 
     def __post_init__(self) -> None:
         if self.window_us <= 0:

@@ -73,14 +73,12 @@ class Budget:
     ) -> Budget:
         """Limits per minute/hour; burst is a fraction of each limit (the rest refills evenly)."""
         limits = []
-        for lname, limit, window_s, unit in (
-            ("rpm", requests_per_minute, 60, "requests"),
-            ("rph", requests_per_hour, 3600, "requests"),
-            ("tpm", tokens_per_minute, 60, "tokens"),
-        ):
+        for lname, limit, window_s in (("rpm", requests_per_minute, 60), ("rph", requests_per_hour, 3600)):
             if limit:
                 burst = min(max(math.floor(limit * burst_fraction), 1), limit - 1)
-                limits.append(LimitParams(lname, limit, window_s * 1_000_000, burst, unit))
+                limits.append(LimitParams(lname, limit, window_s * 1_000_000, burst))
+        if tokens_per_minute:
+            limits.append(LimitParams.scaled("tpm", tokens_per_minute, 60_000_000, burst_fraction))
         return Budget(name, tuple(limits))
 
 
@@ -119,7 +117,7 @@ def local_share(budget: Budget, expected_pool_size: int) -> tuple[LimitParams, .
     for p in budget.limits:
         limit = max(p.limit // n, 2)
         burst = min(max(p.burst // n, 1), limit - 1)
-        out.append(LimitParams(p.name, limit, p.window_us, burst, p.unit))
+        out.append(LimitParams(p.name, limit, p.window_us, burst, p.unit, p.unit_size))
     return tuple(out)
 
 
@@ -195,7 +193,7 @@ class SharedLimiter:
         return self._monotonic() < self._redis_down_until
 
     def _costs(self, tokens: int) -> tuple[int, ...]:
-        return tuple(tokens if p.unit == "tokens" else 1 for p in self.budget.limits)
+        return tuple(p.units(tokens) if p.unit == "tokens" else 1 for p in self.budget.limits)
 
     def _mark_redis_down(self, exc: BaseException) -> None:
         if not self.degraded:
@@ -302,9 +300,11 @@ class SharedLimiter:
         for p, key in zip(self.budget.limits, self._tat_keys, strict=True):
             if p.unit != "tokens":
                 continue
+            # Charges round up, refunds down: the budget stays on the safe side of the blocks.
+            units = p.units(delta) if delta > 0 else -(-delta // p.unit_size)
             try:
                 await self._reconcile(
-                    keys=[self._overrides_key, key], args=[p.name, p.limit, p.window_us, p.burst, delta]
+                    keys=[self._overrides_key, key], args=[p.name, p.limit, p.window_us, p.burst, units]
                 )
             except _REDIS_DOWN_ERRORS as exc:
                 self._mark_redis_down(exc)
@@ -332,9 +332,9 @@ class SharedLimiter:
         for kind, lname in (("requests", "rpm"), ("tokens", "tpm")):
             limit_raw = headers.get(f"x-ratelimit-limit-{kind}")
             if limit_raw and limit_raw.isdigit() and lname in limit_names:
-                configured = next(p.limit for p in self.budget.limits if p.name == lname)
-                if int(limit_raw) < configured:
-                    overrides[lname] = int(limit_raw)
+                params = next(p for p in self.budget.limits if p.name == lname)
+                if int(limit_raw) < params.limit * params.unit_size:
+                    overrides[lname] = int(limit_raw) // params.unit_size  # in the limit's units
             remaining = headers.get(f"x-ratelimit-remaining-{kind}")
             reset = parse_reset(headers.get(f"x-ratelimit-reset-{kind}", ""))
             if remaining == "0" and reset:

@@ -30,9 +30,9 @@ class AgentSettings(BaseModel):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_password: SecretStr | None = None
     budget: str = "default"
-    requests_per_minute: int | None = Field(None, ge=2)
-    requests_per_hour: int | None = Field(None, ge=2)
-    tokens_per_minute: int | None = Field(None, ge=2)
+    requests_per_minute: int | None = Field(None, ge=c.MIN_RATE_LIMIT, le=c.MAX_REQUESTS_PER_MINUTE)
+    requests_per_hour: int | None = Field(None, ge=c.MIN_RATE_LIMIT, le=c.MAX_REQUESTS_PER_HOUR)
+    tokens_per_minute: int | None = Field(None, ge=c.MIN_RATE_LIMIT, le=c.MAX_TOKENS_PER_MINUTE)
     queue_max_depth: int = Field(c.DEFAULT_QUEUE_MAX_DEPTH, ge=1)
     llm_base_url: str = "http://127.0.0.1:8000/v1"
     llm_api_key: SecretStr | None = None

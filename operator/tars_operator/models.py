@@ -197,9 +197,16 @@ class RateLimit(_Model):
     """The shared LLM budget the agents draw from; pools naming the same budget share it."""
 
     budget: DnsLabel
-    requests_per_minute: int | None = Field(default=None, ge=1, le=100_000_000)
-    requests_per_hour: int | None = Field(default=None, ge=1, le=1_000_000_000)
-    tokens_per_minute: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    # One definition with the agent (contract.py): every value accepted here, the agent runs.
+    requests_per_minute: int | None = Field(
+        default=None, ge=contract.MIN_RATE_LIMIT, le=contract.MAX_REQUESTS_PER_MINUTE
+    )
+    requests_per_hour: int | None = Field(
+        default=None, ge=contract.MIN_RATE_LIMIT, le=contract.MAX_REQUESTS_PER_HOUR
+    )
+    tokens_per_minute: int | None = Field(
+        default=None, ge=contract.MIN_RATE_LIMIT, le=contract.MAX_TOKENS_PER_MINUTE
+    )
 
 
 class Queue(_Model):

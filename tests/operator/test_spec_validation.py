@@ -45,6 +45,8 @@ AGENT = {"name": "agent", "image": "i"}
         ({"rotation": {"drainTimeout": "1h"}}, "spec.rotation.drainTimeout"),
         ({"rotation": {"jitter": "40m"}}, "spec.rotation.jitter"),
         ({"rateLimit": {"budget": "b"}}, "spec.rateLimit"),
+        # The agent's limiter needs 2 or more (one definition in contract.py): 1 crash-looped agents.
+        ({"rateLimit": {"budget": "b", "requestsPerMinute": 1}}, "spec.rateLimit.requestsPerMinute"),
         (
             {"template": {"spec": {"containers": [AGENT, {"name": "agent", "image": "j"}]}}},
             "spec.template.spec.containers",
