@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from e2e.harness import Kube, eventually, temporary_namespace, unique
+from e2e.operator_calls import operator_calls
 from e2e.operator_env import Helm, find_helm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,31 +153,9 @@ def apply_rbac(
     return f"system:serviceaccount:{namespace}:{name}"
 
 
-# Every API call the operator makes (controller.py, leader.py, kopf), in the watched namespace W
-# and the operator's namespace O; "W" and "O" are replaced by the test's namespaces.
-OPERATOR_CALLS = [
-    ("list", "pods", "W"),
-    ("watch", "pods", "W"),
-    ("create", "pods", "W"),
-    ("delete", "pods", "W"),
-    ("patch", "pods", "W"),
-    # In-place memory right-sizing (controller.py patches the pod's resize subresource).
-    ("patch", "pods --subresource=resize", "W"),
-    # Agents carry an owner reference with blockOwnerDeletion: under the
-    # OwnerReferencesPermissionEnforcement admission plugin that needs update on the owner's finalizers.
-    ("update", "agentpools.tars.dev --subresource=finalizers", "W"),
-    ("list", "agentpools.tars.dev", "W"),
-    ("watch", "agentpools.tars.dev", "W"),
-    ("patch", "agentpools.tars.dev", "W"),
-    ("patch", "agentpools.tars.dev --subresource=status", "W"),
-    ("create", "events", "W"),
-    ("patch", "events", "W"),  # a repeated Event is counted on the first one
-    ("create", "leases.coordination.k8s.io", "O"),
-    ("get", "leases.coordination.k8s.io/tars-operator", "O"),
-    ("update", "leases.coordination.k8s.io/tars-operator", "O"),
-    ("list", "customresourcedefinitions.apiextensions.k8s.io", ""),
-    ("watch", "customresourcedefinitions.apiextensions.k8s.io", ""),
-]
+# Every API call the operator makes (derived from its code, plus kopf's), in the watched
+# namespace W and the operator's namespace O; "W" and "O" are replaced by the test's namespaces.
+OPERATOR_CALLS = operator_calls()
 FORBIDDEN_CALLS = [
     ("get", "secrets", "W"),
     ("list", "secrets", "O"),
