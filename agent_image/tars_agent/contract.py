@@ -59,6 +59,7 @@ def agents_heartbeat_key(namespace: str, pool: str) -> str:
     """
     return f"tars:agents:{namespace}/{pool}"
 
+
 # Authentication of the operator to its agents: GET /status and POST /drain need
 # `Authorization: Bearer <token>`; /metrics, /healthz and /readyz stay open (scrapes, probes).
 ENV_AGENT_TOKEN = "TARS_AGENT_TOKEN"  # from the pool's Secret, never logged
