@@ -16,23 +16,26 @@ from tars_agent import contract
 from tars_agent.metrics import AgentMetrics
 from tars_agent.settings import SettingsError, load_settings
 from tars_agent.worker import Agent
+from tars_operator.sources import AgentClient
 
-from .conftest import agent_settings, free_port
+from .conftest import agent_settings
 
 TOKEN = "pool-token-0123456789abcdef"
 
 
 @contextlib.asynccontextmanager
-async def served(token: str | None) -> AsyncIterator[tuple[Agent, httpx.AsyncClient]]:
-    """An agent's HTTP side on 127.0.0.1 (the queue loops do not run)."""
+async def served(
+    token: str | None, host: str = "127.0.0.1"
+) -> AsyncIterator[tuple[Agent, httpx.AsyncClient]]:
+    """An agent's HTTP side on `host` (the queue loops do not run); the client's base_url is it."""
     settings = agent_settings("redis://127.0.0.1:1/0", "http://127.0.0.1:1/v1", agent_token=token)
     agent = Agent(settings, metrics=AgentMetrics(process_collector=False))
     runner = web.AppRunner(agent.http_app(), access_log=None)
     await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    site = web.TCPSite(runner, host, 0)
+    await site.start()
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        async with httpx.AsyncClient(base_url=site.name) as http:
             yield agent, http
     finally:
         await runner.cleanup()
@@ -105,3 +108,48 @@ def test_the_token_comes_from_the_environment_and_is_never_shown() -> None:
     with pytest.raises(SettingsError) as error:
         load_settings({contract.ENV_AGENT_TOKEN: TOKEN, contract.ENV_CONCURRENCY: "0"})
     assert TOKEN not in str(error.value)
+
+
+def port_of(http: httpx.AsyncClient) -> int:
+    port = http.base_url.port
+    assert port is not None
+    return port
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
+async def test_the_operators_client_reads_and_drains_an_agent_with_the_pools_token(host: str) -> None:
+    async with served(TOKEN, host) as (agent, http):
+        owner = AgentClient(port=port_of(http))
+        try:
+            client = owner.for_pool(TOKEN)
+            assert await client.inflight(host) == 0
+            assert await client.drain(host) is None
+            assert agent.draining is True
+        finally:
+            await owner.close()
+
+
+async def test_the_operators_client_with_another_pools_token_is_refused_and_says_why() -> None:
+    async with served(TOKEN, "::1") as (agent, http):
+        owner = AgentClient(port=port_of(http))
+        try:
+            client = owner.for_pool("token-of-another-pool")
+            assert await client.inflight("::1") is None
+            assert await client.drain("::1") == "POST /drain to ::1 failed: 401 invalid token"
+            assert await owner.drain("::1") == (
+                "POST /drain to ::1 failed: 401 missing Authorization: Bearer <token> header"
+            )
+            assert agent.draining is False
+        finally:
+            await owner.close()
+
+
+async def test_an_unreachable_ipv6_pod_is_an_unknown_count_and_a_drain_error_not_an_exception() -> None:
+    client = AgentClient(timeout=0.2)
+    try:
+        assert client.url("fd00:10:244::7", contract.PATH_STATUS) == "http://[fd00:10:244::7]:8080/status"
+        assert await client.inflight("fd00:10:244::7") is None
+        error = await client.drain("fd00:10:244::7")
+        assert error is not None and error.startswith("POST /drain to fd00:10:244::7 failed: ")
+    finally:
+        await client.close()
