@@ -58,13 +58,19 @@ class OperatorDefaults:
     redis_password: bool = False
 
 
+def _pool_object_name(pool: PoolRef, kind: str) -> str:
+    """<pool>-<kind>-<uid prefix>, a valid name of at most 253 characters: the uid prefix keeps a
+    recreated pool's objects clear of the old pool's, which await garbage collection."""
+    suffix = f"-{kind}-{pool.uid[:8]}"
+    return (pool.name[: 253 - len(suffix)].rstrip("-.") + suffix).rstrip("-.")
+
+
 def pool_secret_name(pool: PoolRef) -> str:
-    """The pool's Secret; the uid prefix keeps a recreated pool clear of the old one awaiting GC."""
-    return f"{pool.name[:239]}-tars-{pool.uid[:8]}".rstrip("-.")
+    return _pool_object_name(pool, "tars")
 
 
 def network_policy_name(pool: PoolRef) -> str:
-    return f"{pool.name[:235]}-agents-{pool.uid[:8]}".rstrip("-.")
+    return _pool_object_name(pool, "agents")
 
 
 def _owner(pool: PoolRef) -> dict[str, Any]:
