@@ -98,7 +98,13 @@ def test_every_object_passes_server_side_validation(
         **MONITORING,
         "watchNamespaces": [watched_namespace],
         "dashboard": {"enabled": True},
-        "redis": {"enabled": True, "persistence": {"enabled": True}, "auth": {"existingSecret": "redis"}},
+        "redis": {
+            "enabled": True,
+            "persistence": {"enabled": True},
+            "auth": {"existingSecret": "redis"},
+            "tls": {"enabled": True, "existingSecret": "redis-tls"},
+        },
+        "networkPolicy": {"prometheusNamespaces": ["monitoring", "observability"]},
         "topologySpreadConstraints": [
             {
                 "maxSkew": 1,
@@ -129,6 +135,7 @@ def test_helm_install_dry_run_renders_notes(helm: Helm, kube: Kube, release_name
     )
     assert "kubectl get ap" in out
     assert "examples/agentpool.yaml" in out
+    assert "policy-enforcing CNI" in out
 
 
 def can(kube: Kube, who: str, *args: str) -> bool:
@@ -170,6 +177,11 @@ OPERATOR_CALLS = [
     ("patch", "agentpools.tars.dev", "W"),
     ("patch", "agentpools.tars.dev --subresource=status", "W"),
     ("create", "events", "W"),
+    # Each pool's Secret (agent token, default Redis password) and NetworkPolicy, server-side applied.
+    ("create", "secrets", "W"),
+    ("patch", "secrets", "W"),
+    ("create", "networkpolicies.networking.k8s.io", "W"),
+    ("patch", "networkpolicies.networking.k8s.io", "W"),
     ("create", "leases.coordination.k8s.io", "O"),
     ("get", "leases.coordination.k8s.io/tars-operator", "O"),
     ("update", "leases.coordination.k8s.io/tars-operator", "O"),
@@ -177,8 +189,14 @@ OPERATOR_CALLS = [
     ("watch", "customresourcedefinitions.apiextensions.k8s.io", ""),
 ]
 FORBIDDEN_CALLS = [
+    # It writes pools' Secrets but never reads one back (tokens are derived from its own key).
     ("get", "secrets", "W"),
+    ("list", "secrets", "W"),
+    ("watch", "secrets", "W"),
+    ("delete", "secrets", "W"),
     ("list", "secrets", "O"),
+    ("get", "networkpolicies.networking.k8s.io", "W"),
+    ("delete", "networkpolicies.networking.k8s.io", "W"),
     ("get", "configmaps", "W"),
     ("delete", "namespaces", ""),
     ("create", "deployments.apps", "W"),
