@@ -172,3 +172,40 @@ def test_network_policy_flags_are_checked(
     with pytest.raises(SystemExit):
         settings.parse(argv)
     assert message in capsys.readouterr().err
+
+
+async def test_the_applies_are_server_side_apply_requests() -> None:
+    """Against a stand-in API server: what kubernetes_asyncio really sends for each object."""
+    from aiohttp import web
+    from kubernetes_asyncio import client
+
+    seen: list[tuple[str, str, dict[str, str], str, dict[str, Any]]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        body = await request.json()
+        query = dict(request.query)
+        seen.append((request.method, request.path, query, request.headers["Content-Type"], body))
+        return web.json_response(body)
+
+    app = web.Application()
+    app.router.add_patch("/{tail:.*}", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    api = client.ApiClient(client.Configuration(host=site.name))
+    try:
+        pool_access = PoolAccess(POOL, CONFIG, client.CoreV1Api(api), client.NetworkingV1Api(api))
+        assert await pool_access.ensure(spec()) == []
+    finally:
+        await api.close()
+        await runner.cleanup()
+    secret, policy = CONFIG.manifests(POOL, spec())
+    # The client writes Python's "True"; the API server reads any case of "true" (and not "false") as true.
+    query = {"fieldManager": "tars-operator", "force": "True"}
+    assert seen == [
+        ("PATCH", "/api/v1/namespaces/agents/secrets/researcher-tars-0c8f2e3a", query,
+         "application/apply-patch+yaml", secret),
+        ("PATCH", "/apis/networking.k8s.io/v1/namespaces/agents/networkpolicies/researcher-agents-0c8f2e3a",
+         query, "application/apply-patch+yaml", policy),
+    ]  # fmt: skip
