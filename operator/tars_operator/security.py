@@ -98,8 +98,8 @@ class PoolAccess:
     core: client.CoreV1Api
     networking: client.NetworkingV1Api
     refresh_seconds: float = 60.0
-    _applied: list[dict[str, Any]] = field(default_factory=list, repr=False)
-    _applied_at: float = float("-inf")
+    _applied: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
+    _applied_at: float = field(default=float("-inf"), init=False)
 
     async def ensure(self, spec: models.AgentPoolSpec | None) -> list[str]:
         """Apply the pool's objects if they changed or are due; the errors, one text per object
