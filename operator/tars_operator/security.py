@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 import time
@@ -122,8 +123,22 @@ class PoolAccess:
                 await self.core.patch_namespaced_secret(name, namespace, manifest, **APPLY)
             else:
                 await self.networking.patch_namespaced_network_policy(name, namespace, manifest, **APPLY)
-        except (ApiException, TimeoutError, OSError) as exc:
-            # The status and reason only: an API error body may quote the object, i.e. the Secret.
-            detail = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else type(exc).__name__
-            return f"applying {kind} {namespace}/{name} failed: {detail}"
+        except ApiException as exc:
+            return f"applying {kind} {namespace}/{name} failed: {_api_error(exc)}"
+        except (TimeoutError, OSError) as exc:
+            return f"applying {kind} {namespace}/{name} failed: {type(exc).__name__} {exc}"
         return None
+
+
+def _api_error(exc: ApiException) -> str:
+    """Status and reason; for 403/404 (RBAC, a missing namespace) also the server's message, which
+    names the cause. Other bodies (e.g. 422) may quote the object, i.e. the Secret: left out."""
+    detail = f"{exc.status} {exc.reason}"
+    if exc.status in (403, 404):
+        try:
+            message = json.loads(exc.body or "{}").get("message")
+        except (ValueError, AttributeError):
+            message = None
+        if isinstance(message, str):
+            detail += f": {message[:500]}"
+    return detail

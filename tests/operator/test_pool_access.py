@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from typing import Any
 
@@ -131,6 +132,22 @@ async def test_a_failed_apply_is_reported_without_the_secret_and_retried() -> No
     assert not any(PASSWORD in e for e in errors)
     api.error = None
     assert await pool_access.ensure(spec()) == [] and len(api.calls) == 2  # retried at once
+
+
+async def test_a_forbidden_apply_names_the_missing_permission() -> None:
+    api = FakeApi()
+    api.error = ApiException(status=403, reason="Forbidden")
+    message = (
+        'secrets "researcher-tars-0c8f2e3a" is forbidden: User "system:serviceaccount:tars-system:t" '
+        'cannot patch resource "secrets" in API group "" in the namespace "agents"'
+    )
+    api.error.body = f'{{"kind": "Status", "message": {json.dumps(message)}}}'
+    errors = await access(api, AccessConfig(token_key=KEY)).ensure(spec())
+    assert errors == [f"applying Secret agents/researcher-tars-0c8f2e3a failed: 403 Forbidden: {message}"]
+    api.error = ApiException(status=422, reason="Unprocessable Entity")
+    api.error.body = f'{{"kind": "Status", "message": "data: Invalid value: {PASSWORD}"}}'
+    errors = await access(api, AccessConfig(token_key=KEY)).ensure(spec())
+    assert errors == ["applying Secret agents/researcher-tars-0c8f2e3a failed: 422 Unprocessable Entity"]
 
 
 def test_config_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
