@@ -11,8 +11,9 @@ import pytest
 from factories import spec
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from tars_agent import contract
 from tars_operator import settings
-from tars_operator.builders import PoolRef
+from tars_operator.builders import OperatorDefaults, PoolRef, render
 from tars_operator.security import AccessConfig, PoolAccess, agent_token
 
 POOL = PoolRef(name="researcher", namespace="agents", uid="0c8f2e3a-5d1b-4f7e-9a6c-2b4d8e1f3a5c")
@@ -226,3 +227,19 @@ async def test_the_applies_are_server_side_apply_requests() -> None:
         ("PATCH", "/apis/networking.k8s.io/v1/namespaces/agents/networkpolicies/researcher-agents-0c8f2e3a",
          query, "application/apply-patch+yaml", policy),
     ]  # fmt: skip
+
+
+def test_the_pods_env_reads_what_the_secret_holds_and_the_operator_sends() -> None:
+    """The three sides agree: the Secret the operator applies, the secretKeyRefs of the agent pod
+    it renders, and the token its AgentClient sends (CONFIG.token)."""
+    secret = CONFIG.manifests(POOL, spec())[0]
+    defaults = OperatorDefaults(
+        redis_url="redis://r:6379/0", redis_password=CONFIG.redis_password is not None
+    )
+    env = {e["name"]: e for e in render(POOL, spec(), None, defaults)["spec"]["containers"][0]["env"]}
+    values = {}
+    for name in (contract.ENV_AGENT_TOKEN, contract.ENV_REDIS_PASSWORD):
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == secret["metadata"]["name"]
+        values[name] = secret_data(secret)[ref["key"]]
+    assert values == {contract.ENV_AGENT_TOKEN: CONFIG.token(POOL), contract.ENV_REDIS_PASSWORD: PASSWORD}
