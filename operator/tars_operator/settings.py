@@ -39,7 +39,7 @@ ENV_REDIS_PASSWORD = "TARS_REDIS_PASSWORD"
 
 
 def labels(text: str) -> tuple[tuple[str, str], ...]:
-    """ "k=v,k2=v2" -> ((k, v), (k2, v2)); argparse reports a ValueError as a bad value."""
+    """Parse "k=v,k2=v2" into ((k, v), (k2, v2)); argparse reports a ValueError as a bad value."""
     pairs = [item.partition("=") for item in text.split(",") if item]
     if not pairs or any(not k or not sep or not v for k, sep, v in pairs):
         raise ValueError(text)
