@@ -7,6 +7,7 @@ where the test runner cannot route to pod or Service addresses.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import yaml
 
 from tars_localcluster.kubectl import Kubectl
@@ -124,6 +126,20 @@ class Kube:
     def port_forward(self, namespace: str, target: str, port: int) -> contextlib.AbstractContextManager[int]:
         """`kubectl port-forward` to `target` (e.g. svc/redis); the context yields the local port."""
         return Kubectl(self.kubectl_bin, self.kubeconfig).port_forward(namespace, target, port)
+
+    def pod_request(
+        self, namespace: str, pod: str, port: int, method: str, path: str, token: str | None = None
+    ) -> httpx.Response:
+        """One HTTP request to a pod's port through a port-forward, with `token` as bearer token
+        (the API server's pod proxy would not pass an Authorization header on to the pod)."""
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        with self.port_forward(namespace, f"pod/{pod}", port) as local:
+            return httpx.request(method, f"http://127.0.0.1:{local}{path}", headers=headers, timeout=10)
+
+    def secret_value(self, namespace: str, name: str, key: str) -> str:
+        """One key of a Secret, decoded (the suite runs as cluster admin)."""
+        data: dict[str, str] = self.get("secret", name, namespace)["data"]
+        return base64.b64decode(data[key]).decode()
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
 A hand-kept list once missed the in-place resize call (403 as shipped). Here every
 kubernetes_asyncio call of the form `<verb>_namespaced_<kind>[_<subresource>]` in the
-operator's package is found by reading its syntax tree, and mapped to what
-`kubectl auth can-i` asks; a call whose kind is not mapped fails the fast test
-(tests/helm/test_operator_calls.py), so a new call cannot slip past the RBAC tests.
+operator's package is found by reading its syntax tree (a patch passed `**APPLY`, a
+server-side apply, also needs create), and mapped to what `kubectl auth can-i` asks; a
+call whose kind is not mapped fails the fast test (tests/helm/test_operator_calls.py), so
+a new call cannot slip past the RBAC tests.
 kopf's own calls (its watches, a finalizer patch, CRD discovery) are not in our code:
 they are listed below, from its documentation and the 1.45 source.
 """
@@ -61,6 +62,13 @@ def _can_i(verb: str, kind: str) -> str:
     return f"{resource} --subresource={subresource}" if subresource else resource
 
 
+def _applies(call: ast.Call) -> bool:
+    """A patch sent as a server-side apply: the operator passes `**APPLY` (its content type)."""
+    return any(
+        k.arg is None and isinstance(k.value, ast.Name) and k.value.id == "APPLY" for k in call.keywords
+    )
+
+
 def derived_calls(package: Path = OPERATOR_PACKAGE) -> list[tuple[str, str, str]]:
     """(verb, can-i resource, "W" or "O") for each namespaced API call in the operator's code."""
     calls: set[tuple[str, str, str]] = set()
@@ -72,6 +80,9 @@ def derived_calls(package: Path = OPERATOR_PACKAGE) -> list[tuple[str, str, str]
                 if match:
                     verb, kind = match.groups()
                     calls.add((VERBS[verb], _can_i(verb, kind), where))
+                    if verb == "patch" and _applies(node):
+                        # A server-side apply that creates the object is authorized as create.
+                        calls.add(("create", _can_i("create", kind), where))
     return sorted(calls)
 
 

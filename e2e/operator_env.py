@@ -45,6 +45,8 @@ def e2e_values(prometheus: Prometheus) -> dict[str, Any]:
         "image": image_values(IMAGES.operator),
         "prometheusUrl": prometheus.in_cluster_url,
         "redis": {"enabled": True, "image": image_values(IMAGES.redis)},
+        # The suite's Prometheus scrapes the agents (under a policy-enforcing CNI, e.g. kind's).
+        "networkPolicy": {"prometheusNamespaces": [prometheus.namespace]},
         "podMonitor": {"enabled": True, "interval": "2s", "scrapeTimeout": "2s"},
         "serviceMonitor": {"enabled": True, "interval": "5s", "scrapeTimeout": "4s"},
         "prometheusRule": {"enabled": True},
@@ -131,11 +133,15 @@ class OperatorEnv:
     def logs(self, pod: str) -> str:
         return self.kube.run("logs", pod, "-n", self.namespace, check=False).stdout
 
+    def redis_password(self) -> str:
+        """The password the chart generated for its Redis (Redis refuses clients without it)."""
+        return self.kube.secret_value(self.namespace, f"{self.release}-redis", "redis-password")
+
     @contextlib.contextmanager
     def redis(self) -> Iterator[redis.Redis]:
         """A client of the release's Redis, through a port-forward."""
         with self.kube.port_forward(self.namespace, f"svc/{self.release}-redis", 6379) as port:
-            client = redis.Redis(port=port, socket_timeout=5)
+            client = redis.Redis(port=port, password=self.redis_password(), socket_timeout=5)
             try:
                 yield client
             finally:

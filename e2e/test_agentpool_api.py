@@ -63,6 +63,9 @@ def test_server_fills_in_every_default(kube: Kube, namespace: str, agentpool_crd
         ({"scaling": {"interval": "ten seconds"}}, "spec.scaling.interval in body should match"),
         ({"memory": {"mode": "Sometimes"}}, 'spec.memory.mode: Unsupported value: "Sometimes"'),
         ({"queue": {"maxDepth": "many"}}, "spec.queue.maxDepth: Invalid value"),
+        # Credentials only by Secret reference (the CEL rule on spec.redis reports on its url).
+        ({"redis": {"url": "redis://:s3cret@redis:6379/0"}}, "spec.redis.url: Invalid value"),
+        ({"redis": {"url": "redis://:s3cret@redis:6379/0"}}, "redis.passwordSecretRef"),
     ],
 )
 def test_bad_specs_are_refused_naming_the_field(

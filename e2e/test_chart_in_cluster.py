@@ -18,7 +18,16 @@ def test_helm_upgrade_to_two_replicas_one_leads_and_a_live_one_takes_over_when_i
     op: OperatorEnv, namespace: str
 ) -> None:
     kube = op.kube
+    generated = (
+        op.redis_password(),
+        kube.secret_value(op.namespace, f"{op.release}-agent-auth", "token-key"),
+    )
     op.upgrade(replicas=2)
+    # helm lookup keeps what the chart generated on install: agents keep their Redis and tokens.
+    assert (
+        op.redis_password(),
+        kube.secret_value(op.namespace, f"{op.release}-agent-auth", "token-key"),
+    ) == (generated)
     pods = eventually(lambda: op.pods() if len(op.pods()) == 2 else None, 120, "two operator pods")
     leader = op.wait_leader()
     (standby,) = [p["metadata"]["name"] for p in pods if p["metadata"]["name"] != leader]
@@ -96,6 +105,9 @@ def test_helm_uninstall_removes_the_operator_and_leaves_pools_and_their_agents(
     op.helm.run("uninstall", op.release, "-n", op.namespace, "--wait", "--timeout=2m")
     eventually(lambda: not op.pods(), 60, "no operator pod after helm uninstall")
     assert not kube.exists("deployment", op.release, op.namespace)
+    # The generated key and password stay (resource-policy keep): the surviving agents hold them.
+    assert kube.exists("secret", f"{op.release}-redis", op.namespace)
+    assert kube.exists("secret", f"{op.release}-agent-auth", op.namespace)
     # As the chart's README says: the CRD, and with it every pool and its agents, stay.
     assert kube.exists("agentpool", "stays", namespace)
     pods = kube.pods(namespace, f"{contract.POOL_LABEL}=stays")

@@ -99,7 +99,13 @@ def test_every_object_passes_server_side_validation(
         **MONITORING,
         "watchNamespaces": [watched_namespace],
         "dashboard": {"enabled": True},
-        "redis": {"enabled": True, "persistence": {"enabled": True}, "auth": {"existingSecret": "redis"}},
+        "redis": {
+            "enabled": True,
+            "persistence": {"enabled": True},
+            "auth": {"existingSecret": "redis"},
+            "tls": {"enabled": True, "existingSecret": "redis-tls"},
+        },
+        "networkPolicy": {"prometheusNamespaces": ["monitoring", "observability"]},
         "topologySpreadConstraints": [
             {
                 "maxSkew": 1,
@@ -130,6 +136,7 @@ def test_helm_install_dry_run_renders_notes(helm: Helm, kube: Kube, release_name
     )
     assert "kubectl get ap" in out
     assert "examples/agentpool.yaml" in out
+    assert "policy-enforcing CNI" in out
 
 
 def can(kube: Kube, who: str, *args: str) -> bool:
@@ -157,8 +164,14 @@ def apply_rbac(
 # namespace W and the operator's namespace O; "W" and "O" are replaced by the test's namespaces.
 OPERATOR_CALLS = operator_calls()
 FORBIDDEN_CALLS = [
+    # It writes pools' Secrets but never reads one back (tokens are derived from its own key).
     ("get", "secrets", "W"),
+    ("list", "secrets", "W"),
+    ("watch", "secrets", "W"),
+    ("delete", "secrets", "W"),
     ("list", "secrets", "O"),
+    ("get", "networkpolicies.networking.k8s.io", "W"),
+    ("delete", "networkpolicies.networking.k8s.io", "W"),
     ("get", "configmaps", "W"),
     ("delete", "namespaces", ""),
     ("create", "deployments.apps", "W"),

@@ -21,6 +21,7 @@ from e2e.harness import (
 )
 from e2e.operator_env import OperatorEnv
 from tars_agent import contract
+from tars_operator import builders
 from tars_operator.units import parse_quantity
 
 
@@ -87,11 +88,24 @@ def set_busy(kube: Kube, pod: dict[str, Any], inflight: int) -> None:
     kube.pod_post(meta["namespace"], meta["name"], contract.HTTP_PORT, f"/test/busy?n={inflight}")
 
 
+def pool_ref(kube: Kube, namespace: str, pool: str) -> builders.PoolRef:
+    return builders.PoolRef(pool, namespace, kube.get("agentpool", pool, namespace)["metadata"]["uid"])
+
+
+def pool_token(kube: Kube, namespace: str, pool: str) -> str:
+    """The token the operator put in the pool's Secret (its agents require it on /status, /drain)."""
+    name = builders.pool_secret_name(pool_ref(kube, namespace, pool))
+    return kube.secret_value(namespace, name, builders.SECRET_AGENT_TOKEN)
+
+
 def agent_status(kube: Kube, pod: dict[str, Any]) -> dict[str, Any]:
     meta = pod["metadata"]
-    status: dict[str, Any] = json.loads(
-        kube.pod_get(meta["namespace"], meta["name"], contract.HTTP_PORT, contract.PATH_STATUS)
+    token = pool_token(kube, meta["namespace"], meta["labels"][contract.POOL_LABEL])
+    response = kube.pod_request(
+        meta["namespace"], meta["name"], contract.HTTP_PORT, "GET", contract.PATH_STATUS, token
     )
+    assert response.status_code == 200, response.text
+    status: dict[str, Any] = response.json()
     return status
 
 
@@ -480,3 +494,44 @@ def test_memory_right_sizing_resizes_running_agents_in_place_and_bumps_after_an_
     assert 96 * 2**20 <= bumped_to < 512 * 2**20, "one bump, not a run-away to memory.max"
     bumped = [e for e in events(kube, namespace, name) if "oomKilled=" in e["message"]]
     assert bumped and bumped[0]["type"] == "Warning"
+
+
+def test_a_pool_gets_a_secret_and_network_policy_and_its_agents_refuse_calls_without_its_token(
+    op: OperatorEnv, namespace: str
+) -> None:
+    kube = op.kube
+    kube.apply(agent_pool("guarded", warm={"min": 1}), namespace=namespace)
+    (agent,) = wait_ready_agents(kube, namespace, "guarded", 1, 90)
+    ref = pool_ref(kube, namespace, "guarded")
+    owner = {"apiVersion": "tars.dev/v1alpha1", "kind": "AgentPool", "name": "guarded", "uid": ref.uid}
+    secret = kube.get("secret", builders.pool_secret_name(ref), namespace)
+    assert secret["metadata"]["ownerReferences"] == [
+        {**owner, "controller": True, "blockOwnerDeletion": True}
+    ]
+    # The pool uses the chart's Redis: its agents get that Redis's password from this Secret.
+    assert sorted(secret["data"]) == [builders.SECRET_AGENT_TOKEN, builders.SECRET_REDIS_PASSWORD]
+    assert kube.secret_value(namespace, secret["metadata"]["name"], "redis-password") == op.redis_password()
+    policy = kube.get("networkpolicy", builders.network_policy_name(ref), namespace)
+    assert policy["spec"]["podSelector"] == {"matchLabels": {contract.POOL_LABEL: "guarded"}}
+    assert policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": contract.HTTP_PORT}]
+
+    name = agent["metadata"]["name"]
+    for token in (None, "guessed-token"):
+        refused = kube.pod_request(namespace, name, contract.HTTP_PORT, "POST", contract.PATH_DRAIN, token)
+        assert refused.status_code == 401, refused.text
+    token = pool_token(kube, namespace, "guarded")
+    status = kube.pod_request(namespace, name, contract.HTTP_PORT, "GET", contract.PATH_STATUS, token)
+    assert status.status_code == 200 and status.json()["draining"] is False
+    # Probes need no token: the agent is still Ready.
+    assert [p["metadata"]["name"] for p in ready_active(kube, namespace, "guarded")] == [name]
+
+    # The Secret and the NetworkPolicy go with the pool.
+    kube.run("delete", "agentpool", "guarded", "-n", namespace)
+    eventually(
+        lambda: (
+            not kube.exists("secret", builders.pool_secret_name(ref), namespace)
+            and not kube.exists("networkpolicy", builders.network_policy_name(ref), namespace)
+        ),
+        90,
+        "the pool's Secret and NetworkPolicy garbage-collected",
+    )

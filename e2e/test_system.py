@@ -88,8 +88,11 @@ def test_pool_of_real_agents_scales_on_its_queue_and_completes_every_task_within
         "the first real agent Ready",
     )
 
+    password = op.redis_password()
+
     async def submit_and_wait(port: int, n: int) -> list[Any]:
-        client = TaskClient(aioredis.from_url(f"redis://127.0.0.1:{port}/0"), namespace, "system")
+        redis = aioredis.from_url(f"redis://127.0.0.1:{port}/0", password=password)
+        client = TaskClient(redis, namespace, "system")
         submitted = [
             await client.submit_payload(
                 {"messages": [{"role": "user", "content": f"task {i}"}], "max_tokens": 8},

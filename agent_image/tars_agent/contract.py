@@ -74,3 +74,7 @@ MIN_RATE_LIMIT = 2
 MAX_REQUESTS_PER_MINUTE = 50_000_000
 MAX_REQUESTS_PER_HOUR = 1_000_000_000
 MAX_TOKENS_PER_MINUTE = 1_000_000_000
+
+# Authentication of the operator to its agents: GET /status and POST /drain need
+# `Authorization: Bearer <token>`; /metrics, /healthz and /readyz stay open (scrapes, probes).
+ENV_AGENT_TOKEN = "TARS_AGENT_TOKEN"  # from the pool's Secret, never logged

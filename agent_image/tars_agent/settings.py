@@ -42,6 +42,8 @@ class AgentSettings(BaseModel):
     llm_cache_entries: int = Field(0, ge=0)
     http_port: int = Field(c.HTTP_PORT, ge=0, le=65535)
     http_bind: str = "0.0.0.0"
+    # Without a token the control endpoints (/status, /drain) refuse every request.
+    agent_token: SecretStr | None = None
     concurrency: int = Field(4, ge=1, le=1000)
     drain_grace_seconds: float = Field(c.DEFAULT_DRAIN_GRACE_SECONDS, gt=0)
     expected_pool_size: int = Field(10, ge=1)
@@ -73,6 +75,7 @@ _ENV_FIELDS = {
     c.ENV_LLM_HTTP2: "llm_http2",
     c.ENV_HTTP_PORT: "http_port",
     c.ENV_HTTP_BIND: "http_bind",
+    c.ENV_AGENT_TOKEN: "agent_token",
     c.ENV_CONCURRENCY: "concurrency",
     c.ENV_DRAIN_GRACE_SECONDS: "drain_grace_seconds",
     c.ENV_EXPECTED_POOL_SIZE: "expected_pool_size",

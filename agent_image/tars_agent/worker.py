@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import hmac
 import json
 import logging
 import signal
@@ -186,10 +187,14 @@ class Agent:
                 return web.Response(status=503, text="redis unreachable")
             return web.Response(text="ready")
 
-        async def status(_r: web.Request) -> web.Response:
+        async def status(request: web.Request) -> web.Response:
+            if refused := self._refuse_unauthorized(request):
+                return refused
             return web.json_response(self.status())
 
-        async def drain(_r: web.Request) -> web.Response:
+        async def drain(request: web.Request) -> web.Response:
+            if refused := self._refuse_unauthorized(request):
+                return refused
             self.request_drain()
             return web.json_response(self.status(), status=202)
 
@@ -199,6 +204,24 @@ class Agent:
         app.router.add_get(contract.PATH_STATUS, status)
         app.router.add_post(contract.PATH_DRAIN, drain)
         return app
+
+    def _refuse_unauthorized(self, request: web.Request) -> web.Response | None:
+        """None when the request carries the pool's token; else the refusal (secrets never echoed)."""
+        expected = self.settings.agent_token
+        if expected is None:
+            # Fail closed: an agent started without a token cannot be drained by anyone.
+            return web.Response(
+                status=503, text=f"control endpoints disabled: {contract.ENV_AGENT_TOKEN} is not set"
+            )
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            problem = "missing Authorization: Bearer <token> header"
+        elif hmac.compare_digest(given.strip().encode(), expected.get_secret_value().encode()):
+            return None
+        else:
+            problem = "invalid token"
+        log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote, problem)
+        return web.Response(status=401, text=problem, headers={"WWW-Authenticate": "Bearer"})
 
     # -- main ----------------------------------------------------------------------------
     async def run(self) -> None:

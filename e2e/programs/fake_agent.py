@@ -8,6 +8,8 @@ GET  /healthz      200
 GET  /readyz       200 until drained, then 503
 GET  /status       {"inflight": n, "draining": bool, "memoryLimitBytes": the cgroup's limit}
 POST /drain        stop taking work
+                   (both need `Authorization: Bearer $TARS_AGENT_TOKEN`, as from a real agent:
+                   401 without it or with another token, 503 when the agent has no token)
 POST /test/busy?n= set the in-flight count (the test's remote control)
 POST /test/alloc?mb= allocate and hold that much more memory
 
@@ -16,6 +18,7 @@ The pool's backlog and budget use are what a test wrote to the Redis keys
 every scrape: the whole pool reports one queue, as real agents do.
 """
 
+import hmac
 import json
 import os
 import signal
@@ -31,7 +34,13 @@ HELD: list[bytearray] = []  # memory a test asked this agent to hold
 POOL = os.environ.get("TARS_POOL", "")
 NAMESPACE = os.environ.get("TARS_NAMESPACE", "")
 BUDGET = os.environ.get("TARS_BUDGET", "")
-REDIS = redis.Redis.from_url(os.environ["TARS_REDIS_URL"], socket_timeout=1, socket_connect_timeout=1)
+TOKEN = os.environ.get("TARS_AGENT_TOKEN", "")
+REDIS = redis.Redis.from_url(
+    os.environ["TARS_REDIS_URL"],
+    password=os.environ.get("TARS_REDIS_PASSWORD") or None,
+    socket_timeout=1,
+    socket_connect_timeout=1,
+)
 CONTROL_KEY = f"tars-e2e:{NAMESPACE}/{POOL}"
 
 
@@ -57,6 +66,21 @@ def control(name: str) -> float:
 
 
 class Handler(BaseHTTPRequestHandler):
+    def _authorized(self) -> bool:
+        """The real agent's check (tars_agent.worker): replies and returns False when refused."""
+        if not TOKEN:
+            self._reply(503, "control endpoints disabled: TARS_AGENT_TOKEN is not set")
+            return False
+        scheme, _, given = (self.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            problem = "missing Authorization: Bearer <token> header"
+        elif hmac.compare_digest(given.strip().encode(), TOKEN.encode()):
+            return True
+        else:
+            problem = "invalid token"
+        self._reply(401, problem)
+        return False
+
     def do_GET(self) -> None:
         path = urlparse(self.path).path
         if path == "/metrics":
@@ -78,6 +102,8 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/readyz":
             self._reply(503 if STATE["draining"] else 200, "draining" if STATE["draining"] else "ready")
         elif path == "/status":
+            if not self._authorized():
+                return
             self._reply(200, json.dumps({**STATE, "memoryLimitBytes": memory_limit()}), "application/json")
         else:
             self._reply(404, "not found")
@@ -85,6 +111,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         url = urlparse(self.path)
         if url.path == "/drain":
+            if not self._authorized():
+                return
             STATE["draining"] = True
             self._reply(202, json.dumps(STATE), "application/json")
         elif url.path == "/test/alloc":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import sys
 import time
@@ -71,10 +72,18 @@ def install(cluster: Cluster) -> None:
     log(f"operator installed by helm (release {RELEASE_NAMESPACE}/{RELEASE}, {took:.0f}s)")
 
 
+def redis_password(cluster: Cluster) -> str:
+    """The password the chart generated for its Redis (kept across `helm upgrade`)."""
+    secret = json.loads(
+        cluster.run_kubectl("get", "secret", f"{RELEASE}-redis", "-n", RELEASE_NAMESPACE, "-o", "json")
+    )
+    return base64.b64decode(secret["data"]["redis-password"]).decode()
+
+
 async def run_tasks(
     cluster: Cluster, redis_port: int, count: int
 ) -> tuple[list[tuple[str, str]], dict[str, float], Counter[str]]:
-    redis = aioredis.from_url(f"redis://127.0.0.1:{redis_port}/0")
+    redis = aioredis.from_url(f"redis://127.0.0.1:{redis_port}/0", password=redis_password(cluster))
     client = TaskClient(redis, NAMESPACE, POOL)
     started = time.monotonic()
     submitted = []

@@ -1,7 +1,9 @@
-"""Pure builder of the agent Pod manifest (kubespawner style: the whole object, in one place).
+"""Pure builders of what the operator creates for a pool (kubespawner style: whole objects).
 
 `render` turns (pool, spec, memory limit, operator defaults) into the full core/v1 Pod the
-operator creates; `with_replaces` adds the per-pod rotation annotation. The template hash
+operator creates; `with_replaces` adds the per-pod rotation annotation; `pool_secret` and
+`network_policy` are the pool's Secret (agent token, default Redis password) and the
+NetworkPolicy that lets only the operator and Prometheus reach the agents' port. The template hash
 label is a digest of everything else in the manifest but the operator's memory limit, so
 any change that would give a different pod -- template, env, drain timeout -- rolls the
 pool through rotation, while a new memory limit is resized into running pods in place.
@@ -9,10 +11,12 @@ Template values win over the operator's defaults, except for what the operator m
 its env vars, the pool/hash labels, owner reference, and terminationGracePeriodSeconds.
 """
 
+import base64
 import copy
 import hashlib
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +32,10 @@ CONTAINER_SECURITY = {
     "capabilities": {"drop": ["ALL"]},
 }
 POD_SECURITY = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+# Keys of the pool's Secret.
+SECRET_AGENT_TOKEN = "agent-token"
+SECRET_REDIS_PASSWORD = "redis-password"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "tars-operator"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,104 @@ class OperatorDefaults:
     """Operator-wide settings a pool may override."""
 
     redis_url: str = "redis://redis:6379/0"
+    # The default Redis needs a password: agents of pools that name no Redis get it from the
+    # pool's Secret (the operator copies it there; a pod cannot read the operator's Secret).
+    redis_password: bool = False
+
+
+def _pool_object_name(pool: PoolRef, kind: str) -> str:
+    """<pool>-<kind>-<uid prefix>, a valid name of at most 253 characters: the uid prefix keeps a
+    recreated pool's objects clear of the old pool's, which await garbage collection."""
+    suffix = f"-{kind}-{pool.uid[:8]}"
+    return (pool.name[: 253 - len(suffix)].rstrip("-.") + suffix).rstrip("-.")
+
+
+def pool_secret_name(pool: PoolRef) -> str:
+    return _pool_object_name(pool, "tars")
+
+
+def network_policy_name(pool: PoolRef) -> str:
+    return _pool_object_name(pool, "agents")
+
+
+def _owner(pool: PoolRef) -> dict[str, Any]:
+    return {
+        "apiVersion": models.API_VERSION,
+        "kind": models.KIND,
+        "name": pool.name,
+        "uid": pool.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _pool_metadata(pool: PoolRef, name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": pool.namespace,
+        "labels": {contract.POOL_LABEL: pool.name, **MANAGED_BY},
+        "ownerReferences": [_owner(pool)],
+    }
+
+
+def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def pool_secret(pool: PoolRef, agent_token: str, redis_password: str | None) -> dict[str, Any]:
+    """The pool's Secret: the token its agents require on /status and /drain, and the default
+    Redis's password when the pool uses that Redis. It goes with the pool (owner reference)."""
+    data = {SECRET_AGENT_TOKEN: agent_token}
+    if redis_password is not None:
+        data[SECRET_REDIS_PASSWORD] = redis_password
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _pool_metadata(pool, pool_secret_name(pool)),
+        "type": "Opaque",
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+    }
+
+
+def network_policy(
+    pool: PoolRef,
+    operator_namespace: str,
+    operator_labels: Mapping[str, str],
+    prometheus_namespaces: Sequence[str],
+) -> dict[str, Any]:
+    """Ingress to the pool's agents: their HTTP port only, from the operator's pods and from any
+    pod in the Prometheus namespaces. Other ingress to the agent pods is refused (kubelet probes
+    are not affected). Enforced only by a policy-enforcing CNI."""
+    peers: list[dict[str, Any]] = [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": operator_namespace}},
+            "podSelector": {"matchLabels": dict(operator_labels)},
+        }
+    ]
+    if prometheus_namespaces:
+        peers.append(
+            {
+                "namespaceSelector": {
+                    "matchExpressions": [
+                        {
+                            "key": "kubernetes.io/metadata.name",
+                            "operator": "In",
+                            "values": list(prometheus_namespaces),
+                        }
+                    ]
+                }
+            }
+        )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _pool_metadata(pool, network_policy_name(pool)),
+        "spec": {
+            "podSelector": {"matchLabels": {contract.POOL_LABEL: pool.name}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": contract.HTTP_PORT}]}],
+        },
+    }
 
 
 def _env(name: str, value: str) -> dict[str, Any]:
@@ -74,15 +180,13 @@ def operator_env(
         # The agent's SIGTERM grace is the pod's: it keeps the last tenth to hand work back.
         _env(contract.ENV_DRAIN_GRACE_SECONDS, str(termination_grace_seconds(spec))),
         _env(contract.ENV_REDIS_URL, redis.url if redis else defaults.redis_url),
+        _secret_env(contract.ENV_AGENT_TOKEN, pool_secret_name(pool), SECRET_AGENT_TOKEN),
     ]
     if redis and redis.password_secret_ref:
         ref = redis.password_secret_ref
-        env.append(
-            {
-                "name": contract.ENV_REDIS_PASSWORD,
-                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
-            }
-        )
+        env.append(_secret_env(contract.ENV_REDIS_PASSWORD, ref.name, ref.key))
+    elif redis is None and defaults.redis_password:
+        env.append(_secret_env(contract.ENV_REDIS_PASSWORD, pool_secret_name(pool), SECRET_REDIS_PASSWORD))
     if spec.rate_limit:
         limits = spec.rate_limit
         env.append(_env(contract.ENV_BUDGET, limits.budget))
@@ -180,16 +284,7 @@ def render(
                 "prometheus.io/port": str(contract.HTTP_PORT),
                 "prometheus.io/path": contract.PATH_METRICS,
             },
-            "ownerReferences": [
-                {
-                    "apiVersion": models.API_VERSION,
-                    "kind": models.KIND,
-                    "name": pool.name,
-                    "uid": pool.uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
+            "ownerReferences": [_owner(pool)],
         },
         "spec": pod_spec,
     }

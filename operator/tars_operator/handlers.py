@@ -24,6 +24,7 @@ from tars_operator import builders, models, observability
 from tars_operator.controller import AgentPod, PoolController, index_entry
 from tars_operator.events import COMPONENT, EventRecorder, ObjectRef
 from tars_operator.kubeclient import api_client
+from tars_operator.security import AccessConfig, PoolAccess
 from tars_operator.settings import OperatorSettings
 from tars_operator.sources import AgentClient, PrometheusReader
 from tars_operator.supervision import Backoff, supervise
@@ -60,6 +61,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.api = await api_client(SETTINGS.kubeconfig)
     memo.prometheus = PrometheusReader(SETTINGS.prometheus_url)
     memo.agents = AgentClient()
+    memo.access = AccessConfig.from_settings(SETTINGS)
     memo.events = EventRecorder(client.CoreV1Api(memo.api), SETTINGS.identity)
 
 
@@ -146,6 +148,8 @@ async def _run_pool(
         await memo.events.record(ref, kind, reason, message)
 
     api = memo.api
+    pool_ref = builders.PoolRef(name, namespace, runner.uid)
+    access = PoolAccess(pool_ref, memo.access, client.CoreV1Api(api), client.NetworkingV1Api(api))
     controller = PoolController(
         name=name,
         namespace=namespace,
@@ -153,8 +157,10 @@ async def _run_pool(
         core=client.CoreV1Api(api),
         custom=client.CustomObjectsApi(api),
         prometheus=memo.prometheus,
-        agents=memo.agents,
-        defaults=builders.OperatorDefaults(redis_url=SETTINGS.redis_url),
+        agents=memo.agents.for_pool(memo.access.token(pool_ref)),
+        defaults=builders.OperatorDefaults(
+            redis_url=SETTINGS.redis_url, redis_password=SETTINGS.redis_password is not None
+        ),
         emit=emit,
     )
     wake = _wake(key)
@@ -172,6 +178,10 @@ async def _run_pool(
         due = loop.time() - last_cycle >= interval
         if controller.busy_changed(pods) or woken or due:
             last_cycle = loop.time()
+            # Before the cycle: the pods it creates read their token (and Redis password) from it.
+            for error in await access.ensure(parsed):
+                log.warning("pool %s/%s: %s", namespace, name, error)
+                await emit("Warning", "AccessFailed", error)
             await controller.cycle(body, pods, by_name)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), POLL_SECONDS)

@@ -222,11 +222,35 @@ class SecretKeyRef(_Model):
     key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
 
 
-class Redis(_Model):
-    """The Redis holding the queues and the limiter state (the operator's default when unset)."""
+REDIS_URL_CREDENTIALS = (
+    "redis.url must not contain credentials (user:password@): it would be in every agent pod's "
+    "environment and in the AgentPool; put the password in a Secret and name it in "
+    "redis.passwordSecretRef"
+)
 
+
+class Redis(_Model):
+    """The Redis holding the queues and the limiter state (the operator's default when unset).
+
+    Credentials only by Secret reference; `rediss://` for TLS."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [_cel("!self.url.contains('@')", REDIS_URL_CREDENTIALS, ".url")]
+        }
+    )
     url: str = Field(min_length=1, max_length=1024, pattern=r"^rediss?://")
-    password_secret_ref: SecretKeyRef | None = None
+    password_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="The Redis password: a key of a Secret in the pool's namespace "
+        "(agents get it as TARS_REDIS_PASSWORD).",
+    )
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> "Redis":
+        if "@" in self.url:
+            raise ValueError(REDIS_URL_CREDENTIALS)
+        return self
 
 
 class AgentPoolSpec(_Model):

@@ -22,6 +22,28 @@ class OperatorSettings:
     lease_name: str = "tars-operator"
     identity: str = field(default_factory=socket.gethostname)
     log_format: str = "json"  # json: one object per line, for log pipelines; text: for people
+    # Secrets come from the environment only (the chart: secretKeyRef), never from flags, and
+    # are kept out of repr. The key derives each pool's agent token (security.agent_token).
+    agent_token_key: str | None = field(default=None, repr=False)
+    redis_password: str | None = field(default=None, repr=False)  # of redis_url's Redis
+    # A NetworkPolicy per pool: agents' port reachable from the operator's pods (these labels in
+    # operator_namespace) and from the Prometheus namespaces only.
+    network_policy: bool = False
+    operator_namespace: str = "default"
+    operator_pod_labels: tuple[tuple[str, str], ...] = ()
+    prometheus_namespaces: tuple[str, ...] = ()
+
+
+ENV_AGENT_TOKEN_KEY = "TARS_AGENT_TOKEN_KEY"
+ENV_REDIS_PASSWORD = "TARS_REDIS_PASSWORD"
+
+
+def labels(text: str) -> tuple[tuple[str, str], ...]:
+    """Parse "k=v,k2=v2" into ((k, v), (k2, v2)); argparse reports a ValueError as a bad value."""
+    pairs = [item.partition("=") for item in text.split(",") if item]
+    if not pairs or any(not k or not sep or not v for k, sep, v in pairs):
+        raise ValueError(text)
+    return tuple((k, v) for k, _, v in pairs)
 
 
 def parse(argv: list[str]) -> OperatorSettings:
@@ -49,7 +71,31 @@ def parse(argv: list[str]) -> OperatorSettings:
     parser.add_argument("--lease-name", default=OperatorSettings.lease_name)
     parser.add_argument("--identity", default=env("POD_NAME", socket.gethostname()))
     parser.add_argument("--log-format", choices=("json", "text"), default=env("TARS_LOG_FORMAT", "json"))
+    parser.add_argument(
+        "--network-policy",
+        action="store_true",
+        help="create a NetworkPolicy per pool: ingress to the agents' port only from the operator "
+        "(--operator-pod-labels in $POD_NAMESPACE) and the --prometheus-namespace namespaces",
+    )
+    parser.add_argument(
+        "--operator-pod-labels",
+        type=labels,
+        default=(),
+        metavar="K=V,...",
+        help="labels that select the operator's own pods (the chart's selector labels)",
+    )
+    parser.add_argument(
+        "--prometheus-namespace",
+        action="append",
+        default=[],
+        help="namespace whose pods may scrape the agents (repeatable)",
+    )
     args = parser.parse_args(argv)
+    if "@" in args.redis_url:
+        # It would be in every agent pod's env: the password goes in $TARS_REDIS_PASSWORD.
+        parser.error(f"--redis-url must not contain credentials: set ${ENV_REDIS_PASSWORD} instead")
+    if args.network_policy and not args.operator_pod_labels:
+        parser.error("--network-policy needs --operator-pod-labels (else it would lock the operator out)")
     return OperatorSettings(
         kubeconfig=args.kubeconfig or None,
         namespaces=tuple(args.namespace),
@@ -62,4 +108,10 @@ def parse(argv: list[str]) -> OperatorSettings:
         lease_name=args.lease_name,
         identity=args.identity,
         log_format=args.log_format,
+        agent_token_key=env(ENV_AGENT_TOKEN_KEY) or None,
+        redis_password=env(ENV_REDIS_PASSWORD) or None,
+        network_policy=args.network_policy,
+        operator_namespace=env("POD_NAMESPACE", OperatorSettings.operator_namespace),
+        operator_pod_labels=args.operator_pod_labels,
+        prometheus_namespaces=tuple(args.prometheus_namespace),
     )

@@ -74,23 +74,43 @@ class PrometheusReader:
 
 
 class AgentClient:
-    """The agent's HTTP side of the contract: GET /status and POST /drain."""
+    """The agent's HTTP side of the contract: GET /status and POST /drain, with the pool's token.
 
-    def __init__(self, timeout: float = 1.0) -> None:
-        self._http = httpx.AsyncClient(timeout=timeout)
+    One client per operator holds the connections; `for_pool` gives each pool's controller a
+    view that sends that pool's bearer token over the same connections (close the owner only)."""
+
+    def __init__(
+        self,
+        timeout: float = 1.0,
+        *,
+        token: str | None = None,
+        port: int = contract.HTTP_PORT,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._http = http or httpx.AsyncClient(timeout=timeout)
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._port = port
+
+    def for_pool(self, token: str) -> AgentClient:
+        return AgentClient(token=token, port=self._port, http=self._http)
 
     async def close(self) -> None:
         await self._http.aclose()
+
+    def url(self, pod_ip: str, path: str) -> str:
+        """The agent's URL; an IPv6 pod IP goes in brackets (RFC 3986)."""
+        host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+        return f"http://{host}:{self._port}{path}"
 
     async def inflight(self, pod_ip: str | None) -> int | None:
         """The agent's in-flight task count; None when it cannot tell (not reached, bad answer)."""
         if not pod_ip:
             return None
         try:
-            resp = await self._http.get(f"http://{pod_ip}:{contract.HTTP_PORT}{contract.PATH_STATUS}")
+            resp = await self._http.get(self.url(pod_ip, contract.PATH_STATUS), headers=self._headers)
             resp.raise_for_status()
             return int(resp.json()["inflight"])
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError):
             return None
 
     async def drain(self, pod_ip: str | None) -> str | None:
@@ -98,8 +118,12 @@ class AgentClient:
         if not pod_ip:
             return "the pod has no IP"
         try:
-            resp = await self._http.post(f"http://{pod_ip}:{contract.HTTP_PORT}{contract.PATH_DRAIN}")
+            resp = await self._http.post(self.url(pod_ip, contract.PATH_DRAIN), headers=self._headers)
             resp.raise_for_status()
-        except httpx.HTTPError as exc:
-            return f"POST {contract.PATH_DRAIN} to {pod_ip} failed: {exc}"
+        except httpx.HTTPStatusError as exc:
+            # The agent's own words (e.g. "invalid token"); it never echoes the token.
+            reason = exc.response.text[:200]
+            return f"POST {contract.PATH_DRAIN} to {pod_ip} failed: {exc.response.status_code} {reason}"
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            return f"POST {contract.PATH_DRAIN} to {pod_ip} failed: {exc}"[:1000]
         return None

@@ -26,6 +26,8 @@ from tars_agent.settings import AgentSettings
 from tars_agent.worker import Agent
 
 REDIS_SERVER = "/usr/bin/redis-server"
+AGENT_TOKEN = "test-agent-token"  # what the operator would put in the pool's Secret
+AUTH = {"Authorization": f"Bearer {AGENT_TOKEN}"}
 
 
 def free_port() -> int:
@@ -206,6 +208,7 @@ def agent_settings(redis_url: str, llm_url: str, **overrides: object) -> AgentSe
         "claim_idle_seconds": 2.0,
         "drain_grace_seconds": 5.0,
         "task_timeout_seconds": 30.0,
+        "agent_token": AGENT_TOKEN,
     }
     values.update(overrides)
     return AgentSettings.model_validate(values)

@@ -15,7 +15,15 @@ from tars_agent.client import TaskClient
 from tars_agent.mockllm import MockLLM
 from tars_agent.settings import AgentSettings
 
-from .conftest import AgentProcess, RedisServer, agent_env, agent_settings, async_wait_until, running_agent
+from .conftest import (
+    AUTH,
+    AgentProcess,
+    RedisServer,
+    agent_env,
+    agent_settings,
+    async_wait_until,
+    running_agent,
+)
 
 Spawn = Callable[..., AgentProcess]
 TASK = {"messages": [{"role": "user", "content": "work"}], "max_tokens": 8}
@@ -146,10 +154,10 @@ async def test_post_drain_stops_taking_work_and_turns_unready(
     ):
         await async_wait_until(lambda: agent.redis_ready, 10, "the agent to be ready")
         assert (await http.get(contract.PATH_READYZ)).status_code == 200
-        response = await http.post(contract.PATH_DRAIN)
+        response = await http.post(contract.PATH_DRAIN, headers=AUTH)
         assert response.status_code == 202 and response.json() == {"inflight": 0, "draining": True}
         assert (await http.get(contract.PATH_READYZ)).status_code == 503
-        assert (await http.get(contract.PATH_STATUS)).json()["draining"] is True
+        assert (await http.get(contract.PATH_STATUS, headers=AUTH)).json()["draining"] is True
 
         async def heartbeat_draining() -> bool:
             raw = await redis_client.hget(contract.agents_heartbeat_key(s.namespace, s.pool), s.pod_name)

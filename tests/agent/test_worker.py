@@ -12,7 +12,7 @@ from tars_agent import metric_names as m
 from tars_agent.client import TaskClient
 from tars_agent.mockllm import POISON_MARKER, MockLLM
 
-from .conftest import agent_settings, async_wait_until, running_agent
+from .conftest import AUTH, agent_settings, async_wait_until, running_agent
 
 
 def user(text: str, stream: bool = True, max_tokens: int = 32) -> dict[str, object]:
@@ -40,7 +40,10 @@ async def test_tasks_complete_with_streamed_and_plain_answers(
             assert (await http.get(contract.PATH_HEALTHZ)).status_code == 200
             await async_wait_until(lambda: agent.redis_ready, 5, "agent ready")
             assert (await http.get(contract.PATH_READYZ)).status_code == 200
-            assert (await http.get(contract.PATH_STATUS)).json() == {"inflight": 0, "draining": False}
+            assert (await http.get(contract.PATH_STATUS, headers=AUTH)).json() == {
+                "inflight": 0,
+                "draining": False,
+            }
             metrics = (await http.get(contract.PATH_METRICS)).text
             for name in (
                 m.AGENT_BUSY,

@@ -26,6 +26,9 @@ WATCH_RULES = [
     },
     {"apiGroups": [""], "resources": ["pods/resize"], "verbs": ["patch"]},
     {"apiGroups": ["tars.dev"], "resources": ["agentpools/finalizers"], "verbs": ["update"]},
+    # Each pool's Secret and NetworkPolicy, server-side applied: never read back.
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "patch"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create", "patch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
 ]
 CRD_WATCH = {
@@ -70,6 +73,7 @@ def test_default_objects(render: Render) -> None:
         ("PodDisruptionBudget", FULLNAME, NAMESPACE),
         ("Role", f"{FULLNAME}-leader-election", NAMESPACE),
         ("RoleBinding", f"{FULLNAME}-leader-election", NAMESPACE),
+        ("Secret", f"{FULLNAME}-agent-auth", NAMESPACE),
         ("Service", f"{FULLNAME}-metrics", NAMESPACE),
         ("ServiceAccount", FULLNAME, NAMESPACE),
     ]
@@ -83,6 +87,10 @@ def test_operator_container(render: Render) -> None:
         "command": ["tars-operator"],
         "args": [
             "--prometheus-url=http://prometheus:9090",
+            "--network-policy",
+            "--operator-pod-labels=app.kubernetes.io/component=operator,app.kubernetes.io/instance=t,"
+            "app.kubernetes.io/name=tars-operator",
+            "--prometheus-namespace=monitoring",
             "--metrics-port=9100",
             "--health-port=8081",
             "--lease-name=tars-operator",
@@ -90,6 +98,10 @@ def test_operator_container(render: Render) -> None:
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {
+                "name": "TARS_AGENT_TOKEN_KEY",
+                "valueFrom": {"secretKeyRef": {"name": f"{FULLNAME}-agent-auth", "key": "token-key"}},
+            },
             {"name": "HOME", "value": "/tmp"},
             {"name": "TMPDIR", "value": "/tmp"},
             {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
@@ -315,7 +327,11 @@ def test_optional_objects_off_by_default(render: Render) -> None:
         ({"dashboard": {"enabled": True}}, [("ConfigMap", f"{FULLNAME}-dashboard")]),
         (
             {"redis": {"enabled": True}},
-            [("Deployment", f"{FULLNAME}-redis"), ("Service", f"{FULLNAME}-redis")],
+            [
+                ("Deployment", f"{FULLNAME}-redis"),
+                ("Secret", f"{FULLNAME}-redis"),
+                ("Service", f"{FULLNAME}-redis"),
+            ],
         ),
     ],
     ids=["serviceMonitor", "podMonitor", "prometheusRule", "dashboard", "redis"],
@@ -349,7 +365,9 @@ def test_bundled_redis(render: Render) -> None:
     (redis,) = pod["containers"]
     assert redis["command"] == ["redis-server"]
     assert redis["args"] == [
-        "--port", "6379", "--dir", "/data", "--appendonly", "yes", "--appendfsync", "everysec",
+        "--port", "0", "--tls-port", "6379", "--tls-cert-file", "/tls/tls.crt",
+        "--tls-key-file", "/tls/tls.key", "--tls-ca-cert-file", "/tls/ca.crt", "--tls-auth-clients", "no",
+        "--dir", "/data", "--appendonly", "yes", "--appendfsync", "everysec",
         "--requirepass", "$(REDIS_PASSWORD)",
     ]  # fmt: skip
     assert redis["env"] == [
@@ -365,7 +383,10 @@ def test_bundled_redis(render: Render) -> None:
         "requests": {"cpu": "100m", "memory": "128Mi"},
         "limits": {"memory": "512Mi"},
     }
-    assert pod["volumes"] == [{"name": "data", "persistentVolumeClaim": {"claimName": f"{FULLNAME}-redis"}}]
+    assert pod["volumes"] == [
+        {"name": "data", "persistentVolumeClaim": {"claimName": f"{FULLNAME}-redis"}},
+        {"name": "tls", "secret": {"secretName": "tars-redis-tls"}},
+    ]
     pvc = one(objs, "PersistentVolumeClaim")
     assert pvc["spec"]["resources"] == {"requests": {"storage": "2Gi"}}
     svc = one(objs, "Service", f"{FULLNAME}-redis")
@@ -375,11 +396,8 @@ def test_bundled_redis(render: Render) -> None:
     assert operator(objs)["spec"]["selector"]["matchLabels"] != deploy["spec"]["selector"]["matchLabels"]
 
 
-def test_bundled_redis_without_password(render: Render) -> None:
+def test_bundled_redis_without_persistence(render: Render) -> None:
     deploy = one(render({"redis": {"enabled": True}}), "Deployment", f"{FULLNAME}-redis")
-    (redis,) = deploy["spec"]["template"]["spec"]["containers"]
-    assert redis["args"][-2:] == ["--protected-mode", "no"]
-    assert "env" not in redis
     assert deploy["spec"]["template"]["spec"]["volumes"] == [{"name": "data", "emptyDir": {}}]
 
 

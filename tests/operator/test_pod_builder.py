@@ -6,7 +6,16 @@ from typing import Any
 from factories import spec
 
 from tars_agent import contract
-from tars_operator.builders import OperatorDefaults, PoolRef, render, template_memory_limit, with_replaces
+from tars_operator.builders import (
+    OperatorDefaults,
+    PoolRef,
+    network_policy,
+    pool_secret,
+    pool_secret_name,
+    render,
+    template_memory_limit,
+    with_replaces,
+)
 
 POOL = PoolRef(name="researcher", namespace="agents", uid="pool-uid", generation=3)
 DEFAULTS = OperatorDefaults(redis_url="redis://default:6379/0")
@@ -84,6 +93,12 @@ def test_whole_manifest() -> None:
                         {"name": "TARS_QUEUE_MAX_DEPTH", "value": "500"},
                         {"name": "TARS_DRAIN_GRACE_SECONDS", "value": "90"},
                         {"name": "TARS_REDIS_URL", "value": "redis://r:6379/1"},
+                        {
+                            "name": "TARS_AGENT_TOKEN",
+                            "valueFrom": {
+                                "secretKeyRef": {"name": "researcher-tars-pool-uid", "key": "agent-token"}
+                            },
+                        },
                         {
                             "name": "TARS_REDIS_PASSWORD",
                             "valueFrom": {"secretKeyRef": {"name": "redis", "key": "password"}},
@@ -192,3 +207,111 @@ def test_the_agent_gets_its_drain_grace_from_the_pools_drain_timeout() -> None:
         env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
         assert env[contract.ENV_DRAIN_GRACE_SECONDS] == seconds
         assert pod["spec"]["terminationGracePeriodSeconds"] == int(seconds)
+
+
+OWNER = {
+    "apiVersion": "tars.dev/v1alpha1",
+    "kind": "AgentPool",
+    "name": "researcher",
+    "uid": "pool-uid",
+    "controller": True,
+    "blockOwnerDeletion": True,
+}
+UID = "0c8f2e3a-5d1b-4f7e-9a6c-2b4d8e1f3a5c"
+
+
+def env_of(pod: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+
+
+def test_agents_get_the_token_from_the_pools_secret() -> None:
+    pool = PoolRef(name="researcher", namespace="agents", uid=UID)
+    token = env_of(render(pool, spec(), None, DEFAULTS))[contract.ENV_AGENT_TOKEN]
+    assert token == {
+        "name": "TARS_AGENT_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "researcher-tars-0c8f2e3a", "key": "agent-token"}},
+    }
+
+
+def test_the_default_redis_password_reaches_agents_of_pools_without_their_own_redis() -> None:
+    secured = OperatorDefaults(redis_url="redis://default:6379/0", redis_password=True)
+    default_redis = env_of(render(POOL, spec(), None, secured))
+    assert default_redis[contract.ENV_REDIS_PASSWORD] == {
+        "name": "TARS_REDIS_PASSWORD",
+        "valueFrom": {"secretKeyRef": {"name": "researcher-tars-pool-uid", "key": "redis-password"}},
+    }
+    # A pool with its own Redis gets its own Secret's password, never the default one.
+    own = env_of(render(POOL, full_spec(), None, secured))[contract.ENV_REDIS_PASSWORD]
+    assert own["valueFrom"]["secretKeyRef"] == {"name": "redis", "key": "password"}
+    no_password = spec(redis={"url": "redis://mine:6379/0"})
+    assert contract.ENV_REDIS_PASSWORD not in env_of(render(POOL, no_password, None, secured))
+    assert contract.ENV_REDIS_PASSWORD not in env_of(render(POOL, spec(), None, DEFAULTS))
+
+
+def test_whole_pool_secret() -> None:
+    assert pool_secret(POOL, "tok", "pw") == {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": "researcher-tars-pool-uid",
+            "namespace": "agents",
+            "labels": {"tars.dev/pool": "researcher", "app.kubernetes.io/managed-by": "tars-operator"},
+            "ownerReferences": [OWNER],
+        },
+        "type": "Opaque",
+        "data": {"agent-token": "dG9r", "redis-password": "cHc="},
+    }
+    assert pool_secret(POOL, "tok", None)["data"] == {"agent-token": "dG9r"}
+
+
+def test_secret_names_of_a_recreated_pool_differ_and_stay_valid() -> None:
+    old = PoolRef(name="researcher", namespace="agents", uid=UID)
+    new = PoolRef(name="researcher", namespace="agents", uid="7d1e" + UID[4:])
+    assert pool_secret_name(old) != pool_secret_name(new)
+    long = PoolRef(name="a" * 238 + ".b", namespace="agents", uid=UID)
+    name = pool_secret_name(long)
+    assert len(name) <= 253 and name.endswith("-tars-0c8f2e3a") and ".-" not in name
+
+
+def test_whole_network_policy() -> None:
+    labels = {"app.kubernetes.io/name": "tars-operator", "app.kubernetes.io/component": "operator"}
+    assert network_policy(POOL, "tars-system", labels, ["monitoring", "observability"]) == {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": "researcher-agents-pool-uid",
+            "namespace": "agents",
+            "labels": {"tars.dev/pool": "researcher", "app.kubernetes.io/managed-by": "tars-operator"},
+            "ownerReferences": [OWNER],
+        },
+        "spec": {
+            "podSelector": {"matchLabels": {"tars.dev/pool": "researcher"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": "tars-system"}
+                            },
+                            "podSelector": {"matchLabels": labels},
+                        },
+                        {
+                            "namespaceSelector": {
+                                "matchExpressions": [
+                                    {
+                                        "key": "kubernetes.io/metadata.name",
+                                        "operator": "In",
+                                        "values": ["monitoring", "observability"],
+                                    }
+                                ]
+                            }
+                        },
+                    ],
+                    "ports": [{"protocol": "TCP", "port": 8080}],
+                }
+            ],
+        },
+    }
+    only_operator = network_policy(POOL, "tars-system", labels, [])
+    assert len(only_operator["spec"]["ingress"][0]["from"]) == 1

@@ -65,7 +65,30 @@ app.kubernetes.io/component: operator
 {{- if .Values.redisUrl }}
 {{- .Values.redisUrl }}
 {{- else if .Values.redis.enabled }}
-{{- printf "redis://%s.%s.svc:%d/0" (include "tars-operator.redisName" .) .Release.Namespace (int .Values.redis.port) }}
+{{- printf "%s://%s.%s.svc:%d/0" (ternary "rediss" "redis" .Values.redis.tls.enabled) (include "tars-operator.redisName" .) .Release.Namespace (int .Values.redis.port) }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret and key holding the bundled Redis's password (generated unless auth.existingSecret). */}}
+{{- define "tars-operator.redisSecret" -}}
+{{- .Values.redis.auth.existingSecret | default (include "tars-operator.redisName" .) }}
+{{- end }}
+
+{{/*
+The password of the operator's default Redis, as an EnvVar valueFrom (empty: none): redisUrl's
+from redisPasswordSecret, else the bundled Redis's.
+*/}}
+{{- define "tars-operator.redisPasswordFrom" -}}
+{{- if .Values.redisUrl }}
+{{- with .Values.redisPasswordSecret.name }}
+secretKeyRef:
+  name: {{ . }}
+  key: {{ $.Values.redisPasswordSecret.key }}
+{{- end }}
+{{- else if .Values.redis.enabled }}
+secretKeyRef:
+  name: {{ include "tars-operator.redisSecret" . }}
+  key: {{ .Values.redis.auth.existingSecretKey }}
 {{- end }}
 {{- end }}
 
@@ -96,6 +119,20 @@ app.kubernetes.io/component: operator
 - apiGroups: ["tars.dev"]
   resources: ["agentpools/finalizers"]
   verbs: ["update"]
+# Each pool's Secret (its agents' token, the default Redis's password) is server-side applied
+# (tars_operator/security.py): an apply is a patch, and one that creates the object is also
+# authorized as create. No get/list/watch: the operator derives tokens from its own key and never
+# reads a Secret back.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create", "patch"]
+{{- if .Values.networkPolicy.enabled }}
+# Each pool's NetworkPolicy (ingress to the agents' port from the operator and Prometheus only),
+# server-side applied like the Secret.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["create", "patch"]
+{{- end }}
 # core/v1 Events about pools (ScaledUp, Draining, CreateFailed, ...): created, and patched to
 # count a repeat on the first one (events.py aggregates like client-go), as kopf's own are created.
 - apiGroups: [""]
