@@ -65,7 +65,8 @@ class Results:
 
 
 def agent_pod(cfg: Config, namespace: str, pool: str, redis_url: str, llm_url: str) -> dict[str, Any]:
-    """The pod the operator would create for `pool`, without the owner reference (no AgentPool here)."""
+    """The pod the operator would create for `pool`, without what needs an AgentPool (its owner
+    reference, the token from its Secret)."""
     spec = models.AgentPoolSpec.model_validate(
         {
             "template": {
@@ -88,6 +89,9 @@ def agent_pod(cfg: Config, namespace: str, pool: str, redis_url: str, llm_url: s
     )
     pod = render(PoolRef(pool, namespace, uid=""), spec, None, OperatorDefaults(redis_url=redis_url))
     del pod["metadata"]["ownerReferences"]
+    # No pool, so no pool Secret: the bench never calls /status or /drain, which need the token.
+    agent = pod["spec"]["containers"][0]
+    agent["env"] = [e for e in agent["env"] if e["name"] != contract.ENV_AGENT_TOKEN]
     return pod
 
 
