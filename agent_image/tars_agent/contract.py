@@ -49,12 +49,3 @@ ENV_RESULT_TTL_SECONDS = "TARS_RESULT_TTL_SECONDS"
 ENV_LLM_HTTP2 = "TARS_LLM_HTTP2"
 
 DEFAULT_DRAIN_GRACE_SECONDS = 30.0
-
-
-def agents_heartbeat_key(namespace: str, pool: str) -> str:
-    """Redis hash of live agents: field = pod name, value = JSON {"inflight", "draining", "ts"}.
-
-    Agents refresh their field about every second and delete it on exit; the
-    operator reads it as a busy signal faster than a Prometheus scrape.
-    """
-    return f"tars:agents:{namespace}/{pool}"
