@@ -432,9 +432,10 @@ class Agent:
             self.metrics.task_duration.observe(time.monotonic() - start)
 
     async def _failed(self, d: Delivery, attempt: Attempt | None, reason: str) -> str:
-        """Record a failed attempt; the outcome: failed (requeued), dead_letter or lost."""
+        """Record a failed attempt; the outcome: failed (requeued), dead_letter, lost, or error
+        when Redis stayed away (the entry stays pending for another agent)."""
         verdict = await self._store_or_leave(lambda: self.consumer.fail(d, attempt, reason))
-        return {"dead": "dead_letter", "lost": "lost"}.get(verdict or "", "failed")
+        return {"dead": "dead_letter", "lost": "lost", "requeued": "failed"}.get(verdict or "", "error")
 
 
 async def _amain(settings: AgentSettings) -> None:

@@ -208,7 +208,7 @@ async def test_a_pool_uses_the_budget_without_429s_and_serves_every_priority(
 async def test_a_stalled_agent_loses_its_claim_and_its_late_text_never_reaches_the_result(
     redis_client: aioredis.Redis, redis_url: str, mock_llm: MockLLM, spawn_agent: Spawn
 ) -> None:
-    mock_llm.config.chunk_delay_s = 0.1  # TASK's answer: 8 words in 0.8 s
+    mock_llm.config.chunk_delay_s = 0.25  # TASK's answer: 8 words in 2 s
     s = settings_for(redis_url, mock_llm, concurrency=1, claim_idle_seconds=1.0)
     client = TaskClient(redis_client, s.namespace, s.pool)
     [task_id] = await submit(client, 1)
