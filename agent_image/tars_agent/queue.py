@@ -597,7 +597,10 @@ class Consumer:
             )
         )
         if reply == -1:
-            raise ClaimLost(f"task {task_id}: another agent began attempt after {a.number}")
+            raise ClaimLost(
+                f"task {task_id}: attempt {a.number} lost its claim (the entry was reclaimed and a newer "
+                "attempt began, or the task finished)"
+            )
         if reply == -2:
             raise OutputNotStored(
                 f"task {task_id}: attempt {a.number} expected {offset} bytes of output in Redis, "
@@ -627,7 +630,10 @@ class Consumer:
             ],
         )
         if _s(reply) == "lost":
-            raise ClaimLost(f"task {d.task_id}: attempt {a.number} was superseded before it completed")
+            raise ClaimLost(
+                f"task {d.task_id}: attempt {a.number} lost its claim before it completed (the entry was "
+                "reclaimed and a newer attempt began, or the task finished)"
+            )
 
     async def fail(self, d: Delivery, a: Attempt | None, error: str, *, permanent: bool = False) -> str:
         """Record a failed attempt `a` (None: the delivery never began, e.g. it does not parse):

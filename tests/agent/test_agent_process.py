@@ -229,6 +229,13 @@ async def test_a_stalled_agent_loses_its_claim_and_its_late_text_never_reaches_t
     assert (result.status, result.worker, result.attempts) == ("done", "agent-b", 2)
     assert result.output == " ".join(f"w{i}" for i in range(8))
     assert await done_events(redis_client, client, task_id) == 1
+    # the second LLM call came after the second attempt began, i.e. after agent-a lost its claim
+    starts = [
+        int(entry_id.split("-")[0])
+        for entry_id, fields in await redis_client.xrange(client.keys.chunks(task_id))
+        if fields.get("event") == "start"
+    ]
+    assert len(starts) == 2 and mock_llm.admitted[1]["ts"] * 1000 >= starts[1]
 
     async def first_stopped() -> bool:
         return "this attempt stopped" in first.log() or "stopping this attempt" in first.log()
