@@ -170,8 +170,9 @@ local function dead_letter(task_key, stream, dead, chunks, config, entry, payloa
   remove(stream, entry)
   freed(config)
 end
-local function owned(stream, entry, consumer)
-  return #redis.call('XPENDING', stream, 'agents', 'IDLE', 0, entry, entry, 1, consumer) > 0
+local function pending(stream, entry, consumer)
+  -- the entry's pending record {id, consumer, idle ms, deliveries} if `consumer` holds it
+  return redis.call('XPENDING', stream, 'agents', 'IDLE', 0, entry, entry, 1, consumer)[1]
 end
 local function fenced(task_key, fence)
   return redis.call('HGET', task_key, 'status') == 'running'
@@ -228,10 +229,19 @@ return 0
 _BEGIN = (
     _COMMON
     + """
-if not owned(KEYS[2], ARGV[2], ARGV[3]) then return {'lost', 0, 0} end
-if redis.call('HGET', KEYS[1], 'status') == 'done' then
+local held = pending(KEYS[2], ARGV[2], ARGV[3])
+if not held then return {'lost', 0, 0} end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'done' then
   remove(KEYS[2], ARGV[2])
   return {'done', 0, 0}
+end
+-- one delivery (XREADGROUP, XAUTOCLAIM: each counts one) begins one attempt, so a begin
+-- retried after its reply was lost gets the same attempt instead of counting another
+local delivery = ARGV[2] .. '/' .. held[4]
+if status == 'running' and redis.call('HGET', KEYS[1], 'delivery') == delivery then
+  local again = redis.call('HMGET', KEYS[1], 'attempts', 'fence')
+  return {'run', tonumber(again[1]), tonumber(again[2])}
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') + 1
 if attempts > tonumber(ARGV[4]) then
@@ -241,7 +251,8 @@ if attempts > tonumber(ARGV[4]) then
   return {'dead', attempts - 1, 0}
 end
 local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[3], 'attempts', tostring(attempts))
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[3], 'attempts', tostring(attempts),
+           'delivery', delivery)
 redis.call('EXPIRE', KEYS[1], IDLE_TTL)
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', CHUNKS_MAXLEN, '*', 'event', 'start',
            'attempt', tostring(attempts))
@@ -300,7 +311,7 @@ return 'done'
 _FAIL = (
     _COMMON
     + """
-if not owned(KEYS[2], ARGV[2], ARGV[3]) then return 'lost' end
+if not pending(KEYS[2], ARGV[2], ARGV[3]) then return 'lost' end
 local mode = ARGV[9]
 if mode ~= 'none' and not fenced(KEYS[1], ARGV[10]) then return 'lost' end
 if mode == 'release' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end

@@ -257,15 +257,17 @@ async def test_an_attempt_whose_entry_was_reclaimed_across_a_redis_restart_is_fe
         await redis.aclose()
 
 
-async def test_a_retried_append_is_stored_once_and_missing_output_fails_the_attempt(
+async def test_retried_writes_count_once_and_missing_output_fails_the_attempt(
     redis_client: aioredis.Redis,
 ) -> None:
     name = pool()
     client = TaskClient(redis_client, "ns", name)
     task_id = (await client.submit_payload(GOOD)).task_id
     agent = Consumer(redis_client, "ns", name, "agent")
-    _status, attempt = await agent.begin(await take(agent))
-    assert attempt is not None
+    delivery = await take(agent)
+    _status, attempt = await agent.begin(delivery)
+    assert await agent.begin(delivery) == ("run", attempt)  # its reply was lost: sent again
+    assert attempt is not None and (attempt.number, attempt.fence) == (1, 1)
     assert await agent.append_output(attempt, 0, "héllo ") == 7
     assert await agent.append_output(attempt, 0, "héllo ") == 7  # its reply was lost: sent again
     with pytest.raises(OutputNotStored, match="expected 3 bytes"):
