@@ -23,6 +23,16 @@ from tars_agent.tasks import InvalidTask, TaskResult
 EXIT_UNKNOWN, EXIT_INVALID, EXIT_FULL, EXIT_TIMEOUT, EXIT_DEAD = 1, 2, 3, 4, 5
 
 
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {value!r}")
+    return number
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tars", description="Submit tasks to TARS agent pools and read results.")
     p.add_argument(
@@ -46,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", action="store_true", help="wait for the result and print it")
     s.add_argument("--follow", action="store_true", help="print the output as it is written")
     s.add_argument("--timeout", type=float, default=300.0)
+    s.add_argument(
+        "--max-depth",
+        type=_positive,
+        default=os.environ.get(contract.ENV_QUEUE_MAX_DEPTH) or None,
+        help="the pool's spec.queue.maxDepth: refused beyond it even before any agent ran "
+        f"(default: env {contract.ENV_QUEUE_MAX_DEPTH}; the limit stored for the pool, "
+        f"else {contract.DEFAULT_QUEUE_MAX_DEPTH}; with both, the stricter)",
+    )
 
     r = sub.add_parser("result", help="show a task's result")
     r.add_argument("task_id")
@@ -56,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("queue", help="queue statistics of the pool")
     q.add_argument("--dead", type=int, default=0, metavar="N", help="also list the last N dead letters")
+    q.add_argument(
+        "--set-max-depth",
+        type=_positive,
+        metavar="N",
+        help="store the pool's queue limit for every submitter",
+    )
     return p
 
 
@@ -73,12 +97,18 @@ def _print_result(result: TaskResult, as_json: bool) -> int:
 
 
 async def _follow(client: TaskClient, task_id: str, timeout_s: float) -> int:
+    printed = False
     async for event in client.follow(task_id, timeout_s):
         if event.kind == "start":
+            if printed:  # stdout cannot take text back: say where the new attempt's text begins
+                print()
+                print(f"[tars: task {task_id} restarted; the text above is void]", file=sys.stderr)
+                printed = False
             continue
         if event.kind == "text":
             sys.stdout.write(event.text)
             sys.stdout.flush()
+            printed = True
         elif event.kind == "dead":
             print(f"\ntask {task_id} dead-lettered: {event.text}", file=sys.stderr)
             return EXIT_DEAD
@@ -91,7 +121,7 @@ async def _run(args: argparse.Namespace) -> int:
     redis = aioredis.Redis.from_url(
         args.redis_url, password=password, decode_responses=True, socket_timeout=10
     )
-    client = TaskClient(redis, args.namespace, args.pool)
+    client = TaskClient(redis, args.namespace, args.pool, getattr(args, "max_depth", None))
     try:
         if args.command == "submit":
             payload: Any
@@ -135,6 +165,8 @@ async def _run(args: argparse.Namespace) -> int:
                 print(f"task {result.task_id} is {result.status} (attempts so far: {result.attempts})")
                 return 0
             return _print_result(result, args.json)
+        if args.set_max_depth:
+            await client.set_max_depth(args.set_max_depth)
         stats = await client.stats()
         if args.dead:
             stats["dead_letters"] = await client.dead_letters(args.dead)

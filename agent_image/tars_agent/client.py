@@ -9,7 +9,6 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from tars_agent.contract import DEFAULT_QUEUE_MAX_DEPTH
 from tars_agent.queue import Submitted, TaskStore
 from tars_agent.tasks import InvalidTask, Priority, TaskResult, TaskSpec, parse_spec
 
@@ -29,9 +28,10 @@ class TaskClient(TaskStore):
         redis: aioredis.Redis,
         namespace: str,
         pool: str,
-        default_max_depth: int = DEFAULT_QUEUE_MAX_DEPTH,
+        max_depth: int | None = None,
     ) -> None:
-        super().__init__(redis, namespace, pool, default_max_depth=default_max_depth)
+        """`max_depth`: the pool's queue limit as this submitter knows it (see TaskStore)."""
+        super().__init__(redis, namespace, pool, max_depth=max_depth)
 
     async def submit_payload(
         self,

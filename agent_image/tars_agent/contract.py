@@ -51,15 +51,6 @@ ENV_LLM_HTTP2 = "TARS_LLM_HTTP2"
 DEFAULT_DRAIN_GRACE_SECONDS = 30.0
 
 
-def agents_heartbeat_key(namespace: str, pool: str) -> str:
-    """Redis hash of live agents: field = pod name, value = JSON {"inflight", "draining", "ts"}.
-
-    Agents refresh their field about every second and delete it on exit; the
-    operator reads it as a busy signal faster than a Prometheus scrape.
-    """
-    return f"tars:agents:{namespace}/{pool}"
-
-
 # Memory: the agent halves its intake at MEMORY_HALF_AT of its cgroup limit and takes no new
 # work from MEMORY_STOP_AT; the operator's right-sizer puts the p95 usage at
 # memory.targetUtilization, which the CRD bounds below both, so the two never fight.

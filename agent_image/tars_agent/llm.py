@@ -4,7 +4,8 @@ One pooled keep-alive client per process (optionally HTTP/2). Every attempt
 first waits for the shared limiter; 429/5xx/timeouts are retried with
 exponential backoff and full jitter, with Retry-After as the minimum; a 429
 also pauses the whole budget in Redis. A circuit breaker stops calls to a dead
-upstream. Streamed responses go to `on_text` chunk by chunk and are not kept.
+upstream. Streamed responses go to `on_text` chunk by chunk and are not kept
+(a plain JSON answer to a streamed request goes to it in one piece).
 Identical in-flight non-streamed requests share one call, and an optional
 cache keeps non-streamed answers.
 """
@@ -261,6 +262,13 @@ class LLMClient:
                 async with self._http.stream("POST", "/chat/completions", json=body) as response:
                     code = str(response.status_code)
                     await self._check(response)
+                    if "json" in response.headers.get("content-type", ""):
+                        # an upstream that ignores `stream` answers with one plain body
+                        await response.aread()
+                        plain = self._read_json(response)
+                        if on_text is not None and plain.text:
+                            await on_text(plain.text)
+                        return Completion("", plain.prompt_tokens, plain.completion_tokens)
                     return await self._read_stream(response, on_text)
             response = await self._http.post("/chat/completions", json=body)
             code = str(response.status_code)
@@ -314,13 +322,14 @@ class LLMClient:
 
     async def _read_stream(self, response: httpx.Response, on_text: TextSink | None) -> Completion:
         """Server-sent events: pass each delta on; only the usage counters are kept."""
-        prompt_tokens = completion_tokens = chunks = 0
+        prompt_tokens = completion_tokens = chunks = events = 0
         emitted = False
         try:
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
+                events += 1
                 if data == "[DONE]":
                     break
                 event = json.loads(data)
@@ -338,4 +347,11 @@ class LLMClient:
             failure = _RetryableFailure(None, None, f"stream broken: {exc!r}", circuit_failure=True)
             failure.partial_output = emitted  # text already went out: the task must restart, not this call
             raise failure from exc
+        if not events:
+            content_type = response.headers.get("content-type", "no content type")
+            raise UpstreamError(
+                f"upstream answered a streamed request with no server-sent events ({content_type})",
+                response.status_code,
+                retryable=False,
+            )
         return Completion("", prompt_tokens, completion_tokens or chunks)

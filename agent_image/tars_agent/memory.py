@@ -29,9 +29,11 @@ def allowed_inflight(rss_bytes: int, limit_bytes: int | None, concurrency: int) 
     return concurrency
 
 
-def cgroup_memory_limit(v2: Path = CGROUP_V2_LIMIT, v1: Path = CGROUP_V1_LIMIT) -> int | None:
-    """The container's memory limit in bytes, None when unlimited or not in a cgroup."""
-    for path in (v2, v1):
+def cgroup_memory_limit(v2: Path | None = None, v1: Path | None = None) -> int | None:
+    """The container's memory limit in bytes, None when unlimited or not in a cgroup.
+
+    Read anew on each call: an in-place resize changes it under a running agent."""
+    for path in (v2 or CGROUP_V2_LIMIT, v1 or CGROUP_V1_LIMIT):
         try:
             raw = path.read_text().strip()
         except OSError:

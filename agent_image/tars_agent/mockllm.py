@@ -35,6 +35,7 @@ class MockConfig:
     chunk_delay_s: float = 0.0  # between streamed chunks
     response_tokens: int = 16  # words in each answer (capped by max_tokens)
     fail_status: int = 0  # answer every admitted request with this status (e.g. 503); 0 = off
+    ignore_stream: bool = False  # answer streamed requests with one plain JSON body, as some servers do
     api_key: str = ""  # if set, require "Authorization: Bearer <key>"
 
 
@@ -168,7 +169,7 @@ class MockLLM:
             "total_tokens": prompt_tokens + len(words),
         }
         model = body.get("model", "mock")
-        if not body.get("stream"):
+        if not body.get("stream") or c.ignore_stream:
             return web.json_response(
                 {
                     "id": "chatcmpl-mock",

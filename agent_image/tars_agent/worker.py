@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import functools
 import hmac
-import json
 import logging
 import signal
 import sys
@@ -37,7 +36,7 @@ from tars_agent.limiter import Budget, LimiterTimeout, RequestTooLarge, SharedLi
 from tars_agent.llm import LLMClient, LLMConfig, UpstreamError
 from tars_agent.memory import allowed_inflight, cgroup_memory_limit, process_rss
 from tars_agent.metrics import AgentMetrics
-from tars_agent.queue import Consumer, Delivery, TaskStore
+from tars_agent.queue import Attempt, ClaimLost, Consumer, Delivery, OutputNotStored, TaskStore
 from tars_agent.settings import AgentSettings, SettingsError, load_settings
 
 log = logging.getLogger("tars_agent")
@@ -47,9 +46,13 @@ HEARTBEAT_INTERVAL_S = 1.0
 DEPTH_EVERY_BEATS = 5
 TAKE_BLOCK_MS = 500
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
-# Storing a finished result is retried this long while Redis is away (e.g. restarting); after
-# that the entry stays pending and another agent reclaims it: late, but not lost.
+# Queue writes are retried this long while Redis is away (e.g. restarting); after that the
+# entry stays pending and another agent reclaims it: late, but not lost.
 STORE_RETRY_S = 60.0
+
+
+class RedisAway(Exception):
+    """A queue write kept failing for STORE_RETRY_S: Redis is unreachable."""
 
 
 class OutputWriter:
@@ -111,7 +114,7 @@ class Agent:
             result_ttl_s=s.result_ttl_seconds,
             claim_idle_ms=int(s.claim_idle_seconds * 1000),
         )
-        self.store = TaskStore(self.redis, s.namespace, s.pool, default_max_depth=s.queue_max_depth)
+        self.store = TaskStore(self.redis, s.namespace, s.pool)
         limiter = None
         if s.requests_per_minute or s.requests_per_hour or s.tokens_per_minute:
             budget = Budget.from_rates(
@@ -142,12 +145,11 @@ class Agent:
             breaker=self.breaker,
             metrics=self.metrics,
         )
-        self.heartbeat_key = contract.agents_heartbeat_key(s.namespace, s.pool)
         self.draining = False
         self.redis_ready = False
         self.inflight: dict[asyncio.Task[None], Delivery] = {}
+        self._lost: set[asyncio.Task[None]] = set()  # cancelled because another agent took the task
         self._memory_allowed = s.concurrency
-        self._memory_limit = cgroup_memory_limit()
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -247,10 +249,6 @@ class Agent:
             for task in [*background, taker]:
                 task.cancel()
             await asyncio.gather(*background, taker, return_exceptions=True)
-            try:
-                await self.redis.hdel(self.heartbeat_key, s.pod_name)
-            except RedisError as exc:
-                log.warning("could not remove heartbeat: %s", exc)
             await self.llm.aclose()
             await self._runner.cleanup()
             await self.redis.aclose()
@@ -298,7 +296,7 @@ class Agent:
             if delivery is None:
                 continue
             if self.draining:
-                await self._store(functools.partial(self.consumer.release, delivery))
+                await self._store_or_leave(functools.partial(self.consumer.release, delivery, None))
                 break
             self._spawn(delivery)
 
@@ -312,7 +310,10 @@ class Agent:
             if free <= 0:
                 continue
             try:
+                held = {d.entry_id for d in self.inflight.values()}
                 for delivery in await self.consumer.reclaim(free):
+                    if delivery.entry_id in held:
+                        continue  # this agent's own entry, idle while it stalled: its attempt goes on
                     log.info(
                         "reclaimed task %s (entry %s) from a silent agent",
                         delivery.task_id,
@@ -326,19 +327,13 @@ class Agent:
         s = self.settings
         beat = 0
         while True:
-            self._memory_allowed = allowed_inflight(process_rss(), self._memory_limit, s.concurrency)
+            # The limit is read every beat: an in-place resize changes it under the running agent.
+            self._memory_allowed = allowed_inflight(process_rss(), cgroup_memory_limit(), s.concurrency)
             self.metrics.busy.set(len(self.inflight))
             try:
-                value = json.dumps(
-                    {"inflight": len(self.inflight), "draining": self.draining, "ts": time.time()}
-                )
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.hset(self.heartbeat_key, s.pod_name, value)
-                    pipe.expire(self.heartbeat_key, 60)
-                    await pipe.execute()
                 lost = await self.consumer.touch(list(self.inflight.values()))
                 if lost:
-                    log.warning("entries taken over by another agent: %s", lost)
+                    self._stop_lost(set(lost))
                 if beat % DEPTH_EVERY_BEATS == 0:
                     # rewritten now and then so a Redis that lost its data gets the limit back
                     await self.store.set_max_depth(s.queue_max_depth)
@@ -351,6 +346,18 @@ class Agent:
             beat += 1
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
+    def _stop_lost(self, entry_ids: set[str]) -> None:
+        """Cancel the local work on entries another agent took over (this agent stalled)."""
+        for task, d in list(self.inflight.items()):
+            if d.entry_id in entry_ids and task not in self._lost:
+                log.warning(
+                    "task %s: entry %s was taken over by another agent; stopping this attempt",
+                    d.task_id,
+                    d.entry_id,
+                )
+                self._lost.add(task)
+                task.cancel()
+
     def _spawn(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._process(delivery))
         self.inflight[task] = delivery
@@ -358,13 +365,14 @@ class Agent:
 
         def done(t: asyncio.Task[None]) -> None:
             self.inflight.pop(t, None)
+            self._lost.discard(t)
             self.metrics.busy.set(len(self.inflight))
             self._slot_freed.set()
 
         task.add_done_callback(done)
 
-    async def _store(self, op: Callable[[], Awaitable[T]]) -> T | None:
-        """Run a queue write, retrying while Redis is unreachable; None if it never came back."""
+    async def _store(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run a queue write, retrying while Redis is unreachable; RedisAway if it never came back."""
         deadline = time.monotonic() + STORE_RETRY_S
         delay = 0.05
         while True:
@@ -372,58 +380,85 @@ class Agent:
                 return await op()
             except _REDIS_DOWN as exc:
                 if time.monotonic() + delay > deadline:
-                    log.error("gave up storing after %.0fs without Redis: %s", STORE_RETRY_S, exc)
-                    return None
+                    raise RedisAway(f"Redis unreachable for {STORE_RETRY_S:.0f}s: {exc}") from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    async def _store_or_leave(self, op: Callable[[], Awaitable[T]]) -> T | None:
+        """`_store`, or None when Redis stayed away: the entry stays pending for another agent."""
+        try:
+            return await self._store(op)
+        except RedisAway as exc:
+            log.error("gave up storing, the task stays pending for another agent: %s", exc)
+            return None
 
     async def _process(self, d: Delivery) -> None:
         start = time.monotonic()
         outcome = "error"
         c = self.consumer
+        attempt: Attempt | None = None
         try:
             if d.task is None:
-                await self._store(lambda: c.fail(d, d.parse_error or "invalid payload", permanent=True))
+                await self._store(lambda: c.fail(d, None, d.parse_error or "invalid payload", permanent=True))
                 outcome = "invalid"
                 return
-            begun = await self._store(lambda: c.begin(d))
-            if begun is None or begun[0] != "run":
-                outcome = {"dead": "dead_letter", "done": "duplicate"}.get(begun[0] if begun else "", "error")
+            status, attempt = await self._store(lambda: c.begin(d))
+            if attempt is None:
+                outcome = {"dead": "dead_letter", "done": "duplicate", "lost": "lost"}[status]
                 return
-            writer = OutputWriter(lambda text: self._store_text(d, text))
+            a = attempt
+            stored = 0  # bytes of this attempt's output in Redis
+
+            async def store_text(text: str) -> None:
+                nonlocal stored
+                try:
+                    stored = await self._store(lambda: c.append_output(a, stored, text))
+                except RedisAway as exc:
+                    # a gap in the output must fail the attempt, never end in a `done` task
+                    raise OutputNotStored(f"task {d.task_id}: output not stored: {exc}") from exc
+
+            writer = OutputWriter(store_text)
             result = await self.llm.complete(
                 d.task.spec, d.task.priority, writer.write, start + self.settings.task_timeout_seconds
             )
             await writer.flush()
-            first = await self._store(lambda: c.complete(d, result.prompt_tokens, result.completion_tokens))
-            outcome = "done" if first else ("duplicate" if first is False else "error")
+            await self._store(lambda: c.complete(a, result.prompt_tokens, result.completion_tokens))
+            outcome = "done"
+        except ClaimLost as exc:
+            log.warning("%s; this attempt stopped", exc)
+            outcome = "lost"
+        except RedisAway as exc:
+            log.error("task %s stays pending for another agent: %s", d.task_id, exc)
         except (CircuitOpenError, LimiterTimeout) as exc:
             log.info("task %s handed back: %s", d.task_id, exc)
-            await self._store(lambda: c.release(d))
+            await self._store_or_leave(lambda: c.release(d, attempt))
             outcome = "released"
         except RequestTooLarge as exc:
             reason = str(exc)
-            await self._store(lambda: c.fail(d, reason, permanent=True))
+            await self._store_or_leave(lambda: c.fail(d, attempt, reason, permanent=True))
             outcome = "dead_letter"
-        except UpstreamError as exc:
-            reason = str(exc)
-            verdict = await self._store(lambda: c.fail(d, reason))
-            outcome = "dead_letter" if verdict == "dead" else "failed"
         except asyncio.CancelledError:
-            await self._store(lambda: c.release(d))
-            outcome = "released"
+            current = asyncio.current_task()
+            if current is not None and current in self._lost:
+                outcome = "lost"  # the entry is another agent's now: nothing to hand back
+            else:
+                await self._store_or_leave(lambda: c.release(d, attempt))
+                outcome = "released"
             raise
+        except (UpstreamError, OutputNotStored) as exc:
+            outcome = await self._failed(d, attempt, str(exc))
         except Exception as exc:  # a bug must not kill the agent; the task is retried, then dead-lettered
             log.exception("task %s failed in the agent", d.task_id)
-            reason = f"agent error: {exc!r}"
-            verdict = await self._store(lambda: c.fail(d, reason))
-            outcome = "dead_letter" if verdict == "dead" else "failed"
+            outcome = await self._failed(d, attempt, f"agent error: {exc!r}")
         finally:
             self.metrics.tasks.labels(outcome).inc()
             self.metrics.task_duration.observe(time.monotonic() - start)
 
-    async def _store_text(self, d: Delivery, text: str) -> None:
-        await self._store(lambda: self.consumer.append_output(d, text))
+    async def _failed(self, d: Delivery, attempt: Attempt | None, reason: str) -> str:
+        """Record a failed attempt; the outcome: failed (requeued), dead_letter, lost, or error
+        when Redis stayed away (the entry stays pending for another agent)."""
+        verdict = await self._store_or_leave(lambda: self.consumer.fail(d, attempt, reason))
+        return {"dead": "dead_letter", "lost": "lost", "requeued": "failed"}.get(verdict or "", "error")
 
 
 async def _amain(settings: AgentSettings) -> None:

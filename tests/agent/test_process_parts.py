@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
+from tars_agent import contract
 from tars_agent.cache import BoundedTTLCache
 from tars_agent.memory import cgroup_memory_limit
 from tars_agent.settings import SettingsError, load_settings
@@ -54,13 +57,20 @@ def test_cache_evicts_by_entries_bytes_and_ttl() -> None:
     assert cache.get("huge") is None
 
 
-def tars(redis_server: RedisServer, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def tars(
+    redis_server: RedisServer,
+    *args: str,
+    stdin: str = "",
+    pool: str = "cli",
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tars_agent.cli", "--redis-url", redis_server.url, "--pool", "cli", *args],
+        [sys.executable, "-m", "tars_agent.cli", "--redis-url", redis_server.url, "--pool", pool, *args],
         input=stdin,
         capture_output=True,
         text=True,
         timeout=30,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -80,3 +90,18 @@ def test_cli_submit_refuses_bad_payloads_and_reports_the_queue(redis_server: Red
     assert stats["waiting"]["high"] >= 1 and stats["max_depth"] == 500
     timed_out = tars(redis_server, "result", task_id, "--wait", "--timeout", "0.3")
     assert timed_out.returncode == 4 and "not finished" in timed_out.stderr
+
+
+def test_cli_submit_holds_the_pool_limit_it_is_given_with_no_agent_running(redis_server: RedisServer) -> None:
+    pool = f"cli-{uuid.uuid4().hex[:8]}"
+    limit = {contract.ENV_QUEUE_MAX_DEPTH: "2"}  # as in an agent pod: the operator's spec.queue.maxDepth
+    codes = [tars(redis_server, "submit", "--prompt", "x", pool=pool, env=limit).returncode for _ in range(3)]
+    assert codes == [0, 0, 3]
+    full = tars(redis_server, "submit", "--prompt", "x", "--max-depth", "1", pool=pool)
+    assert full.returncode == 3 and "is full (2 tasks, maximum 1); retry after 60s" in full.stderr
+    bad = tars(redis_server, "submit", "--prompt", "x", "--max-depth", "0", pool=pool)
+    assert bad.returncode == 2 and "--max-depth: must be a whole number of at least 1" in bad.stderr
+    # the limit stored for the pool holds for submitters told nothing
+    stored = tars(redis_server, "queue", "--set-max-depth", "2", pool=pool)
+    assert stored.returncode == 0 and json.loads(stored.stdout)["max_depth"] == 2
+    assert tars(redis_server, "submit", "--prompt", "x", pool=pool).returncode == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import uuid
 from collections import Counter
 
@@ -13,11 +14,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tars_agent.client import TaskClient
+from tars_agent.contract import DEFAULT_QUEUE_MAX_DEPTH
 from tars_agent.priority import PRIORITIES, PrioritySelector
-from tars_agent.queue import Consumer, Delivery, QueueFull
+from tars_agent.queue import (
+    RETRY_AFTER_MAX_S,
+    RETRY_AFTER_MIN_S,
+    ClaimLost,
+    Consumer,
+    Delivery,
+    OutputNotStored,
+    QueueFull,
+    TaskStore,
+    retry_after_s,
+)
 from tars_agent.tasks import InvalidTask, parse_spec
 
-from .conftest import async_wait_until
+from .conftest import RedisServer, async_wait_until
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -58,17 +70,68 @@ async def test_bad_priority_and_payload_are_refused_before_queueing(redis_client
 
 
 async def test_backpressure_refuses_beyond_max_depth_with_retry_after(redis_client: aioredis.Redis) -> None:
-    client = TaskClient(redis_client, "ns", pool(), default_max_depth=3)
+    name = pool()
+    client = TaskClient(redis_client, "ns", name, max_depth=3)
     for priority in ("low", "high", "critical"):
         await client.submit_payload(GOOD, priority)
     with pytest.raises(QueueFull) as info:
         await client.submit_payload(GOOD, "critical")
     assert info.value.depth == 3 and info.value.max_depth == 3 and info.value.retry_after_s > 0
     assert "is full (3 tasks, maximum 3); retry after" in str(info.value)
-    # the limit the agents wrote to Redis wins over the client's default
-    await client.set_max_depth(4)
-    await client.submit_payload(GOOD, "critical")
-    assert (await client.stats())["depth"] == 4
+    # a submitter not told the limit goes by the one stored for the pool
+    untold = TaskClient(redis_client, "ns", name)
+    await untold.set_max_depth(4)
+    await untold.submit_payload(GOOD, "critical")
+    assert (await untold.stats())["depth"] == 4 and (await untold.stats())["max_depth"] == 4
+    with pytest.raises(QueueFull):
+        await untold.submit_payload(GOOD, "critical")
+
+
+async def test_the_limit_a_submitter_is_given_holds_with_no_agent_and_a_stale_stored_limit(
+    redis_client: aioredis.Redis,
+) -> None:
+    name = pool()
+    await TaskClient(redis_client, "ns", name).set_max_depth(500)  # what an old agent left behind
+    client = TaskClient(redis_client, "ns", name, max_depth=2)
+    for _ in range(2):
+        await client.submit_payload(GOOD)
+    with pytest.raises(QueueFull) as info:
+        await client.submit_payload(GOOD)
+    assert (info.value.depth, info.value.max_depth) == (2, 2)
+    assert (await client.stats())["max_depth"] == 2
+    # nobody told and nothing stored: the contract's default
+    fresh = TaskClient(redis_client, "ns", pool())
+    assert (await fresh.stats())["max_depth"] == DEFAULT_QUEUE_MAX_DEPTH
+
+
+def test_retry_after_is_the_time_the_backlog_needs_at_the_recent_pace() -> None:
+    assert retry_after_s(1, 2.0, 0.5) == 2.0
+    assert retry_after_s(5, 2.0, 0.5) == 10.0  # five tasks over the limit wait five gaps
+    assert retry_after_s(1, 0.1, 30.0) == 30.0  # a queue that stopped draining is as slow as its silence
+    assert retry_after_s(1, None, 3.0) == 3.0  # one finished task so far: the time since it
+    assert retry_after_s(1, None, None) == RETRY_AFTER_MAX_S  # nothing ever finished
+    assert retry_after_s(1, 0.001, 0.001) == RETRY_AFTER_MIN_S
+    assert retry_after_s(1000, 2.0, 1.0) == RETRY_AFTER_MAX_S
+
+
+async def test_a_full_queue_answers_with_a_retry_after_from_its_pace(redis_client: aioredis.Redis) -> None:
+    name = pool()
+    client = TaskClient(redis_client, "ns", name, max_depth=2)
+    agent = Consumer(redis_client, "ns", name, "agent")
+    for _ in range(2):
+        await client.submit_payload(GOOD)
+    with pytest.raises(QueueFull) as info:
+        await client.submit_payload(GOOD)
+    assert info.value.retry_after_s == RETRY_AFTER_MAX_S  # no agent has ever finished a task here
+    for _ in range(2):  # two tasks finish within milliseconds of each other
+        _status, attempt = await agent.begin(await take(agent))
+        assert attempt is not None
+        await agent.complete(attempt, 1, 1)
+    for _ in range(2):
+        await client.submit_payload(GOOD)
+    with pytest.raises(QueueFull) as info:
+        await client.submit_payload(GOOD)
+    assert info.value.retry_after_s < RETRY_AFTER_MAX_S
 
 
 async def test_idempotency_key_makes_a_retried_submit_a_no_op(redis_client: aioredis.Redis) -> None:
@@ -128,3 +191,165 @@ async def test_consumer_takes_by_priority_rule_and_reclaims_a_dead_consumers_wor
         order.append(d.priority)
     assert Counter(order) == {"critical": 2, "high": 3, "normal": 4, "low": 4}
     assert order.index("low") < len(order) - 4  # low is served before the rest are exhausted
+
+
+async def take(consumer: Consumer) -> Delivery:
+    """The next task for `consumer` (the first take of a new pool only creates its groups)."""
+    taken: list[Delivery] = []
+
+    async def one() -> bool:
+        if (d := await consumer.take(block_ms=10)) is not None:
+            taken.append(d)
+        return bool(taken)
+
+    await async_wait_until(one, 5, f"{consumer.name} to take a task")
+    return taken[0]
+
+
+async def reclaim_one(consumer: Consumer) -> Delivery:
+    reclaimed: list[Delivery] = []
+
+    async def one() -> bool:
+        reclaimed.extend(await consumer.reclaim(1))
+        return bool(reclaimed)
+
+    await async_wait_until(one, 5, f"{consumer.name} to reclaim an idle entry")
+    return reclaimed[0]
+
+
+async def test_an_attempt_whose_entry_was_reclaimed_across_a_redis_restart_is_fenced_off(
+    persistent_redis: RedisServer,
+) -> None:
+    redis = aioredis.Redis.from_url(persistent_redis.url, decode_responses=True)
+    try:
+        name = pool()
+        client = TaskClient(redis, "ns", name)
+        task_id = (await client.submit_payload(GOOD)).task_id
+        a = Consumer(redis, "ns", name, "agent-a", claim_idle_ms=200)
+        b = Consumer(redis, "ns", name, "agent-b", claim_idle_ms=200)
+        d = await take(a)
+        _status, first = await a.begin(d)
+        assert first is not None
+        written = await a.append_output(first, 0, "A1 ")
+        # agent-a stalls; Redis restarts from its AOF meanwhile and agent-b takes the entry over
+        persistent_redis.stop(signal.SIGKILL)
+        persistent_redis.start()
+        await redis.connection_pool.disconnect()
+        _status, second = await b.begin(await reclaim_one(b))
+        assert second is not None and second.number == 2
+        stored = await b.append_output(second, 0, "B1 ")
+        with pytest.raises(ClaimLost):
+            await a.append_output(first, written, "A2 ")
+        stored = await b.append_output(second, stored, "B2 ")
+        with pytest.raises(ClaimLost):
+            await a.complete(first, 1, 1)
+        assert await a.touch([d]) == [d.entry_id]  # how a stalled agent learns to stop
+        await b.complete(second, 1, 1)
+        result = await client.result(task_id)
+        assert result is not None
+        assert (result.status, result.output, result.worker, result.attempts) == (
+            "done",
+            "B1 B2 ",
+            "agent-b",
+            2,
+        )
+    finally:
+        await redis.aclose()
+
+
+async def test_retried_writes_count_once_and_missing_output_fails_the_attempt(
+    redis_client: aioredis.Redis,
+) -> None:
+    name = pool()
+    client = TaskClient(redis_client, "ns", name)
+    task_id = (await client.submit_payload(GOOD)).task_id
+    agent = Consumer(redis_client, "ns", name, "agent")
+    delivery = await take(agent)
+    _status, attempt = await agent.begin(delivery)
+    assert await agent.begin(delivery) == ("run", attempt)  # its reply was lost: sent again
+    assert attempt is not None and (attempt.number, attempt.fence) == (1, 1)
+    assert await agent.append_output(attempt, 0, "héllo ") == 7
+    assert await agent.append_output(attempt, 0, "héllo ") == 7  # its reply was lost: sent again
+    with pytest.raises(OutputNotStored, match="expected 3 bytes"):
+        await agent.append_output(attempt, 3, "world")
+    await agent.complete(attempt, 1, 1)
+    await agent.complete(attempt, 1, 1)  # a retried completion of the same attempt is no error
+    result = await client.result(task_id)
+    assert result is not None and (result.status, result.output) == ("done", "héllo ")
+
+
+async def test_dead_lettered_task_attempts_agree_with_its_error(redis_client: aioredis.Redis) -> None:
+    name = pool()
+    client = TaskClient(redis_client, "ns", name)
+    task_id = (await client.submit_payload(GOOD)).task_id
+    first = Consumer(redis_client, "ns", name, "a", claim_idle_ms=50, max_attempts=2)
+    await first.begin(await take(first))
+    for who in ("b", "c"):  # each agent dies during its attempt; the last reclaimer gives up
+        agent = Consumer(redis_client, "ns", name, who, claim_idle_ms=50, max_attempts=2)
+        await agent.begin(await reclaim_one(agent))
+    result = await client.result(task_id)
+    assert result is not None and result.status == "dead"
+    assert result.error is not None and result.error.startswith("gave up after 2 attempts")
+    assert result.attempts == 2
+    [letter] = await client.dead_letters()
+    assert letter["attempts"] == "2"
+
+
+async def test_reclaim_follows_its_cursor_past_a_live_backlog(redis_client: aioredis.Redis) -> None:
+    name = pool()
+    client = TaskClient(redis_client, "ns", name)
+    for _ in range(27):
+        await client.submit_payload(GOOD)
+    live = Consumer(redis_client, "ns", name, "live", claim_idle_ms=200)
+    dead = Consumer(redis_client, "ns", name, "dead", claim_idle_ms=200)
+    held = [await take(live) for _ in range(25)]  # older entries, pending under an agent that lives
+    lost = [await take(dead) for _ in range(2)]
+
+    async def all_idle() -> bool:
+        pending = await redis_client.xpending_range(client.keys.stream("normal"), "agents", "-", "+", 100)
+        return all(p["time_since_delivered"] > 200 for p in pending)
+
+    await async_wait_until(all_idle, 5, "every pending entry to look idle")
+    assert await live.touch(held) == []  # the live agent's heartbeat
+    rescuer = Consumer(redis_client, "ns", name, "rescuer", claim_idle_ms=200)
+    reclaimed = await rescuer.reclaim(2)
+    assert sorted(d.entry_id for d in reclaimed) == sorted(d.entry_id for d in lost)
+
+
+async def test_an_idle_pool_leaves_no_key_behind_but_waiting_work_never_expires(
+    redis_client: aioredis.Redis,
+) -> None:
+    name = pool()
+    ttl = {"pool_idle_ttl_s": 1}
+    store = TaskStore(redis_client, "ns", name, idempotency_ttl_s=1, **ttl)
+    agent = Consumer(redis_client, "ns", name, "agent", result_ttl_s=1, **ttl)
+    finished = await store.submit(parse_spec(GOOD))
+    waiting = await store.submit(parse_spec(GOOD))
+    _status, attempt = await agent.begin(await take(agent))
+    assert attempt is not None and attempt.delivery.task_id == finished.task_id
+    await agent.append_output(attempt, 0, "answer")
+    await agent.complete(attempt, 1, 1)
+    queue = store.keys.stream("normal")
+
+    async def pool_keys() -> set[str]:
+        return {key async for key in redis_client.scan_iter(match=f"tars:{{ns/{name}}}*")}
+
+    for key in await pool_keys():  # every key has a lifetime, but the stream holding work
+        assert (await redis_client.ttl(key) == -1) == (key == queue), key
+
+    async def only_the_queue_left() -> bool:
+        return await pool_keys() == {queue}
+
+    await async_wait_until(only_the_queue_left, 10, "the idle pool's other keys to expire")
+    # the waiting task outlived its status hash; an agent still runs it
+    _status, attempt = await agent.begin(await take(agent))
+    assert attempt is not None and attempt.delivery.task_id == waiting.task_id
+    await agent.append_output(attempt, 0, "late answer")
+    await agent.complete(attempt, 1, 1)
+    result = await store.result(waiting.task_id)
+    assert result is not None and (result.status, result.output) == ("done", "late answer")
+
+    async def nothing_left() -> bool:
+        return await pool_keys() == set()
+
+    await async_wait_until(nothing_left, 10, "every key of the idle pool to expire")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from tars_agent import contract
+from tars_agent import contract, worker
 from tars_agent import metric_names as m
 from tars_agent.client import TaskClient
 from tars_agent.mockllm import POISON_MARKER, MockLLM
+from tars_agent.queue import Attempt
 
 from .conftest import AUTH, agent_settings, async_wait_until, running_agent
 
@@ -57,17 +60,6 @@ async def test_tasks_complete_with_streamed_and_plain_answers(
                 assert name in metrics, name
             assert 'tars_tasks_total{outcome="done"} 12.0' in metrics
             assert 'tars_llm_requests_total{code="200"} 12.0' in metrics
-        beat = await redis_client.hget(
-            contract.agents_heartbeat_key(settings.namespace, settings.pool), settings.pod_name
-        )
-        assert beat is not None and json.loads(beat)["draining"] is False
-    # the heartbeat is removed on exit
-    assert (
-        await redis_client.hget(
-            contract.agents_heartbeat_key(settings.namespace, settings.pool), settings.pod_name
-        )
-        is None
-    )
 
 
 async def test_follow_streams_the_output(
@@ -125,3 +117,43 @@ async def test_unparsable_queue_entry_is_dead_lettered_at_once(
     assert "priority" in letter["error"] and "spec" in letter["error"]
     assert await redis_client.xlen(stream) == 0
     assert mock_llm.admitted == []
+
+
+async def test_a_streamed_task_answered_with_plain_json_gets_that_answer(
+    redis_client: aioredis.Redis, redis_url: str, mock_llm: MockLLM
+) -> None:
+    mock_llm.config.response_tokens = 5
+    mock_llm.config.ignore_stream = True  # the upstream ignores "stream": true
+    settings = agent_settings(redis_url, mock_llm.url)
+    client = TaskClient(redis_client, settings.namespace, settings.pool)
+    async with running_agent(settings):
+        task_id = (await client.submit_payload(user("q", stream=True))).task_id
+        result = await client.wait(task_id, timeout_s=20)
+    assert [e["stream"] for e in mock_llm.admitted] == [True]
+    assert (result.status, result.output, result.completion_tokens) == ("done", "w0 w1 w2 w3 w4", 5)
+
+
+async def test_a_failed_output_append_fails_the_attempt_instead_of_leaving_a_gap(
+    redis_client: aioredis.Redis, redis_url: str, mock_llm: MockLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker, "STORE_RETRY_S", 0.0)  # give up on Redis at the first error
+    mock_llm.config.response_tokens = 6
+    mock_llm.config.chunk_delay_s = 0.15  # one append per word
+    settings = agent_settings(redis_url, mock_llm.url)
+    client = TaskClient(redis_client, settings.namespace, settings.pool)
+    async with running_agent(settings) as agent:
+        real = agent.consumer.append_output
+        calls = 0
+
+        async def second_append_fails(a: Attempt, offset: int, text: str) -> int:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise RedisConnectionError("injected: connection lost during the append")
+            return await real(a, offset, text)
+
+        monkeypatch.setattr(agent.consumer, "append_output", second_append_fails)
+        task_id = (await client.submit_payload(user("q", stream=True))).task_id
+        result = await client.wait(task_id, timeout_s=20)
+    assert (result.status, result.output) == ("done", "w0 w1 w2 w3 w4 w5")
+    assert result.attempts == 2 and len(mock_llm.admitted) == 2
