@@ -8,7 +8,6 @@ leadership, so its Deployment restarts it as a candidate."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -42,13 +41,15 @@ async def run(opts: settings.OperatorSettings) -> int:
         elector = LeaderElector(
             client.CoordinationV1Api(api), opts.lease_namespace, opts.lease_name, opts.identity
         )
+        handlers.FENCE = elector.fence
         acquiring = asyncio.create_task(elector.acquire())
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if stop.is_set():
+        if not acquiring.done():
             acquiring.cancel()
             await api.close()
             return 0
+        acquiring.result()  # acquire() returns only as leader; anything else is a bug, not leadership
 
     operator_stop: asyncio.Future[None] = loop.create_future()
     operator = asyncio.create_task(
@@ -69,8 +70,17 @@ async def run(opts: settings.OperatorSettings) -> int:
     lost = holding is not None and holding in done
     if not operator_stop.done():
         operator_stop.set_result(None)
-    with contextlib.suppress(asyncio.CancelledError):
-        await operator
+    if lost:
+        # The fence already refuses their writes; stop them trying before another replica can lead.
+        await handlers.stop_pools()
+    # A replica that lost the lease must be gone before any other can take it: its fence
+    # lapsed leaseDuration - renewDeadline before that; kopf gets half of it to stop.
+    shutdown_within = (elector.lease_duration - elector.renew_deadline) / 2 if elector and lost else None
+    try:
+        async with asyncio.timeout(shutdown_within):
+            await operator
+    except (asyncio.CancelledError, TimeoutError):
+        operator.cancel()
     if holding and not holding.done():
         holding.cancel()
     if elector and not lost:

@@ -23,6 +23,7 @@ from tars_agent import contract
 from tars_operator import builders, models
 from tars_operator.controller import AgentPod, PoolController, index_entry
 from tars_operator.kubeclient import api_client
+from tars_operator.leader import Fence
 from tars_operator.settings import OperatorSettings
 from tars_operator.sources import AgentClient, PrometheusReader
 from tars_operator.units import parse_duration
@@ -118,12 +119,7 @@ async def pool_event(
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    # The pools' loops first: they use the clients closed after them.
-    for runner in _RUNNERS.values():
-        if runner.task is not None:
-            runner.task.cancel()
-    await asyncio.gather(*(r.task for r in _RUNNERS.values() if r.task), return_exceptions=True)
-    _RUNNERS.clear()
+    await stop_pools()  # first: the loops use the clients closed below
     await memo.agents.close()
     await memo.api.close()
 
@@ -171,3 +167,17 @@ async def _run_pool(
             last_cycle = loop.time()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), POLL_SECONDS)
+
+
+# The leader's fence, which PoolController asks before each write; __main__ sets the elector's.
+# Unlimited when this replica is the only writer (--no-leader-election, tests).
+FENCE = Fence.unlimited()
+
+
+async def stop_pools() -> None:
+    """Cancel every pool's loop and wait until they have ended."""
+    tasks = [r.task for r in _RUNNERS.values() if r.task is not None]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    _RUNNERS.clear()
