@@ -2,8 +2,9 @@
 
 Becomes leader first (unless --no-leader-election), then runs kopf with the
 handlers in handlers.py, serves its Prometheus metrics on --metrics-port and
-kopf's liveness probe on --health-port (/healthz). Exits non-zero when it loses
-leadership, so its Deployment restarts it as a candidate."""
+kopf's liveness probe on --health-port (/healthz). When it loses leadership
+(leader.py: its fence lapsed) it cancels the pool loops, stops kopf and exits
+non-zero, so its Deployment restarts it as a candidate."""
 
 from __future__ import annotations
 

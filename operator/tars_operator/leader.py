@@ -38,7 +38,7 @@ import enum
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -52,10 +52,9 @@ log = logging.getLogger("tars_operator.leader")
 
 @dataclass
 class Fence:
-    """Whether this replica may still write as the leader: until `valid_until` on `clock`."""
+    """Whether this replica may still write as the leader: until `valid_until` (time.monotonic())."""
 
     valid_until: float = -math.inf
-    clock: Callable[[], float] = time.monotonic
 
     @classmethod
     def unlimited(cls) -> Fence:
@@ -71,7 +70,7 @@ class Fence:
 
     def remaining(self) -> float:
         """Seconds of authority left (<= 0: none)."""
-        return self.valid_until - self.clock()
+        return self.valid_until - time.monotonic()
 
     def extend_to(self, until: float) -> None:
         self.valid_until = max(self.valid_until, until)
@@ -80,7 +79,7 @@ class Fence:
         self.valid_until = -math.inf
 
 
-class Outcome(enum.Enum):
+class _Outcome(enum.Enum):
     HELD = "held"  # we wrote the Lease: it is ours
     TAKEN = "taken"  # another holder's lease is live
     RACED = "raced"  # someone wrote the Lease since we read it (409)
@@ -104,15 +103,13 @@ class LeaderElector:
     lease_duration: float = 15.0
     renew_deadline: float = 10.0
     retry_period: float = 2.0
-    clock: Callable[[], float] = time.monotonic
-    fence: Fence = field(init=False)
+    fence: Fence = field(default_factory=Fence, init=False)
     _observed: _Record | None = field(default=None, init=False)
     _observed_at: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
         if not self.lease_duration > self.renew_deadline > self.retry_period > 0:
             raise ValueError("leader election needs lease duration > renew deadline > retry period > 0")
-        self.fence = Fence(clock=self.clock)
 
     @property
     def call_timeout(self) -> float:
@@ -125,32 +122,32 @@ class LeaderElector:
             "waiting to become leader (lease %s/%s, identity %s)", self.namespace, self.name, self.identity
         )
         while True:
-            started = self.clock()
-            if await self._try(budget=self.retry_period) is Outcome.HELD:
+            started = time.monotonic()
+            if await self._try(budget=self.retry_period) is _Outcome.HELD:
                 self.fence.extend_to(started + self.renew_deadline)
                 observability.LEADER.set(1)
                 log.info("became leader (identity %s)", self.identity)
                 return
-            await asyncio.sleep(max(0.0, started + self.retry_period - self.clock()))
+            await asyncio.sleep(max(0.0, started + self.retry_period - time.monotonic()))
 
     async def hold(self) -> None:
         """Renew every retry period; return when leadership is lost, with the fence revoked:
         at the renew deadline if no renewal succeeded by then, at once if another holder is seen."""
-        tried = self.clock()  # acquire() has just written the Lease
+        tried = time.monotonic()  # acquire() has just written the Lease
         try:
             while True:
                 # Sleep until the next try, but wake at the deadline if it comes first.
                 wake = min(tried + self.retry_period, self.fence.valid_until)
-                await asyncio.sleep(max(0.0, wake - self.clock()))
+                await asyncio.sleep(max(0.0, wake - time.monotonic()))
                 if self.fence.remaining() <= 0:
                     log.error("could not renew the lease within %ss: stepping down", self.renew_deadline)
                     return
-                tried = self.clock()
+                tried = time.monotonic()
                 # The try ends at the deadline at the latest, however slow the API server is.
                 outcome = await self._try(budget=self.fence.remaining())
-                if outcome is Outcome.HELD:
+                if outcome is _Outcome.HELD:
                     self.fence.extend_to(tried + self.renew_deadline)
-                elif outcome is Outcome.TAKEN:
+                elif outcome is _Outcome.TAKEN:
                     log.error("lost the lease to %s: stepping down", self._observed)
                     return
         finally:
@@ -177,15 +174,15 @@ class LeaderElector:
         except Exception as exc:  # noqa: BLE001 - the lease then expires by itself
             log.warning("releasing the lease failed: %r", exc)
 
-    async def _try(self, budget: float) -> Outcome:
+    async def _try(self, budget: float) -> _Outcome:
         try:
             async with asyncio.timeout(budget):
                 return await self._try_acquire_or_renew()
         except Exception as exc:  # noqa: BLE001 - disconnects, timeouts, 5xx alike: a failed try
             log.warning("leader election: %r", exc)
-            return Outcome.FAILED
+            return _Outcome.FAILED
 
-    async def _try_acquire_or_renew(self) -> Outcome:
+    async def _try_acquire_or_renew(self) -> _Outcome:
         try:
             lease = await self.api.read_namespaced_lease(
                 self.name, self.namespace, _request_timeout=self.call_timeout
@@ -198,7 +195,7 @@ class LeaderElector:
                 self.api.create_namespaced_lease(self.namespace, body, _request_timeout=self.call_timeout)
             )
         if self._held_elsewhere(lease):
-            return Outcome.TAKEN
+            return _Outcome.TAKEN
         lease.spec = self._spec(lease)
         return await self._write(
             self.api.replace_namespaced_lease(
@@ -206,14 +203,14 @@ class LeaderElector:
             )
         )
 
-    async def _write(self, call: Awaitable[object]) -> Outcome:
+    async def _write(self, call: Awaitable[object]) -> _Outcome:
         try:
             await call
         except ApiException as exc:
             if exc.status == 409:
-                return Outcome.RACED
+                return _Outcome.RACED
             raise
-        return Outcome.HELD
+        return _Outcome.HELD
 
     def _held_elsewhere(self, lease: client.V1Lease) -> bool:
         """Whether another holder's lease is live, as observed here (never by its renewTime)."""
@@ -223,7 +220,7 @@ class LeaderElector:
             renew_time=spec.renew_time if spec else None,
             resource_version=lease.metadata.resource_version if lease.metadata else None,
         )
-        now = self.clock()
+        now = time.monotonic()
         if record != self._observed:
             self._observed, self._observed_at = record, now
         if not record.holder or record.holder == self.identity:

@@ -93,6 +93,11 @@ class FakeLeaseAPI:
             self._written.clear()
             await self._written.wait()
 
+    def overwrite(self, namespace: str, name: str, holder: str) -> None:
+        """Write the Lease as another party would (a replica we do not run, a person)."""
+        lease = self.leases[(namespace, name)]
+        self._store((namespace, name), {**lease, "spec": {**lease["spec"], "holderIdentity": holder}})
+
     def holder(self, namespace: str, name: str) -> str | None:
         lease = self.leases.get((namespace, name))
         return None if lease is None else lease["spec"].get("holderIdentity")

@@ -34,7 +34,7 @@ class Timing:
     retry: float
 
 
-SHORT = Timing(lease=2, renew_deadline=1.4, retry=0.2)
+SHORT = Timing(lease=2, renew_deadline=1.2, retry=0.2)
 SKEWS = [dt.timedelta(minutes=10), dt.timedelta(minutes=-10)]
 
 
@@ -155,7 +155,7 @@ async def test_a_hung_renewal_makes_the_leader_step_down_within_the_lease(
 ) -> None:
     leader = elector(api, clients, "a", SHORT)
     holding = await lead(leader, tasks)
-    assert leader.fence.holds() and gauge(metric_names.OPERATOR_LEADER) == 1
+    assert leader.fence.holds() and sample(metric_names.OPERATOR_LEADER) == 1
     await asyncio.wait_for(api.until_written(len(api.audit) + 1), 2)  # it renews
     api.fault = Fault.HANG
     try:
@@ -165,10 +165,25 @@ async def test_a_hung_renewal_makes_the_leader_step_down_within_the_lease(
     stepped_down = time.monotonic()
     since_renewed = stepped_down - last_write_by(api, "a")
     assert since_renewed < SHORT.lease, f"stepped down {since_renewed:.2f}s after its last renewal"
-    fenced = gauge(metric_names.OPERATOR_LEADER_FENCED_WRITES_TOTAL)
+    fenced = sample(metric_names.OPERATOR_LEADER_FENCED_WRITES_TOTAL)
     assert not leader.fence.holds(), "the fence still holds after the step-down"
-    assert gauge(metric_names.OPERATOR_LEADER_FENCED_WRITES_TOTAL) == fenced + 1, "a fenced write is counted"
-    assert gauge(metric_names.OPERATOR_LEADER) == 0
+    assert sample(metric_names.OPERATOR_LEADER_FENCED_WRITES_TOTAL) == fenced + 1, "a fenced write is counted"
+    assert sample(metric_names.OPERATOR_LEADER) == 0
+
+
+async def test_a_leader_that_sees_another_holder_steps_down_at_once(
+    api: FakeLeaseAPI, clients: list[client.ApiClient], tasks: list[asyncio.Task[None]]
+) -> None:
+    leader = elector(api, clients, "a", SHORT)
+    holding = await lead(leader, tasks)
+    api.overwrite(NAMESPACE, NAME, "b")
+    taken = time.monotonic()
+    try:
+        await asyncio.wait_for(asyncio.shield(holding), SHORT.renew_deadline)
+    except TimeoutError:
+        pytest.fail("the leader still acts after the Lease named another holder")
+    assert time.monotonic() - taken < 3 * SHORT.retry, "it waited for its deadline instead of stepping down"
+    assert leader.fence.remaining() <= 0
 
 
 @pytest.mark.parametrize("skew", SKEWS, ids=["ahead", "behind"])
@@ -250,5 +265,7 @@ async def test_two_replicas_under_a_flapping_api_server_never_both_act(
     assert sum(len(t) for t in terms.values()) >= 3, f"too few handovers to prove anything: {terms}"
 
 
-def gauge(name: str) -> float | None:
-    return REGISTRY.get_sample_value(name)
+def sample(name: str) -> float:
+    value = REGISTRY.get_sample_value(name)
+    assert value is not None, f"the operator exports no {name}"
+    return value
