@@ -71,14 +71,14 @@ async def run(opts: settings.OperatorSettings) -> int:
     lost = holding is not None and holding in done
     if not operator_stop.done():
         operator_stop.set_result(None)
-    if lost:
-        # The fence already refuses their writes; stop them trying before another replica can lead.
-        await handlers.stop_pools()
     # A replica that lost the lease must be gone before any other can take it: its fence
-    # lapsed leaseDuration - renewDeadline before that; kopf gets half of it to stop.
+    # lapsed leaseDuration - renewDeadline before that, and it takes half of that to stop.
     shutdown_within = (elector.lease_duration - elector.renew_deadline) / 2 if elector and lost else None
     try:
         async with asyncio.timeout(shutdown_within):
+            if lost:
+                # The fence already refuses their writes; this stops them trying, first.
+                await handlers.stop_pools()
             await operator
     except (asyncio.CancelledError, TimeoutError):
         operator.cancel()
