@@ -148,7 +148,8 @@ class LeaderElector:
                 if outcome is _Outcome.HELD:
                     self.fence.extend_to(tried + self.renew_deadline)
                 elif outcome is _Outcome.TAKEN:
-                    log.error("lost the lease to %s: stepping down", self._observed)
+                    holder = self._observed.holder if self._observed else "?"
+                    log.error("the lease names %s now: stepping down", holder)
                     return
         finally:
             self.fence.revoke()

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -56,11 +56,13 @@ async def clients(api: FakeLeaseAPI) -> AsyncIterator[list[client.ApiClient]]:
 
 
 @pytest.fixture
-def tasks() -> Iterator[list[asyncio.Task[None]]]:
+async def tasks(clients: list[client.ApiClient]) -> AsyncIterator[list[asyncio.Task[None]]]:
+    """The test's electors, ended before their clients close."""
     started: list[asyncio.Task[None]] = []
     yield started
     for task in started:
         task.cancel()
+    await asyncio.gather(*started, return_exceptions=True)
 
 
 def elector(api: FakeLeaseAPI, clients: list[client.ApiClient], identity: str, t: Timing) -> LeaderElector:
