@@ -11,7 +11,7 @@ from typing import Any
 from e2e.harness import eventually
 from e2e.operator_env import OperatorEnv
 from e2e.test_operator import agent_pool, fast_scaling, wait_ready_agents
-from tars_agent import contract
+from tars_agent import contract, metric_names
 
 
 def test_helm_upgrade_to_two_replicas_one_leads_and_a_live_one_takes_over_when_it_dies(
@@ -33,6 +33,7 @@ def test_helm_upgrade_to_two_replicas_one_leads_and_a_live_one_takes_over_when_i
     (standby,) = [p["metadata"]["name"] for p in pods if p["metadata"]["name"] != leader]
     eventually(lambda: "waiting to become leader" in op.logs(standby), 60, f"{standby} to stand by")
     assert kube.get("deployment", op.release, op.namespace)["spec"]["replicas"] == 2
+    assert (leading(op, leader), leading(op, standby)) == (1, 0), "the leader gauge names the leader"
 
     kube.apply(agent_pool("leader", warm={"min": 1}), namespace=namespace)
     wait_ready_agents(kube, namespace, "leader", 1, 90)
@@ -53,6 +54,14 @@ def test_helm_upgrade_to_two_replicas_one_leads_and_a_live_one_takes_over_when_i
     assert all("became leader" not in op.logs(other) for other in others), "one leader at a time"
     kube.run("patch", "ap", "leader", "-n", namespace, "--type=merge", "-p", '{"spec": {"warm": {"min": 2}}}')
     wait_ready_agents(kube, namespace, "leader", 2, 90)  # the new leader acts
+
+
+def leading(op: OperatorEnv, pod: str) -> float:
+    """The pod's tars_operator_leader gauge: 1 while its fence holds."""
+    prefix = metric_names.OPERATOR_LEADER + " "
+    metrics = op.kube.pod_get(op.namespace, pod, 9100, "/metrics")
+    (value,) = [float(line[len(prefix) :]) for line in metrics.splitlines() if line.startswith(prefix)]
+    return value
 
 
 def rule_names(op: OperatorEnv) -> set[str]:

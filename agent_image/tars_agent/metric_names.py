@@ -32,6 +32,8 @@ OPERATOR_DESIRED_REPLICAS = "tars_operator_desired_replicas"
 OPERATOR_DECISIONS_TOTAL = "tars_operator_decisions_total"  # counter{reason}
 OPERATOR_ERRORS_TOTAL = "tars_operator_errors_total"  # counter{stage}
 OPERATOR_LOOP_CRASHES_TOTAL = "tars_operator_loop_crashes_total"  # counter: a pool loop step raised
+OPERATOR_LEADER = "tars_operator_leader"  # gauge: 1 while this replica leads (its fence holds)
+OPERATOR_LEADER_FENCED_WRITES_TOTAL = "tars_operator_leader_fenced_writes_total"  # counter
 
 # Shared limiter, per budget (added for the operator's budget-aware ceiling).
 LIMITER_BUDGET_UTILIZATION = "tars_limiter_budget_utilization"  # gauge{budget,window}: 0..1 spent

@@ -2,13 +2,13 @@
 
 Becomes leader first (unless --no-leader-election), then runs kopf with the
 handlers in handlers.py, serves its Prometheus metrics on --metrics-port and
-kopf's liveness probe on --health-port (/healthz). Exits non-zero when it loses
-leadership, so its Deployment restarts it as a candidate."""
+kopf's liveness probe on --health-port (/healthz). When it loses leadership
+(leader.py: its fence lapsed) it cancels the pool loops, stops kopf and exits
+non-zero, so its Deployment restarts it as a candidate."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -42,13 +42,15 @@ async def run(opts: settings.OperatorSettings) -> int:
         elector = LeaderElector(
             client.CoordinationV1Api(api), opts.lease_namespace, opts.lease_name, opts.identity
         )
+        handlers.FENCE = elector.fence
         acquiring = asyncio.create_task(elector.acquire())
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if stop.is_set():
+        if not acquiring.done():
             acquiring.cancel()
             await api.close()
             return 0
+        acquiring.result()  # acquire() returns only as leader; anything else is a bug, not leadership
 
     operator_stop: asyncio.Future[None] = loop.create_future()
     operator = asyncio.create_task(
@@ -69,8 +71,17 @@ async def run(opts: settings.OperatorSettings) -> int:
     lost = holding is not None and holding in done
     if not operator_stop.done():
         operator_stop.set_result(None)
-    with contextlib.suppress(asyncio.CancelledError):
-        await operator
+    # A replica that lost the lease must be gone before any other can take it: its fence
+    # lapsed leaseDuration - renewDeadline before that, and it takes half of that to stop.
+    shutdown_within = (elector.lease_duration - elector.renew_deadline) / 2 if elector and lost else None
+    try:
+        async with asyncio.timeout(shutdown_within):
+            if lost:
+                # The fence already refuses their writes; this stops them trying, first.
+                await handlers.stop_pools()
+            await operator
+    except (asyncio.CancelledError, TimeoutError):
+        operator.cancel()
     if holding and not holding.done():
         holding.cancel()
     if elector and not lost:

@@ -10,6 +10,7 @@ Events; nothing here decides anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -23,6 +24,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from tars_agent import contract
 from tars_operator import builders, models, observability, queries
+from tars_operator.leader import Fence
 from tars_operator.policy.metrics import Metrics, Sample
 from tars_operator.policy.observe import PodState, pod_state
 from tars_operator.policy.plan import ControllerState, Plan, plan
@@ -32,6 +34,9 @@ from tars_operator.validation import Checked, check
 log = logging.getLogger("tars_operator")
 
 MERGE_PATCH: dict[str, Any] = {"_content_type": "application/merge-patch+json"}
+# A write gives up after this long (or when the leader's fence lapses, if sooner): an API server
+# that does not answer must not hold a cycle, nor let a write land after leadership ended.
+WRITE_TIMEOUT_S = 5.0
 # What an API call can fail with: a refusal, a timeout, or the connection breaking (an API
 # server restart surfaces as aiohttp errors that are not OSErrors).
 API_ERRORS = (ApiException, TimeoutError, OSError, aiohttp.ClientError)
@@ -85,6 +90,8 @@ class PoolController:
     # and a cycle planned from a stale status repeats what the last one did (a second OOM bump).
     written_status: Mapping[str, Any] | None = None
     checked_spec: tuple[int, Checked] | None = None  # (generation, its parsed spec)
+    # The leader's authority (leader.py): every write is checked against it and cut off with it.
+    fence: Fence = field(default_factory=Fence.unlimited)
 
     async def observe(self, indexed: Sequence[AgentPod]) -> tuple[list[PodState], dict[str, AgentPod]]:
         """The pool's own pods (controller owner = this pool), with the agents' in-flight counts.
@@ -182,8 +189,15 @@ class PoolController:
 
         With `gone_ok`, a 404 is ("gone", None): the pod is already gone, which a delete or a
         drain can live with."""
+        if not self.fence.holds():
+            getattr(action, "close", lambda: None)()  # never sent: no "never awaited" warning
+            log.warning(
+                "pool %s/%s: %s skipped: this replica's leadership lapsed", self.namespace, self.name, what
+            )
+            raise _Fenced
         try:
-            return "done", await action
+            async with asyncio.timeout(min(WRITE_TIMEOUT_S, self.fence.remaining())):
+                return "done", await action
         except Exception as exc:  # reported below; the rest of the plan goes on
             if gone_ok and isinstance(exc, ApiException) and exc.status == 404:
                 log.info("pool %s/%s: %s: the pod is already gone", self.namespace, self.name, what)
@@ -195,13 +209,23 @@ class PoolController:
             message = f"{what} failed: {detail} {body or ''}".strip()[:1000]
             log.warning("pool %s/%s: %s", self.namespace, self.name, message)
             observability.ERRORS.labels(namespace=self.namespace, pool=self.name, stage=stage).inc()
-            await self.emit("Warning", f"{stage.capitalize()}Failed", message)
+            await self._emit("Warning", f"{stage.capitalize()}Failed", message)
             return "failed", None
 
+    async def _emit(self, kind: str, reason: str, message: str) -> None:
+        if self.fence.holds():  # an Event is a write too
+            await self.emit(kind, reason, message)
+
     async def apply(self, result: Plan, by_name: Mapping[str, AgentPod]) -> list[str]:
-        """Apply a plan step by step; returns the names of the pods the API created."""
-        labels = {"namespace": self.namespace, "pool": self.name}
+        """Apply a plan step by step; returns the names of the pods the API created. A replica
+        whose leadership lapsed stops at that step: what it created is still returned."""
         created: list[str] = []
+        with contextlib.suppress(_Fenced):
+            await self._apply(result, by_name, created)
+        return created
+
+    async def _apply(self, result: Plan, by_name: Mapping[str, AgentPod], created: list[str]) -> None:
+        labels = {"namespace": self.namespace, "pool": self.name}
         for create in result.creates:
             manifest: Any = create.manifest  # the client takes a plain dict as well as a V1Pod
             outcome, new_pod = await self._guard(
@@ -259,8 +283,11 @@ class PoolController:
         if outcome == "done" and isinstance(written, Mapping):
             self.written_status = written.get("status") or {}
         for event in result.events:
-            await self.emit(event.type, event.reason, event.message)
-        return created
+            await self._emit(event.type, event.reason, event.message)
+
+
+class _Fenced(Exception):
+    """This replica's leadership lapsed: apply stops before its next write."""
 
 
 def _reports_work(pod: PodState) -> bool:

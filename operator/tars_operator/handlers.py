@@ -24,6 +24,7 @@ from tars_operator import builders, models, observability
 from tars_operator.controller import AgentPod, PoolController, index_entry
 from tars_operator.events import COMPONENT, EventRecorder, ObjectRef
 from tars_operator.kubeclient import api_client
+from tars_operator.leader import Fence
 from tars_operator.security import AccessConfig, PoolAccess
 from tars_operator.settings import OperatorSettings
 from tars_operator.sources import AgentClient, PrometheusReader
@@ -124,12 +125,7 @@ async def pool_event(
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    # The pools' loops first: they use the clients closed after them.
-    for runner in _RUNNERS.values():
-        if runner.task is not None:
-            runner.task.cancel()
-    await asyncio.gather(*(r.task for r in _RUNNERS.values() if r.task), return_exceptions=True)
-    _RUNNERS.clear()
+    await stop_pools()  # first: the loops use the clients closed below
     await memo.agents.close()
     await memo.api.close()
 
@@ -162,6 +158,7 @@ async def _run_pool(
             redis_url=SETTINGS.redis_url, redis_password=SETTINGS.redis_password is not None
         ),
         emit=emit,
+        fence=FENCE,  # read now: __main__ set the elector's before kopf started
     )
     wake = _wake(key)
     loop = asyncio.get_running_loop()
@@ -179,7 +176,7 @@ async def _run_pool(
         if controller.busy_changed(pods) or woken or due:
             last_cycle = loop.time()
             # Before the cycle: the pods it creates read their token (and Redis password) from it.
-            for error in await access.ensure(parsed):
+            for error in await access.ensure(parsed) if FENCE.holds() else []:
                 log.warning("pool %s/%s: %s", namespace, name, error)
                 await emit("Warning", "AccessFailed", error)
             await controller.cycle(body, pods, by_name)
@@ -192,3 +189,17 @@ async def _run_pool(
         await emit("Warning", "ReconcileCrashed", f"{type(exc).__name__}: {exc}; restarting in {delay:.0f}s")
 
     await supervise(step, on_crash, Backoff())
+
+
+# The leader's fence, which PoolController asks before each write; __main__ sets the elector's.
+# Unlimited when this replica is the only writer (--no-leader-election, tests).
+FENCE = Fence.unlimited()
+
+
+async def stop_pools() -> None:
+    """Cancel every pool's loop and wait until they have ended."""
+    tasks = [r.task for r in _RUNNERS.values() if r.task is not None]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    _RUNNERS.clear()

@@ -27,6 +27,11 @@ DECISIONS = Counter(
 ERRORS = Counter(
     metric_names.OPERATOR_ERRORS_TOTAL, "Errors while reconciling", ["namespace", "pool", "stage"]
 )
+LEADER = Gauge(metric_names.OPERATOR_LEADER, "1 while this replica holds the leader Lease and may write")
+LEADER_FENCED_WRITES = Counter(
+    metric_names.OPERATOR_LEADER_FENCED_WRITES_TOTAL,
+    "Writes refused because this replica's leadership had lapsed (its fence no longer held)",
+)
 LOOP_CRASHES = Counter(
     metric_names.OPERATOR_LOOP_CRASHES_TOTAL,
     "Steps of a pool's loop that raised (the loop restarts after a backoff)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from tars_operator import builders
 from tars_operator.controller import AgentPod, PoolController
+from tars_operator.leader import Fence
 from tars_operator.policy.metrics import Sample
 from tars_operator.policy.observe import PodState
 from tars_operator.sources import QueryResult
@@ -233,3 +235,26 @@ def test_the_spec_is_parsed_once_per_generation() -> None:
     assert parsed.scaling.interval == "1h30m"  # still the text the user wrote, for the status and hash
     newer = {**body, "metadata": {**body["metadata"], "generation": 2}}
     assert s.controller.checked(newer) is not first
+
+
+def test_a_replica_whose_leadership_lapsed_writes_nothing() -> None:
+    s = make(raw_spec())
+    s.controller.fence = Fence()  # never renewed: no authority
+    asyncio.run(cycle(s, s.custom.stored, []))
+    assert s.core.calls == [] and s.custom.writes == []
+    assert s.controller.state.expectations == ()
+
+
+def test_a_write_cannot_outlive_the_leaders_fence() -> None:
+    s = make(raw_spec(warm={"min": 1}, replicas={"min": 1, "max": 5}))
+    s.controller.fence = Fence(valid_until=time.monotonic() + 0.3)
+
+    async def hung_create(namespace: str, body: Mapping[str, Any]) -> Any:
+        await asyncio.sleep(60)  # an API server that never answers
+
+    s.core.create_namespaced_pod = hung_create  # type: ignore[method-assign]
+    started = time.monotonic()
+    asyncio.run(cycle(s, s.custom.stored, []))
+    # Cut off when the fence lapsed, and nothing after it was written.
+    assert time.monotonic() - started < 5
+    assert s.custom.writes == []

@@ -1,0 +1,273 @@
+"""Leader election against a fake Lease API that restarts, hangs, fails, drops
+connections and sees holders whose clocks are off: never two acting leaders.
+
+A replica here runs its election as __main__ does: it acts (runs kopf and the
+pool loops) from the moment acquire() ends, however it ends, until hold() ends;
+then, as the Deployment restarts the process, it campaigns again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+from fake_lease_api import FakeLeaseAPI, Fault
+from kubernetes_asyncio import client
+from prometheus_client import REGISTRY
+
+from tars_agent import metric_names
+from tars_operator.leader import LeaderElector
+
+NAMESPACE, NAME = "tars-system", "tars-operator"
+pytestmark = pytest.mark.timeout(60)
+
+
+@dataclass(frozen=True)
+class Timing:
+    lease: float
+    renew_deadline: float
+    retry: float
+
+
+SHORT = Timing(lease=2, renew_deadline=1.2, retry=0.2)
+SKEWS = [dt.timedelta(minutes=10), dt.timedelta(minutes=-10)]
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeLeaseAPI]:
+    server = FakeLeaseAPI()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def clients(api: FakeLeaseAPI) -> AsyncIterator[list[client.ApiClient]]:
+    """One ApiClient (one connection pool) per replica, as in separate processes."""
+    made: list[client.ApiClient] = []
+    yield made
+    for c in made:
+        await c.close()
+
+
+@pytest.fixture
+async def tasks(clients: list[client.ApiClient]) -> AsyncIterator[list[asyncio.Task[None]]]:
+    """The test's electors, ended before their clients close."""
+    started: list[asyncio.Task[None]] = []
+    yield started
+    for task in started:
+        task.cancel()
+    await asyncio.gather(*started, return_exceptions=True)
+
+
+def elector(api: FakeLeaseAPI, clients: list[client.ApiClient], identity: str, t: Timing) -> LeaderElector:
+    api_client = api.api_client(identity)
+    clients.append(api_client)
+    return LeaderElector(
+        client.CoordinationV1Api(api_client),
+        NAMESPACE,
+        NAME,
+        identity,
+        lease_duration=t.lease,
+        renew_deadline=t.renew_deadline,
+        retry_period=t.retry,
+    )
+
+
+@dataclass
+class Replica:
+    elector: LeaderElector
+    # (acting from, acting until) per term, on this process's monotonic clock.
+    terms: list[tuple[float, float]] = field(default_factory=list)
+    acting_since: float | None = None
+
+    async def campaign(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):  # __main__ goes on to act however acquire() ends
+                await self.elector.acquire()
+            self.acting_since = time.monotonic()
+            with contextlib.suppress(Exception):
+                await self.elector.hold()
+            self.terms.append((self.acting_since, time.monotonic()))
+            self.acting_since = None
+            assert self.elector.fence.remaining() <= 0, "hold() ended with the fence still holding"
+
+    def all_terms(self) -> list[tuple[float, float]]:
+        if self.acting_since is None:
+            return list(self.terms)
+        return [*self.terms, (self.acting_since, time.monotonic())]
+
+
+async def lead(e: LeaderElector, tasks: list[asyncio.Task[None]]) -> asyncio.Task[None]:
+    await asyncio.wait_for(e.acquire(), 5)
+    holding = asyncio.create_task(e.hold())
+    tasks.append(holding)
+    return holding
+
+
+def last_write_by(api: FakeLeaseAPI, holder: str) -> float:
+    return max(w.at for w in api.audit if w.holder == holder)
+
+
+async def test_api_server_faults_during_acquire_do_not_make_a_standby_leader(
+    api: FakeLeaseAPI, clients: list[client.ApiClient], tasks: list[asyncio.Task[None]]
+) -> None:
+    timing = Timing(lease=3, renew_deadline=2, retry=0.25)
+    leader = elector(api, clients, "a", timing)
+    holding = await lead(leader, tasks)
+    acquiring = asyncio.create_task(elector(api, clients, "b", timing).acquire())
+    tasks.append(acquiring)
+    # Each fault lasts less than the renew deadline, so the leader rides them all out.
+    for fault in (Fault.DROP, Fault.ERROR, None):
+        if fault is None:
+            await api.restart(down_for=0.6)  # an API server restart: connections refused, then reset
+        else:
+            api.fault = fault
+            await asyncio.sleep(0.6)
+            api.fault = Fault.NONE
+        await asyncio.sleep(0.6)  # the leader renews between faults
+        if acquiring.done():
+            pytest.fail(f"the standby's acquire() ended ({acquiring!r}) while the leader lives: it would act")
+    assert not holding.done(), "the leader stepped down although every fault was shorter than its deadline"
+    assert api.holder(NAMESPACE, NAME) == "a"
+
+
+async def test_a_hung_call_during_acquire_times_out_and_is_retried(
+    api: FakeLeaseAPI, clients: list[client.ApiClient]
+) -> None:
+    candidate = elector(api, clients, "a", SHORT)
+    api.fault = Fault.HANG
+    acquiring = asyncio.create_task(candidate.acquire())
+    await asyncio.sleep(0.3)  # its first call is hanging now
+    api.fault = Fault.NONE
+    try:
+        await asyncio.wait_for(asyncio.shield(acquiring), 4 * SHORT.retry)
+    except TimeoutError:
+        acquiring.cancel()
+        pytest.fail("acquire() still waits on a call the API server never answers")
+
+
+async def test_a_hung_renewal_makes_the_leader_step_down_within_the_lease(
+    api: FakeLeaseAPI, clients: list[client.ApiClient], tasks: list[asyncio.Task[None]]
+) -> None:
+    leader = elector(api, clients, "a", SHORT)
+    holding = await lead(leader, tasks)
+    assert leader.fence.holds() and sample(metric_names.OPERATOR_LEADER) == 1
+    await asyncio.wait_for(api.until_written(len(api.audit) + 1), 2)  # it renews
+    api.fault = Fault.HANG
+    try:
+        await asyncio.wait_for(asyncio.shield(holding), 2 * SHORT.lease)
+    except TimeoutError:
+        pytest.fail(f"the leader still acts {2 * SHORT.lease}s into a hung renewal")
+    stepped_down = time.monotonic()
+    since_renewed = stepped_down - last_write_by(api, "a")
+    assert since_renewed < SHORT.lease, f"stepped down {since_renewed:.2f}s after its last renewal"
+    fenced = sample(metric_names.OPERATOR_LEADER_FENCED_WRITES_TOTAL)
+    assert not leader.fence.holds(), "the fence still holds after the step-down"
+    assert sample(metric_names.OPERATOR_LEADER_FENCED_WRITES_TOTAL) == fenced + 1, "a fenced write is counted"
+    assert sample(metric_names.OPERATOR_LEADER) == 0
+
+
+async def test_a_leader_that_sees_another_holder_steps_down_at_once(
+    api: FakeLeaseAPI, clients: list[client.ApiClient], tasks: list[asyncio.Task[None]]
+) -> None:
+    leader = elector(api, clients, "a", SHORT)
+    holding = await lead(leader, tasks)
+    api.overwrite(NAMESPACE, NAME, "b")
+    taken = time.monotonic()
+    try:
+        await asyncio.wait_for(asyncio.shield(holding), SHORT.renew_deadline)
+    except TimeoutError:
+        pytest.fail("the leader still acts after the Lease named another holder")
+    assert time.monotonic() - taken < 3 * SHORT.retry, "it waited for its deadline instead of stepping down"
+    assert leader.fence.remaining() <= 0
+
+
+@pytest.mark.parametrize("skew", SKEWS, ids=["ahead", "behind"])
+async def test_a_live_leader_keeps_its_lease_whatever_its_clock_says(
+    api: FakeLeaseAPI, clients: list[client.ApiClient], tasks: list[asyncio.Task[None]], skew: dt.timedelta
+) -> None:
+    api.skew["a"] = skew
+    holding = await lead(elector(api, clients, "a", SHORT), tasks)
+    acquiring = asyncio.create_task(elector(api, clients, "b", SHORT).acquire())
+    tasks.append(acquiring)
+    done, _ = await asyncio.wait({acquiring, holding}, timeout=SHORT.lease + 0.5)
+    assert acquiring not in done, f"a standby took the lease of a live leader whose clock is {skew} off"
+    assert holding not in done, "the live leader lost its lease"
+
+
+@pytest.mark.parametrize("skew", SKEWS, ids=["ahead", "behind"])
+async def test_a_dead_leaders_lease_is_taken_after_one_lease_duration_whatever_its_clock_says(
+    api: FakeLeaseAPI, clients: list[client.ApiClient], skew: dt.timedelta
+) -> None:
+    api.skew["a"] = skew
+    await asyncio.wait_for(elector(api, clients, "a", SHORT).acquire(), 5)  # and then it dies
+    died = last_write_by(api, "a")
+    try:
+        await asyncio.wait_for(elector(api, clients, "b", SHORT).acquire(), 2 * SHORT.lease)
+    except TimeoutError:
+        pytest.fail(f"the lease of a dead leader whose clock is {skew} off was not taken over")
+    took_over = last_write_by(api, "b") - died
+    assert SHORT.lease <= took_over < SHORT.lease + 1, f"taken over {took_over:.2f}s after the last renewal"
+
+
+# (fault, "restart" or "partition the leader", seconds): outages longer and shorter than the renew
+# deadline, and quick flaps.
+FLAPPING: list[tuple[Fault | str, float]] = [
+    (Fault.NONE, 0.6),
+    ("partition", 2.2),
+    (Fault.NONE, 0.4),
+    (Fault.HANG, 1.6),
+    (Fault.NONE, 0.3),
+    *[(f, 0.15) for _ in range(4) for f in (Fault.DROP, Fault.NONE)],
+    ("restart", 1.6),
+    (Fault.NONE, 0.3),
+    (Fault.ERROR, 1.5),
+    (Fault.NONE, 0.3),
+]
+
+
+async def test_two_replicas_under_a_flapping_api_server_never_both_act(
+    api: FakeLeaseAPI, clients: list[client.ApiClient], tasks: list[asyncio.Task[None]]
+) -> None:
+    replicas = {name: Replica(elector(api, clients, name, SHORT)) for name in ("a", "b")}
+    campaigns = [asyncio.create_task(r.campaign()) for r in replicas.values()]
+    tasks.extend(campaigns)
+    for fault, seconds in FLAPPING:
+        if fault == "restart":
+            await api.restart(down_for=seconds)
+        elif fault == "partition":  # the leader's connection hangs; the standby's works
+            api.partitioned = {api.holder(NAMESPACE, NAME) or ""}
+            await asyncio.sleep(seconds)
+            api.partitioned = set()
+        else:
+            assert isinstance(fault, Fault)
+            api.fault = fault
+            await asyncio.sleep(seconds)
+    api.fault = Fault.NONE
+    terms = {name: r.all_terms() for name, r in replicas.items()}
+    for campaign in campaigns:
+        assert not campaign.done(), campaign
+    for start, end in terms["a"]:
+        for other_start, other_end in terms["b"]:
+            assert end < other_start or other_end < start, (
+                f"a acted {start:.2f}..{end:.2f} while b acted {other_start:.2f}..{other_end:.2f}"
+            )
+    for write in api.audit:
+        for name, replica_terms in terms.items():
+            if name != write.holder:
+                assert not any(start <= write.at <= end for start, end in replica_terms), (
+                    f"the API server accepted {write.holder}'s write at {write.at:.2f} while {name} acted"
+                )
+    assert sum(len(t) for t in terms.values()) >= 3, f"too few handovers to prove anything: {terms}"
+
+
+def sample(name: str) -> float:
+    value = REGISTRY.get_sample_value(name)
+    assert value is not None, f"the operator exports no {name}"
+    return value
