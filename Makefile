@@ -35,7 +35,7 @@ lint: setup ## ruff (lint + format check)
 
 typecheck: setup ## mypy --strict on the packages and the benchmarks
 	$(VENV)/bin/mypy
-	MYPYPATH=bench:agent_image:operator:localcluster $(VENV)/bin/mypy --strict bench/*.py
+	MYPYPATH=bench:agent_image:operator:localcluster:contract $(VENV)/bin/mypy --strict bench/*.py
 
 test: lint typecheck cluster-build ## everything: lint, types, fast tests and e2e tests on the local cluster
 	$(PY) -m pytest tests e2e $(PYTEST_ARGS)

@@ -47,9 +47,9 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from tars_contract import metric_names
 
 from limiter_stats import fmt, in_window, peak_in_window, per_second, percentile, ratio, render_table
-from tars_agent import metric_names
 from tars_agent.circuit import CircuitOpenError
 from tars_agent.limiter import Budget, LimiterTimeout, SharedLimiter, local_share
 from tars_agent.llm import LLMClient, LLMConfig, UpstreamError, estimate_prompt_tokens

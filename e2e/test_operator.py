@@ -11,6 +11,8 @@ import contextlib
 import json
 from typing import Any
 
+from tars_contract import contract
+
 from e2e.harness import (
     PROGRAMS_VOLUME,
     Kube,
@@ -20,7 +22,6 @@ from e2e.harness import (
     unique,
 )
 from e2e.operator_env import OperatorEnv
-from tars_agent import contract
 from tars_operator import builders
 from tars_operator.units import parse_quantity
 

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import yaml
+from tars_contract import contract
 
 from e2e.harness import IMAGES, Kube, eventually, is_ready, unique
 from e2e.operator_env import OperatorEnv
-from tars_agent import contract
 from tars_agent.client import TaskClient
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,11 +14,11 @@ import sys
 from typing import Any
 
 import redis.asyncio as aioredis
+from tars_contract import contract
 
-from tars_agent import contract
 from tars_agent.client import TaskClient
 from tars_agent.queue import QueueFull
-from tars_agent.tasks import InvalidTask, TaskResult
+from tars_agent.tasks import PRIORITIES, InvalidTask, TaskResult
 
 EXIT_UNKNOWN, EXIT_INVALID, EXIT_FULL, EXIT_TIMEOUT, EXIT_DEAD = 1, 2, 3, 4, 5
 
@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("submit", help="submit a task")
-    s.add_argument("--priority", default="normal", choices=["critical", "high", "normal", "low"])
+    s.add_argument("--priority", default="normal", choices=PRIORITIES)
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="a single user message")
     src.add_argument("--file", help="a JSON task payload ('-' for stdin)")

@@ -10,10 +10,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from tars_agent.queue import Submitted, TaskStore
-from tars_agent.tasks import InvalidTask, Priority, TaskResult, TaskSpec, parse_spec
+from tars_agent.tasks import PRIORITIES, InvalidTask, TaskResult, TaskSpec, parse_spec
 
 TERMINAL = ("done", "dead")
-PRIORITY_NAMES = ("critical", "high", "normal", "low")
 
 
 @dataclass(frozen=True)
@@ -40,15 +39,12 @@ class TaskClient(TaskStore):
         idempotency_key: str | None = None,
     ) -> Submitted:
         """Validate and submit; raises InvalidTask naming each problem, or QueueFull with a retry-after."""
-        if priority not in PRIORITY_NAMES:
-            raise InvalidTask(
-                f"invalid task: priority {priority!r} is not one of {', '.join(PRIORITY_NAMES)}"
-            )
+        if priority not in PRIORITIES:
+            raise InvalidTask(f"invalid task: priority {priority!r} is not one of {', '.join(PRIORITIES)}")
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
             raise InvalidTask("invalid task: idempotency key must be 1 to 200 characters")
         spec = payload if isinstance(payload, TaskSpec) else parse_spec(payload)
-        prio: Priority = priority  # type: ignore[assignment]  # checked against PRIORITY_NAMES above
-        return await self.submit(spec, prio, idempotency_key)
+        return await self.submit(spec, priority, idempotency_key)  # narrowed to a Priority above
 
     async def wait(self, task_id: str, timeout_s: float) -> TaskResult:
         """Block until the task is done or dead-lettered; TimeoutError at the deadline."""

@@ -24,10 +24,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tars_agent import gcra, limiter_lua
 from tars_agent.gcra import LimitParams
 from tars_agent.metrics import AgentMetrics
+from tars_agent.tasks import PRIORITIES
 
 log = logging.getLogger(__name__)
 
-PRIORITIES = ("critical", "high", "normal", "low")
 # Priorities that may use the local fallback bucket while Redis is down (fail-open within a
 # local share of the budget); the others wait for Redis until their deadline (fail-closed).
 DEGRADED_LOCAL = frozenset({"critical", "high"})

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-PRIORITIES = ("critical", "high", "normal", "low")
+from tars_agent.tasks import PRIORITIES
+
 WEIGHTS: Mapping[str, int] = {"critical": 8, "high": 4, "normal": 2, "low": 1}
 
 

@@ -1,4 +1,4 @@
-"""Agent configuration from the environment (names in tars_agent.contract)."""
+"""Agent configuration from the environment (names in tars_contract.contract)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import socket
 from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
-
-from tars_agent import contract as c
+from tars_contract import contract as c
 
 # Settings that only the agent reads (not part of the operator's contract).
 ENV_TASK_TIMEOUT_SECONDS = "TARS_TASK_TIMEOUT_SECONDS"

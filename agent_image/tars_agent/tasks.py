@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+# The one definition of the priorities, highest first (queues, weights, limiter, CLI, demo).
 Priority = Literal["critical", "high", "normal", "low"]
+PRIORITIES: tuple[Priority, ...] = get_args(Priority)
 MAX_PAYLOAD_BYTES = 256 * 1024  # a task is a prompt, not a file transfer; keeps stream entries small
 
 

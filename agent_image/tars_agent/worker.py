@@ -29,8 +29,8 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from tars_contract import contract
 
-from tars_agent import contract
 from tars_agent.circuit import CircuitBreaker, CircuitOpenError, CircuitState
 from tars_agent.limiter import Budget, LimiterTimeout, RequestTooLarge, SharedLimiter
 from tars_agent.llm import LLMClient, LLMConfig, UpstreamError

@@ -1,5 +1,5 @@
 """A stand-in agent for operator e2e tests: speaks the agent side of the
-operator <-> agent contract (tars_agent.contract) and nothing else. It runs in
+operator <-> agent contract (tars_contract.contract) and nothing else. It runs in
 the agent image (python + redis-py), mounted from a ConfigMap.
 
 GET  /metrics      tars_agent_busy, tars_agent_draining, tars_queue_depth{pool,priority},

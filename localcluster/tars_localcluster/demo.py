@@ -21,7 +21,8 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from tars_agent.client import PRIORITY_NAMES, TaskClient
+from tars_agent.client import TaskClient
+from tars_agent.tasks import PRIORITIES
 from tars_localcluster.cluster import Cluster, log
 from tars_localcluster.config import LOCALCLUSTER_DIR, ClusterConfig
 from tars_localcluster.procs import ClusterError, exit_code, run, wait_for
@@ -86,9 +87,9 @@ async def run_tasks(
     redis = aioredis.from_url(f"redis://127.0.0.1:{redis_port}/0", password=redis_password(cluster))
     client = TaskClient(redis, NAMESPACE, POOL)
     started = time.monotonic()
-    submitted = []
+    submitted: list[tuple[str, str]] = []
     for i in range(count):
-        priority = PRIORITY_NAMES[i % len(PRIORITY_NAMES)]
+        priority = PRIORITIES[i % len(PRIORITIES)]
         prompt = f"Summarise finding #{i} for the {priority} queue."
         task = await client.submit_payload(
             {"messages": [{"role": "user", "content": prompt}], "max_tokens": 32},
@@ -96,7 +97,7 @@ async def run_tasks(
             idempotency_key=f"demo-{int(started)}-{i}",
         )
         submitted.append((task.task_id, priority))
-    log(f"submitted {count} tasks ({', '.join(PRIORITY_NAMES)}); agents scale on the queue")
+    log(f"submitted {count} tasks ({', '.join(PRIORITIES)}); agents scale on the queue")
     finished: dict[str, float] = {}
     outcomes: Counter[str] = Counter()
     deadline = started + 600
@@ -117,7 +118,7 @@ async def run_tasks(
 def report(
     cluster: Cluster, submitted: list[tuple[str, str]], finished: dict[str, float], outcomes: Counter[str]
 ) -> None:
-    by_priority: dict[str, list[float]] = {p: [] for p in PRIORITY_NAMES}
+    by_priority: dict[str, list[float]] = {p: [] for p in PRIORITIES}
     for task_id, priority in submitted:
         if task_id in finished:
             by_priority[priority].append(finished[task_id])

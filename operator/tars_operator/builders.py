@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tars_agent import contract
+from tars_contract import contract
+
 from tars_operator import models
 from tars_operator.units import format_mebibytes, parse_quantity
 

@@ -1,10 +1,9 @@
-"""The operator's own Prometheus metrics (names from tars_agent.metric_names)."""
+"""The operator's own Prometheus metrics (names from tars_contract.metric_names)."""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
-
-from tars_agent import metric_names
+from tars_contract import metric_names
 
 RECONCILE_SECONDS = Histogram(
     metric_names.OPERATOR_RECONCILE_SECONDS,

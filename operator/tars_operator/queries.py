@@ -5,7 +5,8 @@ with `max` before summing; `namespace` is the label Prometheus' Kubernetes disco
 (and a PodMonitor) attaches to every scraped series.
 """
 
-from tars_agent import metric_names
+from tars_contract import metric_names
+
 from tars_operator.models import AgentPoolSpec
 
 

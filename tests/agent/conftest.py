@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio as aioredis
+from tars_contract import contract as c
 
-from tars_agent import contract as c
 from tars_agent.metrics import AgentMetrics
 from tars_agent.mockllm import MockConfig, MockLLM
 from tars_agent.settings import AgentSettings

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from aiohttp import web
+from tars_contract import contract
 
-from tars_agent import contract
 from tars_agent.metrics import AgentMetrics
 from tars_agent.settings import SettingsError, load_settings
 from tars_agent.worker import Agent

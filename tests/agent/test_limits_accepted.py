@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
+from tars_contract import contract
 
-from tars_agent import contract
 from tars_agent.limiter import Budget, SharedLimiter
 from tars_agent.settings import load_settings
 

@@ -12,10 +12,10 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import given
 from hypothesis import strategies as st
+from tars_contract.contract import DEFAULT_QUEUE_MAX_DEPTH
 
 from tars_agent.client import TaskClient
-from tars_agent.contract import DEFAULT_QUEUE_MAX_DEPTH
-from tars_agent.priority import PRIORITIES, PrioritySelector
+from tars_agent.priority import PrioritySelector
 from tars_agent.queue import (
     RETRY_AFTER_MAX_S,
     RETRY_AFTER_MIN_S,
@@ -27,7 +27,7 @@ from tars_agent.queue import (
     TaskStore,
     retry_after_s,
 )
-from tars_agent.tasks import InvalidTask, parse_spec
+from tars_agent.tasks import PRIORITIES, InvalidTask, parse_spec
 
 from .conftest import RedisServer, async_wait_until
 

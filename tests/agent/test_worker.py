@@ -8,9 +8,10 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from tars_contract import contract
+from tars_contract import metric_names as m
 
-from tars_agent import contract, worker
-from tars_agent import metric_names as m
+from tars_agent import worker
 from tars_agent.client import TaskClient
 from tars_agent.mockllm import POISON_MARKER, MockLLM
 from tars_agent.queue import Attempt

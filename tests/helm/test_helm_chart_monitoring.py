@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tars_contract import metric_names
 
-from tars_agent import metric_names
+import tars_agent
 
 from .conftest import CHART, NAMESPACE, VALUES_ALL, Obj, Render, one
 
 FULLNAME = "t-tars-operator"
-# Every metric the project exports (tars_agent/metric_names.py is the contract) ...
+# Every metric the project exports (tars_contract/metric_names.py is the contract) ...
 TARS_METRICS = {
     v for k, v in vars(metric_names).items() if k.isupper() and isinstance(v, str) and k != "PREFIX"
 }
@@ -108,10 +109,11 @@ def test_alert_expressions_use_only_known_metrics(render: Render) -> None:
 
 def test_alert_labels_exist_on_the_metrics() -> None:
     """The label values the alerts select on are the ones the agent really writes."""
-    worker = (Path(metric_names.__file__).parent / "worker.py").read_text()
+    agent = Path(tars_agent.__file__).parent
+    worker = (agent / "worker.py").read_text()
     for outcome in ("failed", "dead_letter", "error"):
         assert f'"{outcome}"' in worker
-    llm = (Path(metric_names.__file__).parent / "llm.py").read_text()
+    llm = (agent / "llm.py").read_text()
     assert 'code = "error"' in llm and "llm_requests.labels(code)" in llm
 
 
@@ -198,7 +200,7 @@ def test_pod_monitor(render: Render) -> None:
 
 
 def test_pod_monitor_port_is_the_agent_contract() -> None:
-    from tars_agent import contract
+    from tars_contract import contract
 
     assert contract.HTTP_PORT == 8080
     assert contract.PATH_METRICS == "/metrics"

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from tars_agent import contract
+from tars_contract import contract
+
 from tars_operator.units import parse_quantity
 
 
