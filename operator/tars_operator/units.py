@@ -8,7 +8,7 @@ accepts parses here.
 import math
 import re
 from datetime import timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import GetCoreSchemaHandler
 from pydantic_core import CoreSchema, core_schema
@@ -63,12 +63,23 @@ def format_mebibytes(n_bytes: int) -> str:
     return f"{ceil_mebibytes(n_bytes) // MI}Mi"
 
 
-class Duration(str):
-    """A duration as the user wrote it ("1h30m"), parsed once, when the spec is: `.delta`.
+class _ParsedText(str):
+    """A value as the user wrote it, parsed once when the spec is; a str, so it serializes, hashes
+    and prints as written, and the CRD schema is the string pattern the API server checks."""
 
-    A str, so the object serializes, hashes and prints as written; the CRD schema is the
-    string pattern the API server checks."""
+    PATTERN: ClassVar[str]
 
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(
+            cls, core_schema.str_schema(pattern=cls.PATTERN, max_length=32)
+        )
+
+
+class Duration(_ParsedText):
+    """A duration ("1h30m"); `.delta` is its value."""
+
+    PATTERN = DURATION_PATTERN
     delta: timedelta
 
     def __new__(cls, text: str) -> "Duration":
@@ -76,25 +87,14 @@ class Duration(str):
         value.delta = parse_duration(text)
         return value
 
-    @classmethod
-    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
-        return core_schema.no_info_after_validator_function(
-            cls, core_schema.str_schema(pattern=DURATION_PATTERN, max_length=32)
-        )
 
+class Quantity(_ParsedText):
+    """A memory quantity ("512Mi"); `.bytes` is its value."""
 
-class Quantity(str):
-    """A memory quantity as the user wrote it ("512Mi"), parsed once: `.bytes`."""
-
+    PATTERN = QUANTITY_PATTERN
     bytes: int
 
     def __new__(cls, text: str) -> "Quantity":
         value = super().__new__(cls, text)
         value.bytes = parse_quantity(text)
         return value
-
-    @classmethod
-    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
-        return core_schema.no_info_after_validator_function(
-            cls, core_schema.str_schema(pattern=QUANTITY_PATTERN, max_length=32)
-        )

@@ -39,14 +39,6 @@ SKEWS = [dt.timedelta(minutes=10), dt.timedelta(minutes=-10)]
 
 
 @pytest.fixture
-async def api() -> AsyncIterator[FakeLeaseAPI]:
-    server = FakeLeaseAPI()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
 async def clients(api: FakeLeaseAPI) -> AsyncIterator[list[client.ApiClient]]:
     """One ApiClient (one connection pool) per replica, as in separate processes."""
     made: list[client.ApiClient] = []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +20,6 @@ from tars_operator.leader import LeaderElector
 
 LEASE, RENEW_DEADLINE, RETRY = 2.0, 1.4, 0.2
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def api() -> AsyncIterator[FakeLeaseAPI]:
-    server = FakeLeaseAPI()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 def kubeconfig(path: Path, server: str) -> Path:
