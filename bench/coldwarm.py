@@ -35,9 +35,9 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 import yaml
-from tars_contract import contract
 
 from tars_agent.client import TaskClient
+from tars_contract import contract
 from tars_localcluster.kubectl import Kubectl
 from tars_operator import models
 from tars_operator.builders import OperatorDefaults, PoolRef, render

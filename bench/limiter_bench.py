@@ -47,7 +47,6 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from tars_contract import metric_names
 
 from limiter_stats import fmt, in_window, peak_in_window, per_second, percentile, ratio, render_table
 from tars_agent.circuit import CircuitOpenError
@@ -55,6 +54,7 @@ from tars_agent.limiter import Budget, LimiterTimeout, SharedLimiter, local_shar
 from tars_agent.llm import LLMClient, LLMConfig, UpstreamError, estimate_prompt_tokens
 from tars_agent.metrics import AgentMetrics
 from tars_agent.tasks import Message, TaskSpec
+from tars_contract import metric_names
 
 REDIS_SERVER = "/usr/bin/redis-server"
 OUT_DIR = Path(__file__).resolve().parent / "out"

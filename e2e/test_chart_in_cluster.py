@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from tars_contract import contract, metric_names
-
 from e2e.harness import eventually
 from e2e.operator_env import OperatorEnv
 from e2e.test_operator import agent_pool, fast_scaling, wait_ready_agents
+from tars_contract import contract, metric_names
 
 
 def test_helm_upgrade_to_two_replicas_one_leads_and_a_live_one_takes_over_when_it_dies(

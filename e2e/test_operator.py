@@ -11,8 +11,6 @@ import contextlib
 import json
 from typing import Any
 
-from tars_contract import contract
-
 from e2e.harness import (
     PROGRAMS_VOLUME,
     Kube,
@@ -22,6 +20,7 @@ from e2e.harness import (
     unique,
 )
 from e2e.operator_env import OperatorEnv
+from tars_contract import contract
 from tars_operator import builders
 from tars_operator.units import parse_quantity
 

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import yaml
-from tars_contract import contract
 
 from e2e.harness import IMAGES, Kube, eventually, is_ready, unique
 from e2e.operator_env import OperatorEnv
 from tars_agent.client import TaskClient
+from tars_contract import contract
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_RPM = 300  # 5 requests/s: the pool must share it

@@ -14,11 +14,11 @@ import sys
 from typing import Any
 
 import redis.asyncio as aioredis
-from tars_contract import contract
 
 from tars_agent.client import TaskClient
 from tars_agent.queue import QueueFull
 from tars_agent.tasks import PRIORITIES, InvalidTask, TaskResult
+from tars_contract import contract
 
 EXIT_UNKNOWN, EXIT_INVALID, EXIT_FULL, EXIT_TIMEOUT, EXIT_DEAD = 1, 2, 3, 4, 5
 

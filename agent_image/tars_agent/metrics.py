@@ -7,6 +7,7 @@ in one process; the process collector is added to it for memory and CPU.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
 from tars_contract import metric_names as m
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60)

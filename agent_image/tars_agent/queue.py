@@ -41,10 +41,10 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
-from tars_contract.contract import DEFAULT_QUEUE_MAX_DEPTH
 
 from tars_agent.priority import PrioritySelector
 from tars_agent.tasks import PRIORITIES, InvalidTask, Priority, Task, TaskResult, TaskSpec, parse_task
+from tars_contract.contract import DEFAULT_QUEUE_MAX_DEPTH
 
 GROUP = "agents"
 DEAD_LETTER_MAXLEN = 10_000

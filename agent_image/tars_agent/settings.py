@@ -7,6 +7,7 @@ import socket
 from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
 from tars_contract import contract as c
 
 # Settings that only the agent reads (not part of the operator's contract).

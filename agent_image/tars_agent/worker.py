@@ -29,7 +29,6 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from tars_contract import contract
 
 from tars_agent.circuit import CircuitBreaker, CircuitOpenError, CircuitState
 from tars_agent.limiter import Budget, LimiterTimeout, RequestTooLarge, SharedLimiter
@@ -38,6 +37,7 @@ from tars_agent.memory import allowed_inflight, cgroup_memory_limit, process_rss
 from tars_agent.metrics import AgentMetrics
 from tars_agent.queue import Attempt, ClaimLost, Consumer, Delivery, OutputNotStored, TaskStore
 from tars_agent.settings import AgentSettings, SettingsError, load_settings
+from tars_contract import contract
 
 log = logging.getLogger("tars_agent")
 T = TypeVar("T")

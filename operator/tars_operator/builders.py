@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from tars_contract import contract
-
 from tars_operator import models
 from tars_operator.units import format_mebibytes, parse_quantity
 

@@ -21,8 +21,8 @@ from typing import Any, Literal
 import aiohttp
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
-from tars_contract import contract
 
+from tars_contract import contract
 from tars_operator import builders, models, observability, queries
 from tars_operator.leader import Fence
 from tars_operator.policy.metrics import Metrics, Sample

@@ -18,8 +18,8 @@ from typing import Any
 
 import kopf
 from kubernetes_asyncio import client
-from tars_contract import contract
 
+from tars_contract import contract
 from tars_operator import builders, models, observability
 from tars_operator.controller import AgentPod, PoolController, index_entry
 from tars_operator.events import COMPONENT, EventRecorder, ObjectRef

@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
-from tars_contract import contract
 
+from tars_contract import contract
 from tars_operator.units import Duration, Quantity
 
 GROUP = "tars.dev"

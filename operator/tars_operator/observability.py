@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
+
 from tars_contract import metric_names
 
 RECONCILE_SECONDS = Histogram(

@@ -6,7 +6,6 @@ with `max` before summing; `namespace` is the label Prometheus' Kubernetes disco
 """
 
 from tars_contract import metric_names
-
 from tars_operator.models import AgentPoolSpec
 
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import httpx
 from prometheus_api_client import PrometheusConnect
-from tars_contract import contract
 from urllib3.util.retry import Retry
 
+from tars_contract import contract
 from tars_operator.policy.metrics import Sample
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
-from tars_contract import contract
 
+from tars_contract import contract
 from tars_operator.builders import OperatorDefaults, PoolRef, operator_env
 from tars_operator.models import AgentPoolSpec
 from tars_operator.units import parse_quantity

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio as aioredis
-from tars_contract import contract as c
 
 from tars_agent.metrics import AgentMetrics
 from tars_agent.mockllm import MockConfig, MockLLM
 from tars_agent.settings import AgentSettings
 from tars_agent.worker import Agent
+from tars_contract import contract as c
 
 REDIS_SERVER = "/usr/bin/redis-server"
 AGENT_TOKEN = "test-agent-token"  # what the operator would put in the pool's Secret

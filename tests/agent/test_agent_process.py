@@ -8,11 +8,11 @@ from collections.abc import Callable
 
 import httpx
 import redis.asyncio as aioredis
-from tars_contract import contract
 
 from tars_agent.client import TaskClient
 from tars_agent.mockllm import MockLLM
 from tars_agent.settings import AgentSettings
+from tars_contract import contract
 
 from .conftest import (
     AUTH,

@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from aiohttp import web
-from tars_contract import contract
 
 from tars_agent.metrics import AgentMetrics
 from tars_agent.settings import SettingsError, load_settings
 from tars_agent.worker import Agent
+from tars_contract import contract
 from tars_operator.sources import AgentClient
 
 from .conftest import agent_settings

@@ -7,10 +7,10 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
-from tars_contract import contract
 
 from tars_agent.limiter import Budget, SharedLimiter
 from tars_agent.settings import load_settings
+from tars_contract import contract
 
 from .conftest import RedisServer
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from tars_contract import contract
 
 from tars_agent import memory
 from tars_agent.client import TaskClient
 from tars_agent.memory import allowed_inflight
 from tars_agent.mockllm import MockLLM
+from tars_contract import contract
 
 from .conftest import agent_settings, running_agent
 

@@ -10,11 +10,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from tars_contract import contract
 
 from tars_agent.cache import BoundedTTLCache
 from tars_agent.memory import cgroup_memory_limit
 from tars_agent.settings import SettingsError, load_settings
+from tars_contract import contract
 
 from .conftest import RedisServer
 

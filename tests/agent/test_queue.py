@@ -12,7 +12,6 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import given
 from hypothesis import strategies as st
-from tars_contract.contract import DEFAULT_QUEUE_MAX_DEPTH
 
 from tars_agent.client import TaskClient
 from tars_agent.priority import PrioritySelector
@@ -28,6 +27,7 @@ from tars_agent.queue import (
     retry_after_s,
 )
 from tars_agent.tasks import PRIORITIES, InvalidTask, parse_spec
+from tars_contract.contract import DEFAULT_QUEUE_MAX_DEPTH
 
 from .conftest import RedisServer, async_wait_until
 

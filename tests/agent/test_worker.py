@@ -8,13 +8,13 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from tars_contract import contract
-from tars_contract import metric_names as m
 
 from tars_agent import worker
 from tars_agent.client import TaskClient
 from tars_agent.mockllm import POISON_MARKER, MockLLM
 from tars_agent.queue import Attempt
+from tars_contract import contract
+from tars_contract import metric_names as m
 
 from .conftest import AUTH, agent_settings, async_wait_until, running_agent
 

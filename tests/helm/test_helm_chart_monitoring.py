@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from tars_contract import metric_names
 
 import tars_agent
+from tars_contract import metric_names
 
 from .conftest import CHART, NAMESPACE, VALUES_ALL, Obj, Render, one
 

@@ -19,8 +19,8 @@ import pytest
 from fake_lease_api import FakeLeaseAPI, Fault
 from kubernetes_asyncio import client
 from prometheus_client import REGISTRY
-from tars_contract import metric_names
 
+from tars_contract import metric_names
 from tars_operator.leader import LeaderElector
 
 NAMESPACE, NAME = "tars-system", "tars-operator"

@@ -4,8 +4,8 @@ import copy
 from typing import Any
 
 from factories import spec
-from tars_contract import contract
 
+from tars_contract import contract
 from tars_operator.builders import (
     OperatorDefaults,
     PoolRef,

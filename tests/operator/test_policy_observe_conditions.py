@@ -5,8 +5,8 @@ from typing import Any
 
 import pytest
 from factories import T0, busy, idle, pod
-from tars_contract import contract
 
+from tars_contract import contract
 from tars_operator.models import AgentPoolStatus, Condition
 from tars_operator.policy.conditions import Verdict, merge, patch
 from tars_operator.policy.observe import PodPhase, PodState, count, pod_state

@@ -5,8 +5,8 @@ from datetime import timedelta
 from typing import Any
 
 from factories import T0, busy, idle, pod, raw_spec
-from tars_contract import contract
 
+from tars_contract import contract
 from tars_operator.builders import OperatorDefaults, PoolRef
 from tars_operator.policy.metrics import Metrics, Sample
 from tars_operator.policy.observe import PodState

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from factories import spec
 from kubernetes_asyncio.client.exceptions import ApiException
-from tars_contract import contract
 
+from tars_contract import contract
 from tars_operator import settings
 from tars_operator.builders import OperatorDefaults, PoolRef, render
 from tars_operator.security import AccessConfig, PoolAccess, agent_token

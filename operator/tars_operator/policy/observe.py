@@ -19,7 +19,6 @@ from datetime import datetime
 from typing import Any
 
 from tars_contract import contract
-
 from tars_operator.units import parse_quantity
 
 

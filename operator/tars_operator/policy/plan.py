@@ -14,8 +14,8 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import ValidationError
-from tars_contract import contract
 
+from tars_contract import contract
 from tars_operator import builders
 from tars_operator.models import AgentPoolSpec, AgentPoolStatus, Condition
 from tars_operator.policy import budget, memory, rotation, scale_in, scaling
