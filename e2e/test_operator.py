@@ -525,7 +525,13 @@ def test_a_pool_gets_a_secret_and_network_policy_and_its_agents_refuse_calls_wit
     # Probes need no token: the agent is still Ready.
     assert [p["metadata"]["name"] for p in ready_active(kube, namespace, "guarded")] == [name]
 
-    # The Secret and the NetworkPolicy go with the pool.
+    # The Secret, the NetworkPolicy and the pool's Redis keys go with the pool, even a waiting
+    # task (which no TTL drops); another pool's keys stay.
+    waiting = f"{contract.pool_key_prefix(namespace, 'guarded')}:q:high"
+    other = f"{contract.pool_key_prefix(namespace, 'guarded-2')}:q:high"
+    with op.redis() as r:
+        for stream in (waiting, other):
+            r.xadd(stream, {"task": "never taken"})
     kube.run("delete", "agentpool", "guarded", "-n", namespace)
     eventually(
         lambda: (
@@ -535,3 +541,7 @@ def test_a_pool_gets_a_secret_and_network_policy_and_its_agents_refuse_calls_wit
         90,
         "the pool's Secret and NetworkPolicy garbage-collected",
     )
+    with op.redis() as r:
+        eventually(lambda: not r.exists(waiting), 30, "the deleted pool's Redis keys removed")
+        assert r.exists(other)
+        r.delete(other)

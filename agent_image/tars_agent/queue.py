@@ -27,8 +27,10 @@ Key lifetimes (every key of a pool carries the hash tag {namespace/pool}):
 * `chunks:<id>` stream: the result TTL after its last event.
 * `idem:<key>` string: the idempotency TTL (24 h).
 
-A deleted (or idle) pool's keys are therefore gone a week after its last
-activity, except streams that still hold tasks: those wait for an agent.
+An idle pool's keys are therefore gone a week after its last activity, except
+streams that still hold tasks: those wait for an agent. When a pool of the
+default Redis is deleted, the operator removes all its keys at once
+(tars_operator/pool_keys.py).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from redis.exceptions import ResponseError
 
 from tars_agent.priority import PrioritySelector
 from tars_agent.tasks import PRIORITIES, InvalidTask, Priority, Task, TaskResult, TaskSpec, parse_task
-from tars_contract.contract import DEFAULT_QUEUE_MAX_DEPTH
+from tars_contract.contract import DEFAULT_QUEUE_MAX_DEPTH, pool_key_prefix
 
 GROUP = "agents"
 DEAD_LETTER_MAXLEN = 10_000
@@ -64,7 +66,7 @@ class PoolKeys:
 
     @property
     def _prefix(self) -> str:
-        return f"tars:{{{self.namespace}/{self.pool}}}"
+        return pool_key_prefix(self.namespace, self.pool)
 
     def stream(self, priority: str) -> str:
         return f"{self._prefix}:q:{priority}"

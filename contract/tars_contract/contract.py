@@ -69,3 +69,9 @@ MAX_TOKENS_PER_MINUTE = 1_000_000_000
 # Authentication of the operator to its agents: GET /status and POST /drain need
 # `Authorization: Bearer <token>`; /metrics, /healthz and /readyz stay open (scrapes, probes).
 ENV_AGENT_TOKEN = "TARS_AGENT_TOKEN"  # from the pool's Secret, never logged
+
+
+def pool_key_prefix(namespace: str, pool: str) -> str:
+    """Every Redis key of a pool starts with this; the {namespace/pool} hash tag keeps a pool's keys
+    in one cluster slot. The operator removes a deleted pool's keys by it."""
+    return f"tars:{{{namespace}/{pool}}}"

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
+import redis.asyncio as aioredis
 from kubernetes_asyncio import client
+from redis.exceptions import RedisError
 
 from tars_contract import contract
 from tars_operator import builders, models, observability
@@ -25,6 +27,7 @@ from tars_operator.controller import AgentPod, PoolController, index_entry
 from tars_operator.events import COMPONENT, EventRecorder, ObjectRef
 from tars_operator.kubeclient import api_client
 from tars_operator.leader import Fence
+from tars_operator.pool_keys import forget_pool_keys
 from tars_operator.security import AccessConfig, PoolAccess
 from tars_operator.settings import OperatorSettings
 from tars_operator.sources import AgentClient, PrometheusReader
@@ -32,6 +35,7 @@ from tars_operator.supervision import Backoff, supervise
 
 log = logging.getLogger("tars_operator")
 POLL_SECONDS = 1.0
+REDIS_TIMEOUT_S = 5.0
 
 # Set by main() before kopf starts.
 SETTINGS = OperatorSettings()
@@ -64,6 +68,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.agents = AgentClient()
     memo.access = AccessConfig.from_settings(SETTINGS)
     memo.events = EventRecorder(client.CoreV1Api(memo.api), SETTINGS.identity)
+    # The default Redis, only to remove deleted pools' keys (no connection until one is deleted).
+    memo.redis = aioredis.from_url(
+        SETTINGS.redis_url, password=SETTINGS.redis_password, socket_timeout=REDIS_TIMEOUT_S
+    )
 
 
 @kopf.index("pods", labels={contract.POOL_LABEL: kopf.PRESENT})
@@ -114,6 +122,8 @@ async def pool_event(
     if gone:
         _WAKE.pop(key, None)
         observability.forget_pool(*key)
+        if event["type"] == "DELETED" and not (body.get("spec") or {}).get("redis"):
+            await _forget_redis_keys(memo.redis, *key)
         return
     if runner is None:
         runner = PoolRunner(uid=uid, body=dict(body))
@@ -123,10 +133,24 @@ async def pool_event(
     _wake(key).set()
 
 
+async def _forget_redis_keys(redis: aioredis.Redis, namespace: str, name: str) -> None:
+    """A deleted pool's keys in the default Redis; a failure is logged (the pool is gone: no
+    object to post an Event to) and its keys then expire by their TTLs, but for waiting tasks."""
+    if not FENCE.holds():
+        return
+    try:
+        removed = await forget_pool_keys(redis, namespace, name)
+    except (RedisError, OSError) as exc:
+        log.warning("pool %s/%s deleted: removing its Redis keys failed: %s", namespace, name, exc)
+        return
+    log.info("pool %s/%s deleted: removed its %d Redis keys", namespace, name, removed)
+
+
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await stop_pools()  # first: the loops use the clients closed below
     await memo.agents.close()
+    await memo.redis.aclose()
     await memo.api.close()
 
 
