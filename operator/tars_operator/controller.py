@@ -24,6 +24,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from tars_contract import contract
 from tars_operator import builders, models, observability, queries
+from tars_operator.kubeclient import MERGE_PATCH
 from tars_operator.leader import Fence
 from tars_operator.policy.metrics import Metrics, Sample
 from tars_operator.policy.observe import PodState, pod_state
@@ -33,7 +34,6 @@ from tars_operator.validation import Checked, check
 
 log = logging.getLogger("tars_operator")
 
-MERGE_PATCH: dict[str, Any] = {"_content_type": "application/merge-patch+json"}
 # A write gives up after this long (or when the leader's fence lapses, if sooner): an API server
 # that does not answer must not hold a cycle, nor let a write land after leadership ended.
 WRITE_TIMEOUT_S = 5.0
@@ -185,7 +185,8 @@ class PoolController:
         self, stage: str, what: str, action: Awaitable[Any], gone_ok: bool = False
     ) -> tuple[Outcome, Any]:
         """Run one API action: ("done", its result), or ("failed", None) after the failure became
-        a Warning Event and a metric. Never raises: each step of a plan is accounted for on its own.
+        a Warning Event and a metric: each step of a plan is accounted for on its own. Raises only
+        _Fenced, when this replica's leadership lapsed (apply stops there).
 
         With `gone_ok`, a 404 is ("gone", None): the pod is already gone, which a delete or a
         drain can live with."""
@@ -276,7 +277,6 @@ class PoolController:
                 models.PLURAL,
                 self.name,
                 {"status": result.status},
-                # A merge patch; the client would pick JSON Patch. Its stubs do not declare the kwarg.
                 **MERGE_PATCH,
             ),
         )

@@ -19,10 +19,11 @@ from typing import Any
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from tars_operator.kubeclient import MERGE_PATCH
+
 log = logging.getLogger("tars_operator.events")
 
 COMPONENT = "tars-operator"
-MERGE_PATCH: dict[str, Any] = {"_content_type": "application/merge-patch+json"}
 
 
 @dataclass(frozen=True)
