@@ -210,11 +210,12 @@ class PoolController:
             message = f"{what} failed: {detail} {body or ''}".strip()[:1000]
             log.warning("pool %s/%s: %s", self.namespace, self.name, message)
             observability.ERRORS.labels(namespace=self.namespace, pool=self.name, stage=stage).inc()
-            await self._emit("Warning", f"{stage.capitalize()}Failed", message)
+            await self.event("Warning", f"{stage.capitalize()}Failed", message)
             return "failed", None
 
-    async def _emit(self, kind: str, reason: str, message: str) -> None:
-        if self.fence.holds():  # an Event is a write too
+    async def event(self, kind: str, reason: str, message: str) -> None:
+        """Post an Event about the pool, if this replica may still write (an Event is a write too)."""
+        if self.fence.holds():
             await self.emit(kind, reason, message)
 
     async def apply(self, result: Plan, by_name: Mapping[str, AgentPod]) -> list[str]:
@@ -283,7 +284,7 @@ class PoolController:
         if outcome == "done" and isinstance(written, Mapping):
             self.written_status = written.get("status") or {}
         for event in result.events:
-            await self._emit(event.type, event.reason, event.message)
+            await self.event(event.type, event.reason, event.message)
 
 
 class _Fenced(Exception):

@@ -202,7 +202,7 @@ async def _run_pool(
             # Before the cycle: the pods it creates read their token (and Redis password) from it.
             for error in await access.ensure(parsed) if FENCE.holds() else []:
                 log.warning("pool %s/%s: %s", namespace, name, error)
-                await emit("Warning", "AccessFailed", error)
+                await controller.event("Warning", "AccessFailed", error)
             await controller.cycle(body, pods, by_name)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), POLL_SECONDS)
@@ -210,7 +210,8 @@ async def _run_pool(
     async def on_crash(exc: Exception, delay: float) -> None:
         log.error("pool %s/%s: the loop crashed; restarting in %.0fs", namespace, name, delay, exc_info=exc)
         observability.LOOP_CRASHES.labels(namespace=namespace, pool=name).inc()
-        await emit("Warning", "ReconcileCrashed", f"{type(exc).__name__}: {exc}; restarting in {delay:.0f}s")
+        message = f"{type(exc).__name__}: {exc}; restarting in {delay:.0f}s"
+        await controller.event("Warning", "ReconcileCrashed", message)
 
     await supervise(step, on_crash, Backoff())
 
