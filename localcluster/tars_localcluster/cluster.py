@@ -530,13 +530,13 @@ class Cluster:
         busy = cgroups.remove_parent(cfg.cgroup_parent)  # every container's processes
         for cgroup in busy:
             say(f"WARNING: cgroup {cgroup} still has processes")
-        for pid in self._shim_pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
-        remove_stale_sockets(SHIM_SOCKET_DIR)
+        self._end_shims()
         for name in ("containerd", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             if self.daemons[name].stop():
                 say(f"{name}: stopped")
+        # Again once containerd is gone: while it ran it could start a shim (its clean-up of a
+        # killed one), whose socket a CI run once found left behind.
+        self._end_shims()
         for mount in self._mounts():
             run(["umount", "--lazy", mount], check=False)
         for ns in self._netns_files():
@@ -554,6 +554,12 @@ class Cluster:
         for data in ("etcd-data", "containerd", "kubelet", "pod-logs", "cni"):
             shutil.rmtree(cfg.root / data, ignore_errors=True)
         say("cluster is down")
+
+    def _end_shims(self) -> None:
+        for pid in self._shim_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        remove_stale_sockets(SHIM_SOCKET_DIR)
 
     def _shim_pids(self) -> list[int]:
         """containerd's shims run in sessions of their own: find ours by the socket they name."""
