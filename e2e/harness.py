@@ -7,8 +7,10 @@ where the test runner cannot route to pod or Service addresses.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import inspect
 import json
 import os
 import subprocess
@@ -58,6 +60,23 @@ def eventually(check: Callable[[], T], timeout: float, what: str, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
         time.sleep(interval)
+
+
+async def async_eventually(
+    check: Callable[[], object], timeout_s: float, what: str, interval: float = 0.02
+) -> Any:
+    """`eventually` inside a test's event loop: `check` may be sync or async, and the loop runs
+    between polls; fail naming `what` and the last value seen."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        last = check()
+        if inspect.isawaitable(last):
+            last = await last
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last seen: {last!r}")
+        await asyncio.sleep(interval)
 
 
 @dataclass

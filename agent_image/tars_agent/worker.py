@@ -269,7 +269,9 @@ class Agent:
                 task.cancel()
             await asyncio.gather(*left, return_exceptions=True)
 
-    def _capacity(self) -> int:
+    @property
+    def free_slots(self) -> int:
+        """Tasks this agent may take now: its concurrency, cut by memory admission, minus its work."""
         return min(self.settings.concurrency, self._memory_allowed) - len(self.inflight)
 
     async def _wait_for_slot(self) -> None:
@@ -280,7 +282,7 @@ class Agent:
     async def _take_loop(self) -> None:
         failures = 0
         while not self.draining:
-            if self._capacity() <= 0 or self.breaker.state is CircuitState.OPEN:
+            if self.free_slots <= 0 or self.breaker.state is CircuitState.OPEN:
                 await self._wait_for_slot()
                 continue
             try:
@@ -306,7 +308,7 @@ class Agent:
             await asyncio.sleep(interval)
             if self.draining:
                 continue
-            free = self._capacity()
+            free = self.free_slots
             if free <= 0:
                 continue
             try:

@@ -45,20 +45,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
         time.sleep(interval)
 
 
-async def async_wait_until(predicate: Callable[[], object], timeout_s: float, what: str) -> None:
-    """Poll `predicate` (sync or async) until it holds; fail with `what` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 @dataclass
 class RedisServer:
     """A redis-server child process on 127.0.0.1; restartable with the same data dir and port."""

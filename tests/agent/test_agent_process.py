@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import httpx
 import redis.asyncio as aioredis
+from e2e.harness import async_eventually
 
 from tars_agent.client import TaskClient
 from tars_agent.mockllm import MockLLM
@@ -20,7 +21,6 @@ from .conftest import (
     RedisServer,
     agent_env,
     agent_settings,
-    async_wait_until,
     running_agent,
 )
 
@@ -38,7 +38,7 @@ async def done_events(redis: aioredis.Redis, client: TaskClient, task_id: str) -
 
 
 async def wait_exit(agent: AgentProcess, timeout_s: float) -> int:
-    await async_wait_until(lambda: agent.proc.poll() is not None, timeout_s, "the agent to exit")
+    await async_eventually(lambda: agent.proc.poll() is not None, timeout_s, "the agent to exit")
     return int(agent.proc.returncode)
 
 
@@ -54,7 +54,7 @@ async def test_killed_agents_tasks_are_finished_by_another_exactly_once(
     client = TaskClient(redis_client, s.namespace, s.pool)
     ids = await submit(client, 6)
     victim = spawn_agent(agent_env(s), "victim")
-    await async_wait_until(lambda: len(mock_llm.admitted) >= 3, 20, "the victim to hold three tasks")
+    await async_eventually(lambda: len(mock_llm.admitted) >= 3, 20, "the victim to hold three tasks")
     victim.proc.send_signal(signal.SIGKILL)
     assert await wait_exit(victim, 5) == -signal.SIGKILL
     spawn_agent(agent_env(s), "rescuer")
@@ -73,7 +73,7 @@ async def test_sigterm_finishes_inflight_work_hands_back_the_rest_and_exits_0(
     client = TaskClient(redis_client, s.namespace, s.pool)
     ids = await submit(client, 5)
     agent = spawn_agent(agent_env(s), "draining")
-    await async_wait_until(lambda: len(mock_llm.admitted) == 2, 20, "two tasks in flight")
+    await async_eventually(lambda: len(mock_llm.admitted) == 2, 20, "two tasks in flight")
     agent.proc.send_signal(signal.SIGTERM)
     assert await wait_exit(agent, 10) == 0, agent.log()
     results = [await client.result(t) for t in ids]
@@ -95,7 +95,7 @@ async def test_unfinished_work_is_handed_back_when_the_grace_period_ends(
     client = TaskClient(redis_client, s.namespace, s.pool)
     ids = await submit(client, 2)
     agent = spawn_agent(agent_env(s), "slow")
-    await async_wait_until(lambda: len(mock_llm.admitted) == 2, 20, "two tasks in flight")
+    await async_eventually(lambda: len(mock_llm.admitted) == 2, 20, "two tasks in flight")
     started = time.monotonic()
     agent.proc.send_signal(signal.SIGTERM)
     assert await wait_exit(agent, 10) == 0, agent.log()
@@ -121,7 +121,7 @@ async def test_redis_restart_mid_run_loses_no_task(
             results = [await client.result(t) for t in ids]
             return sum(1 for r in results if r and r.status == "done") >= 3
 
-        await async_wait_until(some_done, 20, "a few results")
+        await async_eventually(some_done, 20, "a few results")
         persistent_redis.stop(signal.SIGKILL)  # appendfsync always: every acknowledged write is on disk
 
         async def outage_noticed() -> bool:
@@ -130,7 +130,7 @@ async def test_redis_restart_mid_run_loses_no_task(
                 ready = await http.get(f"http://127.0.0.1:{agent.http_port}{contract.PATH_READYZ}")
             return ready.status_code == 503 and "redis" in ready.text
 
-        await async_wait_until(outage_noticed, 10, "the agent to report Redis unreachable")
+        await async_eventually(outage_noticed, 10, "the agent to report Redis unreachable")
         assert agent.proc.poll() is None, agent.log()
         persistent_redis.start()
         await redis.connection_pool.disconnect()  # the test's own pooled connections died with the server
@@ -150,7 +150,7 @@ async def test_post_drain_stops_taking_work_and_turns_unready(
         running_agent(s) as agent,
         httpx.AsyncClient(base_url=f"http://127.0.0.1:{s.http_port}") as http,
     ):
-        await async_wait_until(lambda: agent.redis_ready, 10, "the agent to be ready")
+        await async_eventually(lambda: agent.redis_ready, 10, "the agent to be ready")
         assert (await http.get(contract.PATH_READYZ)).status_code == 200
         response = await http.post(contract.PATH_DRAIN, headers=AUTH)
         assert response.status_code == 202 and response.json() == {"inflight": 0, "draining": True}
@@ -164,7 +164,7 @@ async def test_post_drain_stops_taking_work_and_turns_unready(
             metrics = (await http.get(contract.PATH_METRICS)).text
             return f'tars_queue_depth{{pool="{s.pool}",priority="normal"}} 1.0' in metrics
 
-        await async_wait_until(sees_the_task_and_leaves_it, 10, "the drained agent to see the waiting task")
+        await async_eventually(sees_the_task_and_leaves_it, 10, "the drained agent to see the waiting task")
     result = await client.result(task_id)
     assert result is not None and result.status == "queued"
     assert mock_llm.admitted == []
@@ -226,11 +226,11 @@ async def test_a_stalled_agent_loses_its_claim_and_its_late_text_never_reaches_t
         entries = await redis_client.xrange(client.keys.chunks(task_id))
         return sum(1 for _id, fields in entries if fields.get("event") == "text") >= 2
 
-    await async_wait_until(streaming, 20, "agent-a to stream part of its answer")
+    await async_eventually(streaming, 20, "agent-a to stream part of its answer")
     first.proc.send_signal(signal.SIGSTOP)  # a stall longer than the claim timeout
     try:
         spawn_agent(agent_env(s), "agent-b")
-        await async_wait_until(lambda: len(mock_llm.admitted) == 2, 20, "agent-b to call the LLM")
+        await async_eventually(lambda: len(mock_llm.admitted) == 2, 20, "agent-b to call the LLM")
     finally:
         first.proc.send_signal(signal.SIGCONT)  # agent-a wakes up with its answer still streaming in
     result = await client.wait(task_id, timeout_s=30)
@@ -248,5 +248,5 @@ async def test_a_stalled_agent_loses_its_claim_and_its_late_text_never_reaches_t
     async def first_stopped() -> bool:
         return "this attempt stopped" in first.log() or "stopping this attempt" in first.log()
 
-    await async_wait_until(first_stopped, 10, "agent-a to notice it lost the task")
+    await async_eventually(first_stopped, 10, "agent-a to notice it lost the task")
     assert len(mock_llm.admitted) == 2  # agent-a did not try again

@@ -10,6 +10,7 @@ import uuid
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from e2e.harness import async_eventually
 from pydantic import SecretStr
 
 from tars_agent.circuit import CircuitBreaker, CircuitOpenError, CircuitState
@@ -18,8 +19,6 @@ from tars_agent.llm import LLMClient, LLMConfig, UpstreamError, backoff_delay
 from tars_agent.metrics import AgentMetrics
 from tars_agent.mockllm import MockLLM
 from tars_agent.tasks import TaskSpec
-
-from .conftest import async_wait_until
 
 
 def spec(text: str = "hello", stream: bool = False, max_tokens: int = 16) -> TaskSpec:
@@ -74,7 +73,7 @@ async def test_circuit_opens_on_a_dead_upstream_and_recovers(mock_llm: MockLLM) 
             await client.complete(spec(), "normal", discard, time.monotonic() + 5)
         assert len(mock_llm.admitted) == 3  # the open circuit sent nothing
         mock_llm.config.fail_status = 0
-        await async_wait_until(lambda: breaker.state is CircuitState.HALF_OPEN, 5, "half-open")
+        await async_eventually(lambda: breaker.state is CircuitState.HALF_OPEN, 5, "half-open")
         result = await client.complete(spec(), "normal", discard, time.monotonic() + 5)
         assert result.completion_tokens > 0
         assert breaker.state is CircuitState.CLOSED and metrics.circuit_state._value.get() == 0
@@ -109,7 +108,7 @@ async def test_a_429_pauses_the_whole_budget_in_redis(
         started = time.monotonic()
         second = asyncio.create_task(client.complete(spec("again"), "normal", discard, time.monotonic() + 10))
         pause_key, _ = budget_keys(name)
-        await async_wait_until(lambda: pod_b.exists(pause_key), 5, "the budget-wide pause")
+        await async_eventually(lambda: pod_b.exists(pause_key), 5, "the budget-wide pause")
         other_pod, _ = await limiter_b.try_acquire("critical", 0)
         assert not other_pod.admitted and other_pod.retry_after_us > 0
         await second

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from e2e.harness import async_eventually
 
 from tars_agent import memory
 from tars_agent.client import TaskClient
@@ -46,12 +47,11 @@ async def test_an_agent_sees_its_new_limit_after_an_in_place_resize(
     limit_file.write_text(str(memory.process_rss()))
     settings = agent_settings(redis_url, mock_llm.url, concurrency=2, requests_per_minute=6000)
     client = TaskClient(redis_client, settings.namespace, settings.pool)
-    async with running_agent(settings):
+    async with running_agent(settings) as agent:
+        await async_eventually(lambda: agent.free_slots == 0, 5, "the agent to admit no work at that limit")
         task_id = (
             await client.submit_payload({"messages": [{"role": "user", "content": "q"}]}, "normal")
         ).task_id
-        with pytest.raises(TimeoutError):
-            await client.wait(task_id, timeout_s=2)
         # The kubelet resized the container in place: the agent must see it without a restart.
         limit_file.write_text(str(64 * GIB))
         assert (await client.wait(task_id, timeout_s=10)).status == "done"

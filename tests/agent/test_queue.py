@@ -10,6 +10,7 @@ from collections import Counter
 
 import pytest
 import redis.asyncio as aioredis
+from e2e.harness import async_eventually
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -29,7 +30,7 @@ from tars_agent.queue import (
 from tars_agent.tasks import PRIORITIES, InvalidTask, parse_spec
 from tars_contract.contract import DEFAULT_QUEUE_MAX_DEPTH
 
-from .conftest import RedisServer, async_wait_until
+from .conftest import RedisServer
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -184,7 +185,7 @@ async def test_consumer_takes_by_priority_rule_and_reclaims_a_dead_consumers_wor
         reclaimed.extend(await alive.reclaim(10))
         return len(reclaimed) >= 3
 
-    await async_wait_until(reclaim_idle, 5, "the dead consumer's entries to be reclaimed")
+    await async_eventually(reclaim_idle, 5, "the dead consumer's entries to be reclaimed")
     assert sorted(d.task_id for d in reclaimed) == sorted(d.task_id for d in taken if d)
     order = []
     while (d := await alive.take(block_ms=10)) is not None:
@@ -202,7 +203,7 @@ async def take(consumer: Consumer) -> Delivery:
             taken.append(d)
         return bool(taken)
 
-    await async_wait_until(one, 5, f"{consumer.name} to take a task")
+    await async_eventually(one, 5, f"{consumer.name} to take a task")
     return taken[0]
 
 
@@ -213,7 +214,7 @@ async def reclaim_one(consumer: Consumer) -> Delivery:
         reclaimed.extend(await consumer.reclaim(1))
         return bool(reclaimed)
 
-    await async_wait_until(one, 5, f"{consumer.name} to reclaim an idle entry")
+    await async_eventually(one, 5, f"{consumer.name} to reclaim an idle entry")
     return reclaimed[0]
 
 
@@ -309,7 +310,7 @@ async def test_reclaim_follows_its_cursor_past_a_live_backlog(redis_client: aior
         pending = await redis_client.xpending_range(client.keys.stream("normal"), "agents", "-", "+", 100)
         return all(p["time_since_delivered"] > 200 for p in pending)
 
-    await async_wait_until(all_idle, 5, "every pending entry to look idle")
+    await async_eventually(all_idle, 5, "every pending entry to look idle")
     assert await live.touch(held) == []  # the live agent's heartbeat
     rescuer = Consumer(redis_client, "ns", name, "rescuer", claim_idle_ms=200)
     reclaimed = await rescuer.reclaim(2)
@@ -340,7 +341,7 @@ async def test_an_idle_pool_leaves_no_key_behind_but_waiting_work_never_expires(
     async def only_the_queue_left() -> bool:
         return await pool_keys() == {queue}
 
-    await async_wait_until(only_the_queue_left, 10, "the idle pool's other keys to expire")
+    await async_eventually(only_the_queue_left, 10, "the idle pool's other keys to expire")
     # the waiting task outlived its status hash; an agent still runs it
     _status, attempt = await agent.begin(await take(agent))
     assert attempt is not None and attempt.delivery.task_id == waiting.task_id
@@ -352,4 +353,4 @@ async def test_an_idle_pool_leaves_no_key_behind_but_waiting_work_never_expires(
     async def nothing_left() -> bool:
         return await pool_keys() == set()
 
-    await async_wait_until(nothing_left, 10, "every key of the idle pool to expire")
+    await async_eventually(nothing_left, 10, "every key of the idle pool to expire")

@@ -7,6 +7,7 @@ import json
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from e2e.harness import async_eventually
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tars_agent import worker
@@ -16,7 +17,7 @@ from tars_agent.queue import Attempt
 from tars_contract import contract
 from tars_contract import metric_names as m
 
-from .conftest import AUTH, agent_settings, async_wait_until, running_agent
+from .conftest import AUTH, agent_settings, running_agent
 
 
 def user(text: str, stream: bool = True, max_tokens: int = 32) -> dict[str, object]:
@@ -42,7 +43,7 @@ async def test_tasks_complete_with_streamed_and_plain_answers(
         base = f"http://127.0.0.1:{settings.http_port}"
         async with httpx.AsyncClient(base_url=base) as http:
             assert (await http.get(contract.PATH_HEALTHZ)).status_code == 200
-            await async_wait_until(lambda: agent.redis_ready, 5, "agent ready")
+            await async_eventually(lambda: agent.redis_ready, 5, "agent ready")
             assert (await http.get(contract.PATH_READYZ)).status_code == 200
             assert (await http.get(contract.PATH_STATUS, headers=AUTH)).json() == {
                 "inflight": 0,
@@ -112,7 +113,7 @@ async def test_unparsable_queue_entry_is_dead_lettered_at_once(
     await redis_client.xgroup_create(stream, "agents", id="0", mkstream=True)
     await redis_client.xadd(stream, {"task": json.dumps({"id": "x", "priority": "urgent"})})
     async with running_agent(settings):
-        await async_wait_until(lambda: redis_client.xlen(client.keys.dead), 10, "dead letter")
+        await async_eventually(lambda: redis_client.xlen(client.keys.dead), 10, "dead letter")
     [letter] = await client.dead_letters()
     assert "invalid queued task" in letter["error"]
     assert "priority" in letter["error"] and "spec" in letter["error"]

@@ -15,6 +15,7 @@ import asyncio
 import datetime as dt
 import enum
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,9 @@ class FakeLeaseAPI:
     # holder identity -> how far its wall clock is off: added to the renewTime it writes.
     skew: dict[str, dt.timedelta] = field(default_factory=dict)
     audit: list[Write] = field(default_factory=list)
+    # How many requests met each fault ("partition" for a partitioned caller): tests hold a
+    # fault until it was met, instead of for a fixed time.
+    met: Counter[str] = field(default_factory=Counter)
     leases: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     port: int = 0
     _version: int = 0
@@ -82,11 +86,6 @@ class FakeLeaseAPI:
             await self._runner.cleanup()
             self._runner = None
 
-    async def restart(self, down_for: float) -> None:
-        await self.stop()
-        await asyncio.sleep(down_for)
-        await self.start()
-
     async def until_written(self, count: int) -> None:
         """Until the audit has `count` writes."""
         while len(self.audit) < count:
@@ -103,8 +102,11 @@ class FakeLeaseAPI:
         return None if lease is None else lease["spec"].get("holderIdentity")
 
     async def _misbehave(self, request: web.Request) -> web.Response | None:
-        if self.fault is Fault.HANG or request.headers.get("User-Agent") in self.partitioned:
-            await asyncio.sleep(3600)  # cancelled when the server stops
+        partitioned = request.headers.get("User-Agent") in self.partitioned
+        if partitioned or self.fault is not Fault.NONE:
+            self.met["partition" if partitioned else self.fault.value] += 1
+        if self.fault is Fault.HANG or partitioned:
+            await asyncio.sleep(3600)  # a call never answered (cancelled when the server stops)
         if self.fault is Fault.ERROR:
             return web.json_response(_status(500, "InternalError", "etcd is unhappy"), status=500)
         if self.fault is Fault.DROP:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
+from e2e.harness import async_eventually
 from fake_lease_api import FakeLeaseAPI, Fault
 from kubernetes_asyncio import client
 from prometheus_client import REGISTRY
@@ -102,6 +103,18 @@ async def lead(e: LeaderElector, tasks: list[asyncio.Task[None]]) -> asyncio.Tas
     return holding
 
 
+async def hold(api: FakeLeaseAPI, fault: Fault, calls: int) -> None:
+    """Keep the API server failing with `fault` until `calls` more requests met it."""
+    api.fault, target = fault, api.met[fault.value] + calls
+    await async_eventually(lambda: api.met[fault.value] >= target, 1.0, f"{calls} calls to meet {fault}")
+    api.fault = Fault.NONE
+
+
+async def renewal(api: FakeLeaseAPI, timeout_s: float = 2.0) -> None:
+    """Until the API server accepts one more write (the holder's next renewal)."""
+    await asyncio.wait_for(api.until_written(len(api.audit) + 1), timeout_s)
+
+
 def last_write_by(api: FakeLeaseAPI, holder: str) -> float:
     return max(w.at for w in api.audit if w.holder == holder)
 
@@ -114,15 +127,20 @@ async def test_api_server_faults_during_acquire_do_not_make_a_standby_leader(
     holding = await lead(leader, tasks)
     acquiring = asyncio.create_task(elector(api, clients, "b", timing).acquire())
     tasks.append(acquiring)
-    # Each fault lasts less than the renew deadline, so the leader rides them all out.
+    # Each fault lasts until both replicas met it, and less than the renew deadline, so the leader
+    # rides them all out.
     for fault in (Fault.DROP, Fault.ERROR, None):
-        if fault is None:
-            await api.restart(down_for=0.6)  # an API server restart: connections refused, then reset
+        if fault is None:  # an API server restart: connections refused, then reset
+            await api.stop()
+            await async_eventually(
+                lambda: leader.fence.remaining() < timing.renew_deadline - 2 * timing.retry,
+                timing.renew_deadline,
+                "the leader to miss two renewals while the API server is down",
+            )
+            await api.start()
         else:
-            api.fault = fault
-            await asyncio.sleep(0.6)
-            api.fault = Fault.NONE
-        await asyncio.sleep(0.6)  # the leader renews between faults
+            await hold(api, fault, calls=3)
+        await renewal(api)  # the leader renews between faults
         if acquiring.done():
             pytest.fail(f"the standby's acquire() ended ({acquiring!r}) while the leader lives: it would act")
     assert not holding.done(), "the leader stepped down although every fault was shorter than its deadline"
@@ -135,7 +153,7 @@ async def test_a_hung_call_during_acquire_times_out_and_is_retried(
     candidate = elector(api, clients, "a", SHORT)
     api.fault = Fault.HANG
     acquiring = asyncio.create_task(candidate.acquire())
-    await asyncio.sleep(0.3)  # its first call is hanging now
+    await async_eventually(lambda: api.met[Fault.HANG.value], 2, "its first call to hang")
     api.fault = Fault.NONE
     try:
         await asyncio.wait_for(asyncio.shield(acquiring), 4 * SHORT.retry)
@@ -150,7 +168,7 @@ async def test_a_hung_renewal_makes_the_leader_step_down_within_the_lease(
     leader = elector(api, clients, "a", SHORT)
     holding = await lead(leader, tasks)
     assert leader.fence.holds() and sample(metric_names.OPERATOR_LEADER) == 1
-    await asyncio.wait_for(api.until_written(len(api.audit) + 1), 2)  # it renews
+    await renewal(api)
     api.fault = Fault.HANG
     try:
         await asyncio.wait_for(asyncio.shield(holding), 2 * SHORT.lease)
@@ -188,7 +206,15 @@ async def test_a_live_leader_keeps_its_lease_whatever_its_clock_says(
     holding = await lead(elector(api, clients, "a", SHORT), tasks)
     acquiring = asyncio.create_task(elector(api, clients, "b", SHORT).acquire())
     tasks.append(acquiring)
-    done, _ = await asyncio.wait({acquiring, holding}, timeout=SHORT.lease + 0.5)
+    # Long enough for a standby that read the skewed renewTime as expired: the leader's renewals
+    # span more than a lease duration while the standby watches.
+    first = len(api.audit)
+    await async_eventually(
+        lambda: api.audit[-1].at - api.audit[first - 1].at > SHORT.lease + SHORT.retry or acquiring.done(),
+        3 * SHORT.lease,
+        "the leader to renew over a whole lease duration",
+    )
+    done = {t for t in (acquiring, holding) if t.done()}
     assert acquiring not in done, f"a standby took the lease of a live leader whose clock is {skew} off"
     assert holding not in done, "the live leader lost its lease"
 
@@ -208,39 +234,46 @@ async def test_a_dead_leaders_lease_is_taken_after_one_lease_duration_whatever_i
     assert SHORT.lease <= took_over < SHORT.lease + 1, f"taken over {took_over:.2f}s after the last renewal"
 
 
-# (fault, "restart" or "partition the leader", seconds): outages longer and shorter than the renew
-# deadline, and quick flaps.
-FLAPPING: list[tuple[Fault | str, float]] = [
-    (Fault.NONE, 0.6),
-    ("partition", 2.2),
-    (Fault.NONE, 0.4),
-    (Fault.HANG, 1.6),
-    (Fault.NONE, 0.3),
-    *[(f, 0.15) for _ in range(4) for f in (Fault.DROP, Fault.NONE)],
-    ("restart", 1.6),
-    (Fault.NONE, 0.3),
-    (Fault.ERROR, 1.5),
-    (Fault.NONE, 0.3),
-]
-
-
 async def test_two_replicas_under_a_flapping_api_server_never_both_act(
     api: FakeLeaseAPI, clients: list[client.ApiClient], tasks: list[asyncio.Task[None]]
 ) -> None:
     replicas = {name: Replica(elector(api, clients, name, SHORT)) for name in ("a", "b")}
     campaigns = [asyncio.create_task(r.campaign()) for r in replicas.values()]
     tasks.extend(campaigns)
-    for fault, seconds in FLAPPING:
-        if fault == "restart":
-            await api.restart(down_for=seconds)
-        elif fault == "partition":  # the leader's connection hangs; the standby's works
-            api.partitioned = {api.holder(NAMESPACE, NAME) or ""}
-            await asyncio.sleep(seconds)
-            api.partitioned = set()
-        else:
-            assert isinstance(fault, Fault)
-            api.fault = fault
-            await asyncio.sleep(seconds)
+
+    def acting() -> list[str]:
+        return [name for name, r in replicas.items() if r.acting_since is not None]
+
+    async def until_acting(what: str) -> str:
+        (leader,) = await async_eventually(acting, 3 * SHORT.lease, what)
+        return str(leader)
+
+    async def until_nobody_acts(what: str) -> None:
+        await async_eventually(lambda: not acting(), 2 * SHORT.lease, what)
+
+    # Each fault is held until it had its effect (never for a fixed time): outages longer than
+    # the renew deadline that end a term, quick flaps the leader rides out, and recoveries.
+    leader = await until_acting("a first leader")
+    api.partitioned = {leader}  # the leader's calls hang; the standby's work
+    standby = [name for name in replicas if name != leader]
+    await async_eventually(lambda: acting() == standby, 3 * SHORT.lease, "the standby to take over")
+    api.partitioned = set()
+    await renewal(api)
+    api.fault = Fault.HANG
+    await until_nobody_acts("the leader to step down while every call hangs")
+    api.fault = Fault.NONE
+    await until_acting("a leader after the hang")
+    for _ in range(4):
+        await hold(api, Fault.DROP, calls=2)
+        await renewal(api)
+    await api.stop()  # a restart
+    await until_nobody_acts("the leader to step down while the API server is down")
+    await api.start()
+    await until_acting("a leader after the restart")
+    api.fault = Fault.ERROR
+    await until_nobody_acts("the leader to step down while every call fails")
+    api.fault = Fault.NONE
+    await until_acting("a leader after the errors")
     api.fault = Fault.NONE
     terms = {name: r.all_terms() for name, r in replicas.items()}
     for campaign in campaigns:
