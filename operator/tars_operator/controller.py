@@ -18,13 +18,12 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-import aiohttp
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from tars_contract import contract
 from tars_operator import builders, models, observability, queries
-from tars_operator.kubeclient import MERGE_PATCH
+from tars_operator.kubeclient import API_ERRORS, MERGE_PATCH
 from tars_operator.leader import Fence
 from tars_operator.policy.metrics import Metrics, Sample
 from tars_operator.policy.observe import PodState, pod_state
@@ -37,9 +36,6 @@ log = logging.getLogger("tars_operator")
 # A write gives up after this long (or when the leader's fence lapses, if sooner): an API server
 # that does not answer must not hold a cycle, nor let a write land after leadership ended.
 WRITE_TIMEOUT_S = 5.0
-# What an API call can fail with: a refusal, a timeout, or the connection breaking (an API
-# server restart surfaces as aiohttp errors that are not OSErrors).
-API_ERRORS = (ApiException, TimeoutError, OSError, aiohttp.ClientError)
 Outcome = Literal["done", "gone", "failed"]
 EventSink = Callable[[str, str, str], Awaitable[None]]  # (type, reason, message)
 

@@ -23,6 +23,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from tars_operator import builders, models
+from tars_operator.kubeclient import API_ERRORS
 from tars_operator.settings import OperatorSettings
 
 log = logging.getLogger("tars_operator")
@@ -125,7 +126,7 @@ class PoolAccess:
                 await self.networking.patch_namespaced_network_policy(name, namespace, manifest, **APPLY)
         except ApiException as exc:
             return f"applying {kind} {namespace}/{name} failed: {_api_error(exc)}"
-        except (TimeoutError, OSError) as exc:
+        except API_ERRORS as exc:
             return f"applying {kind} {namespace}/{name} failed: {type(exc).__name__} {exc}"
         return None
 

@@ -7,6 +7,7 @@ import json
 import logging
 from typing import Any
 
+import aiohttp
 import pytest
 from factories import spec
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -243,3 +244,14 @@ def test_the_pods_env_reads_what_the_secret_holds_and_the_operator_sends() -> No
         assert ref["name"] == secret["metadata"]["name"]
         values[name] = secret_data(secret)[ref["key"]]
     assert values == {contract.ENV_AGENT_TOKEN: CONFIG.token(POOL), contract.ENV_REDIS_PASSWORD: PASSWORD}
+
+
+async def test_a_dropped_connection_is_reported_like_any_api_failure() -> None:
+    # An API server restart surfaces as an aiohttp error that is no OSError: it once escaped
+    # ensure() and crashed the pool's loop instead of being reported.
+    api = FakeApi()
+    api.error = aiohttp.ServerDisconnectedError()
+    errors = await access(api, AccessConfig(token_key=KEY)).ensure(spec())
+    assert errors == [
+        "applying Secret agents/researcher-tars-0c8f2e3a failed: ServerDisconnectedError Server disconnected"
+    ]
