@@ -128,7 +128,6 @@ class Agent:
                 self.limiter_redis,
                 budget,
                 reserve_fraction=s.reserve_fraction,
-                expected_pool_size=s.expected_pool_size,
                 metrics=self.metrics,
             )
         self.breaker = CircuitBreaker(s.circuit_failures, s.circuit_open_seconds)
