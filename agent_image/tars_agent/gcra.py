@@ -147,10 +147,10 @@ def fresh_tat(limits: Limits, i: int, now_us: int) -> int:
     much of the upstream's own bucket is left, and requests admitted together reach a strict
     upstream spread by network and scheduling jitter; half a burst of slack absorbs that.
     """
-    limit, burst = limits.effective(i)
+    _limit, burst = limits.effective(i)
     room = max(burst // 2, 1)
     full = limits.tolerance(i, True)
-    return max(now_us + full - room * limits.increment(i, 1), now_us)
+    return max(now_us + full - limits.increment(i, room), now_us)
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,9 @@ def reserve(
     return Verdict(True, slot, tuple(max(t, slot) + inc for t, inc in zip(tats, incs, strict=True)), limiting)
 
 
-def give_back(tats: tuple[int, ...], reserved: tuple[int, ...], costs: tuple[int, ...], limits: Limits) -> tuple[int, ...]:
+def give_back(
+    tats: tuple[int, ...], reserved: tuple[int, ...], costs: tuple[int, ...], limits: Limits
+) -> tuple[int, ...]:
     """Undo a reservation in every bucket where it is still the head (the last one reserved).
 
     Where a later reservation followed it, its slot stays taken: moving the later ones forward
@@ -211,7 +213,8 @@ def give_back(tats: tuple[int, ...], reserved: tuple[int, ...], costs: tuple[int
     exceed the limit. The budget then under-uses that slot, never over-admits.
     """
     return tuple(
-        t - limits.increment(i, costs[i]) if t == r else t for i, (t, r) in enumerate(zip(tats, reserved, strict=True))
+        t - limits.increment(i, costs[i]) if t == r else t
+        for i, (t, r) in enumerate(zip(tats, reserved, strict=True))
     )
 
 
@@ -226,7 +229,8 @@ def empty(tat: int, now_us: int, limits: Limits, i: int) -> int:
 
 
 def decay(used: float, since_us: int, now_us: int, window_us: int) -> float:
-    """The exponentially weighted units admitted, aged from `since_us` to `now_us` (time constant: the window)."""
+    """The exponentially weighted units admitted, aged from `since_us` to `now_us`
+    (time constant: the window)."""
     return used * math.exp(-float(max(now_us - since_us, 0)) / float(window_us))
 
 
@@ -323,7 +327,9 @@ def run_batch(
     tats = tuple(fresh_tat(limits, i, now_us) if t is None else t for i, t in enumerate(stored))
     if pause_until_us <= now_us:
         pause_until_us = 0  # a pause that ended (its key expires with it)
-    weighted = [decay(u, at, now_us, p.window_us) for u, at, p in zip(used, used_at, limits.params, strict=True)]
+    weighted = [
+        decay(u, at, now_us, p.window_us) for u, at, p in zip(used, used_at, limits.params, strict=True)
+    ]
     results: list[OpResult] = []
     for op in ops:
         status, value, limiting = 1, 0, -1
@@ -340,10 +346,16 @@ def run_batch(
         elif isinstance(op, GiveBack):
             tats = give_back(tats, op.reserved, op.costs, limits)
         elif isinstance(op, Charge):
-            tats = tuple(charge(t, now_us, u, limits, i) if u else t for i, (t, u) in enumerate(zip(tats, op.units, strict=True)))
+            tats = tuple(
+                charge(t, now_us, u, limits, i) if u else t
+                for i, (t, u) in enumerate(zip(tats, op.units, strict=True))
+            )
             weighted = [w + float(u) for w, u in zip(weighted, op.units, strict=True)]
         elif isinstance(op, Empty):
-            tats = tuple(empty(t, now_us, limits, i) if e else t for i, (t, e) in enumerate(zip(tats, op.buckets, strict=True)))
+            tats = tuple(
+                empty(t, now_us, limits, i) if e else t
+                for i, (t, e) in enumerate(zip(tats, op.buckets, strict=True))
+            )
         else:
             pause_until_us = max(pause_until_us, now_us + op.pause_us)
             tats = tuple(empty(t, now_us, limits, i) for i, t in enumerate(tats))

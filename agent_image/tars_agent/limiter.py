@@ -19,7 +19,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -169,8 +169,6 @@ def _raise_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
-
-
 class SharedLimiter:
     def __init__(
         self,
@@ -286,14 +284,18 @@ class SharedLimiter:
                 # charged twice (never too little). A cancelled flusher is not an outage.
                 _raise_if_cancelled()
                 self._timeouts += 1
-                self._pending = [r for r in batch if r.future is not None or isinstance(r.op, gcra.Charge)] + self._pending
+                self._pending = [
+                    r for r in batch if r.future is not None or isinstance(r.op, gcra.Charge)
+                ] + self._pending
                 # during an outage (local buckets in use) one failed probe is enough
                 if self._timeouts >= _TIMEOUTS_BEFORE_DEGRADED or self._local is not None:
                     self._mark_redis_down(exc)
                 continue
             except _UNREACHABLE_ERRORS as exc:
                 _raise_if_cancelled()
-                self._pending = [r for r in batch if r.future is not None or isinstance(r.op, gcra.Charge)] + self._pending
+                self._pending = [
+                    r for r in batch if r.future is not None or isinstance(r.op, gcra.Charge)
+                ] + self._pending
                 self._mark_redis_down(exc)
                 continue
             self._timeouts = 0
@@ -370,7 +372,9 @@ class SharedLimiter:
         request = self._submit(op, wait=True, order=order)
         assert request.future is not None
         try:
-            return await asyncio.wait_for(asyncio.shield(request.future), max(deadline - self._monotonic(), 0.0))
+            return await asyncio.wait_for(
+                asyncio.shield(request.future), max(deadline - self._monotonic(), 0.0)
+            )
         except BaseException:
             request.abandoned = True
             raise
@@ -381,7 +385,9 @@ class SharedLimiter:
         """Admit now or not at all (nothing is charged when not); the wait for a slot otherwise."""
         op = gcra.Reserve(priority == gcra.CRITICAL, 0, self._costs(tokens))
         result, now, _ = await self._call(op, self._monotonic() + 60)
-        return TryResult(result.status == 1, max(result.value - now, 0) if result.status == 0 else 0, result.status == 2)
+        return TryResult(
+            result.status == 1, max(result.value - now, 0) if result.status == 0 else 0, result.status == 2
+        )
 
     async def acquire(self, priority: str, tokens: int, timeout_s: float) -> Reservation:
         """Reserve a slot for one request of `tokens` tokens and sleep until it, or raise
@@ -394,13 +400,18 @@ class SharedLimiter:
         self._arrivals += 1
         order = (1 + PRIORITIES.index(priority), self._arrivals)
         while True:
-            if self.degraded and priority in DEGRADED_LOCAL and self._local is not None and self._local.limits.params:
+            if (
+                self.degraded
+                and priority in DEGRADED_LOCAL
+                and self._local is not None
+                and self._local.limits.params
+            ):
                 return await self._acquire_local(priority, tokens, costs, start, deadline)
             remaining_us = max(int((deadline - self._monotonic()) * 1_000_000), 0)
             op = gcra.Reserve(priority == gcra.CRITICAL, gcra.max_ahead_us(priority, remaining_us), costs)
             try:
                 result, now, received = await self._call(op, deadline, order)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._timed_out(priority, start, 0.0)
             except _RedisUnavailable:
                 if priority in DEGRADED_LOCAL and self._local is not None and self._local.limits.params:
@@ -430,7 +441,9 @@ class SharedLimiter:
             reservation = Reservation(priority, tokens, now, False, result.value, result.tats, costs)
             try:
                 await self._sleep(max(ahead_s - (self._monotonic() - received), 0.0))
-                if result.value - now >= gcra.CONFIRM_AFTER_US and not await self._confirmed(reservation, deadline):
+                if result.value - now >= gcra.CONFIRM_AFTER_US and not await self._confirmed(
+                    reservation, deadline
+                ):
                     continue  # the budget was paused while it slept: its slot went back; reserve again
             except asyncio.CancelledError:
                 self._submit(gcra.GiveBack(result.tats, costs), wait=False)
@@ -443,8 +456,10 @@ class SharedLimiter:
     async def _confirmed(self, reservation: Reservation, deadline: float) -> bool:
         """After a long sleep: may the caller go, or was the budget paused (an upstream 429)?"""
         try:
-            result, _, _ = await self._call(gcra.Confirm(reservation.reserved_tats, reservation.costs), deadline + 1)
-        except (asyncio.TimeoutError, _RedisUnavailable):
+            result, _, _ = await self._call(
+                gcra.Confirm(reservation.reserved_tats, reservation.costs), deadline + 1
+            )
+        except (TimeoutError, _RedisUnavailable):
             return True  # no word of a pause: the reservation stands
         return result.status == 1
 
@@ -462,7 +477,9 @@ class SharedLimiter:
         now_us = int(self._monotonic() * 1_000_000)
         pause_us = int(self._local_pause_until * 1_000_000)
         remaining_us = max(int((deadline - self._monotonic()) * 1_000_000), 0)
-        verdict = gcra.reserve(local.tats, now_us, costs, local.limits, priority == gcra.CRITICAL, remaining_us, pause_us)
+        verdict = gcra.reserve(
+            local.tats, now_us, costs, local.limits, priority == gcra.CRITICAL, remaining_us, pause_us
+        )
         if verdict.too_large:
             raise RequestTooLarge(
                 f"a request of {tokens} tokens is larger than this process's share of budget "
@@ -511,7 +528,7 @@ class SharedLimiter:
                 await self._reconcile(
                     keys=[self._overrides_key, key], args=[p.name, p.limit, p.window_us, p.burst, units]
                 )
-            except _UNREACHABLE_ERRORS + (RedisTimeoutError,):
+            except (*_UNREACHABLE_ERRORS, RedisTimeoutError):
                 _raise_if_cancelled()
                 log.info("limiter: could not correct a reservation by %d tokens: Redis unavailable", delta)
 
@@ -524,7 +541,7 @@ class SharedLimiter:
         self._local_pause_until = max(self._local_pause_until, self._monotonic() + seconds)
         try:
             await self._call(gcra.Pause(pause_us), self._monotonic() + 1.0)
-        except (asyncio.TimeoutError, _RedisUnavailable):
+        except (TimeoutError, _RedisUnavailable):
             log.info("limiter: the budget-wide pause did not reach Redis; paused locally only")
 
     async def observe_headers(self, headers: Mapping[str, str]) -> None:
@@ -560,7 +577,7 @@ class SharedLimiter:
                     await pipe.execute()
                 for lname, limit in overrides.items():
                     self._written_overrides[lname] = (limit, self._monotonic())
-        except _UNREACHABLE_ERRORS + (RedisTimeoutError,):
+        except (*_UNREACHABLE_ERRORS, RedisTimeoutError):
             _raise_if_cancelled()
             log.info("limiter: could not store the upstream's tighter limits: Redis unavailable")
         if any(empty):

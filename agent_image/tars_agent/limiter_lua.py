@@ -75,7 +75,7 @@ for i = 1, n do
     tats[i] = tonumber(raw)
   else  -- gcra.fresh_tat
     local room = math.max(math.floor(burst[i] / 2), 1)
-    tats[i] = math.max(now + tolerance(i, true, 0) - room * inc(i, 1), now)
+    tats[i] = math.max(now + tolerance(i, true, 0) - inc(i, room), now)
   end
   local name = ARGV[2 + (i - 1) * 4 + 1]
   local u = redis.call('HMGET', KEYS[3], name .. ':u', name .. ':t')
@@ -168,7 +168,8 @@ for i = 1, n do
   if changed then
     -- kept a window (at least a second) after the bucket is full again: a missing tat means
     -- a cold start or a budget unused that long
-    redis.call('SET', KEYS[4 + i], fmt(tats[i]), 'PX', math.max(math.ceil((tats[i] - now + window[i]) / 1000), 1000))
+    local keep_ms = math.max(math.ceil((tats[i] - now + window[i]) / 1000), 1000)
+    redis.call('SET', KEYS[4 + i], fmt(tats[i]), 'PX', keep_ms)
   end
   redis.call('HSET', KEYS[3], name .. ':u', string.format('%.17g', used[i]), name .. ':t', now)
   head[#head + 1] = string.format('%.17g', used[i])

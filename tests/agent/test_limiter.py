@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from e2e.harness import async_eventually
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tars_agent.gcra import LimitParams
-from e2e.harness import async_eventually
 from tars_agent.limiter import Budget, LimiterTimeout, RequestTooLarge, SharedLimiter, budget_keys, tat_key
 from tars_agent.metrics import AgentMetrics
 from tars_contract import metric_names
@@ -114,11 +114,16 @@ async def test_upstream_headers_tighten_the_budget_and_pause_at_zero(redis_serve
         denied = await limiter.try_acquire("critical", 1)
         assert not denied.admitted and denied.retry_after_us > 900_000
         # remaining 0 of tokens empties the tokens bucket only, for one refill, not the 6 min reset
-        other = SharedLimiter(client, Budget.from_rates(f"h2-{uuid.uuid4().hex}", requests_per_minute=600, tokens_per_minute=100_000))
+        other = SharedLimiter(
+            client,
+            Budget.from_rates(f"h2-{uuid.uuid4().hex}", requests_per_minute=600, tokens_per_minute=100_000),
+        )
         await other.observe_headers({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6m0s"})
         held = await other.try_acquire("critical", 100)
         assert not held.admitted and 50_000 < held.retry_after_us < 100_000  # 100 tokens of refill
-        await other.observe_headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "3s"})
+        await other.observe_headers(
+            {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "3s"}
+        )
         held = await other.try_acquire("critical", 1)
         assert not held.admitted and held.retry_after_us < 200_000  # one request's refill, not 3 s
     finally:
@@ -126,7 +131,8 @@ async def test_upstream_headers_tighten_the_budget_and_pause_at_zero(redis_serve
 
 
 async def test_bulk_traffic_cannot_take_the_critical_reserve(redis_server: RedisServer) -> None:
-    budget = Budget(f"reserve-{uuid.uuid4().hex}", (LimitParams("rpm", 1000, 60_000_000, 20),))
+    # a 10 min window: no unit refills while the test runs
+    budget = Budget(f"reserve-{uuid.uuid4().hex}", (LimitParams("rpm", 1000, 600_000_000, 20),))
     client = fast_redis(redis_server.url)
     try:
         limiter = SharedLimiter(client, budget, reserve_fraction=0.25)
@@ -152,7 +158,9 @@ async def test_deadline_and_oversized_requests(redis_server: RedisServer) -> Non
         start = time.monotonic()
         with pytest.raises(LimiterTimeout) as info:
             await limiter.acquire("critical", 50, timeout_s=0.2)
-        assert time.monotonic() - start < 0.2  # fails at once: the exact slot is known to be past the deadline
+        assert (
+            time.monotonic() - start < 0.2
+        )  # fails at once: the exact slot is known to be past the deadline
         assert 3.0 < info.value.retry_after_s < 3.5  # 50 tokens at 900 a minute
         # the refusal charged nothing: a smaller request still fits in the same wait
         assert not (await limiter.try_acquire("critical", 50)).too_large
@@ -196,7 +204,9 @@ async def test_a_cancelled_wait_ends_even_when_redis_reports_the_cancel_as_a_tim
 ) -> None:
     client = fast_redis(redis_server.url)
     try:
-        limiter = SharedLimiter(client, Budget.from_rates(f"cancel-{uuid.uuid4().hex}", requests_per_minute=60))
+        limiter = SharedLimiter(
+            client, Budget.from_rates(f"cancel-{uuid.uuid4().hex}", requests_per_minute=60)
+        )
 
         async def cancel_swallowed_by_redis(**_kwargs: Any) -> Any:
             # As redis-py can on a busy loop: the cancellation arrives mid-call and comes out
@@ -234,7 +244,10 @@ async def test_waiters_get_slots_in_arrival_order_in_few_script_calls(redis_serv
         before = await evalsha_calls(clients[0])
         started = time.monotonic()
         per_process = await asyncio.gather(
-            *(asyncio.gather(*(lim.acquire("normal", 1, timeout_s=10) for _ in range(25))) for lim in limiters)
+            *(
+                asyncio.gather(*(lim.acquire("normal", 1, timeout_s=10) for _ in range(25)))
+                for lim in limiters
+            )
         )
         took = time.monotonic() - started
         calls = await evalsha_calls(clients[0]) - before
@@ -253,21 +266,28 @@ async def test_waiters_get_slots_in_arrival_order_in_few_script_calls(redis_serv
 async def test_a_cancelled_reservation_gives_its_slot_back(redis_server: RedisServer) -> None:
     client = fast_redis(redis_server.url)
     try:
-        limiter = SharedLimiter(client, Budget(f"gb-{uuid.uuid4().hex}", (LimitParams("rps", 10, 1_000_000, 2),)))
-        await limiter.acquire("critical", 0, timeout_s=1)  # the fresh bucket's one free unit
+        name = f"gb-{uuid.uuid4().hex}"
+        limiter = SharedLimiter(client, Budget(name, (LimitParams("rps", 10, 1_000_000, 2),)))
+        first = await limiter.acquire("critical", 0, timeout_s=1)  # the fresh bucket's one free unit
         sleeper = asyncio.create_task(limiter.acquire("critical", 0, timeout_s=5))
-        await async_eventually(lambda: asyncio.sleep(0.01, result=bool(limiter._arrivals == 2)), 2, "the sleeper")
-        await asyncio.sleep(0.05)  # noqa: ASYNC (lets its reservation come back before cancelling)
+
+        async def reserved() -> bool:  # the sleeper's reservation moved the bucket on
+            return int(await client.get(tat_key(name, "rps")) or 0) > first.reserved_tats[0]
+
+        await async_eventually(reserved, 2, "the sleeper's reservation")
         sleeper.cancel()
         with pytest.raises(asyncio.CancelledError):
             await sleeper
+        # the give-back goes before any reservation of a later or the same batch
         after = await limiter.acquire("critical", 0, timeout_s=5)
         assert after.slot_us - after.server_now_us < 150_000  # the sleeper's slot, ~125 ms ahead
     finally:
         await client.aclose()
 
 
-async def test_an_upstream_429_stops_callers_already_sleeping_on_a_reservation(redis_server: RedisServer) -> None:
+async def test_an_upstream_429_stops_callers_already_sleeping_on_a_reservation(
+    redis_server: RedisServer,
+) -> None:
     name = f"p429-{uuid.uuid4().hex}"
     budget = Budget(name, (LimitParams("rps", 10, 1_000_000, 2),))
     pod_a, pod_b = fast_redis(redis_server.url), fast_redis(redis_server.url)
