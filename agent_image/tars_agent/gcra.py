@@ -259,9 +259,22 @@ def reconcile(tat: int, now_us: int, delta: int, params: LimitParams, override_l
 # The operations one batch (one script call) runs in order; limiter_lua.BATCH is their twin.
 @dataclass(frozen=True)
 class Reserve:
-    critical: bool
+    """A reservation of `priority`, at most `max_ahead_us` from now (its horizon and deadline).
+
+    Refused for its horizon only (the slot is within `deadline_us`), it takes a ticket: the
+    class's queue of refused requests advances by the request's longest increment, and the
+    answer is the ticket's slot, so callers refused one after the other (in any process)
+    come back one after the other, in that order, instead of all at the same refill.
+    """
+
+    priority: str
     max_ahead_us: int
     costs: tuple[int, ...]
+    deadline_us: int = 0  # the caller's remaining time; 0 = max_ahead_us
+
+    @property
+    def critical(self) -> bool:
+        return self.priority == CRITICAL
 
 
 @dataclass(frozen=True)
@@ -311,6 +324,7 @@ class BatchResult:
     tats: tuple[int, ...]
     used: tuple[float, ...]
     pause_until_us: int
+    queue: dict[str, int]  # class -> the slot of its last ticket
     results: tuple[OpResult, ...]
 
 
@@ -322,8 +336,10 @@ def run_batch(
     now_us: int,
     limits: Limits,
     ops: tuple[Op, ...],
+    queue: dict[str, int] | None = None,
 ) -> BatchResult:
     """One script call: the ops in order on one state at one server instant."""
+    queue = dict(queue or {})
     tats = tuple(fresh_tat(limits, i, now_us) if t is None else t for i, t in enumerate(stored))
     if pause_until_us <= now_us:
         pause_until_us = 0  # a pause that ended (its key expires with it)
@@ -337,6 +353,11 @@ def run_batch(
             v = reserve(tats, now_us, op.costs, limits, op.critical, op.max_ahead_us, pause_until_us)
             status = 2 if v.too_large else int(v.admitted)
             value, limiting, tats = v.slot_us, v.limiting, v.tats
+            if status == 0 and op.max_ahead_us < max(op.deadline_us, op.max_ahead_us):
+                spacing = max(limits.increment(i, c) for i, c in enumerate(op.costs))
+                value = max(v.slot_us, queue.get(op.priority, 0) + spacing)
+                if value - now_us <= op.deadline_us:
+                    queue[op.priority] = value
             if v.admitted:
                 weighted = [w + float(c) for w, c in zip(weighted, op.costs, strict=True)]
         elif isinstance(op, Confirm):
@@ -360,4 +381,4 @@ def run_batch(
             pause_until_us = max(pause_until_us, now_us + op.pause_us)
             tats = tuple(empty(t, now_us, limits, i) for i, t in enumerate(tats))
         results.append(OpResult(status, value, limiting, tats))
-    return BatchResult(tats, tuple(weighted), pause_until_us, tuple(results))
+    return BatchResult(tats, tuple(weighted), pause_until_us, queue, tuple(results))

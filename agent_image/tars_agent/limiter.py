@@ -109,6 +109,11 @@ def agents_key(name: str) -> str:
     return f"tars:budget:{{{name}}}:agents"
 
 
+def queue_key(name: str) -> str:
+    """Hash class -> the slot of the last ticket given to a request refused for its horizon."""
+    return f"tars:budget:{{{name}}}:queue"
+
+
 def tat_key(budget: str, limit: str) -> str:
     return f"tars:budget:{{{budget}}}:tat:{limit}"
 
@@ -201,6 +206,7 @@ class SharedLimiter:
         self._pause_key, self._overrides_key = budget_keys(budget.name)
         self._tat_keys = [tat_key(budget.name, p.name) for p in budget.limits]
         self._keys = [self._pause_key, self._overrides_key, used_key(budget.name), agents_key(budget.name)]
+        self._keys.append(queue_key(budget.name))
         self._keys += self._tat_keys
         self._params_args: list[str | int] = []
         for p in budget.limits:
@@ -352,8 +358,9 @@ class SharedLimiter:
     def _mark_redis_down(self, exc: BaseException) -> None:
         if not self.degraded:
             log.warning(
-                "limiter: Redis unavailable (%s); degraded mode, probing again every %.1fs",
+                "limiter: Redis unavailable (%s: %s); degraded mode, probing again every %.1fs",
                 type(exc).__name__,
+                exc,
                 self._retry_interval,
             )
         self._redis_down_until = self._monotonic() + self._retry_interval
@@ -383,7 +390,7 @@ class SharedLimiter:
 
     async def try_acquire(self, priority: str, tokens: int) -> TryResult:
         """Admit now or not at all (nothing is charged when not); the wait for a slot otherwise."""
-        op = gcra.Reserve(priority == gcra.CRITICAL, 0, self._costs(tokens))
+        op = gcra.Reserve(priority, 0, self._costs(tokens))
         result, now, _ = await self._call(op, self._monotonic() + 60)
         return TryResult(
             result.status == 1, max(result.value - now, 0) if result.status == 0 else 0, result.status == 2
@@ -408,7 +415,7 @@ class SharedLimiter:
             ):
                 return await self._acquire_local(priority, tokens, costs, start, deadline)
             remaining_us = max(int((deadline - self._monotonic()) * 1_000_000), 0)
-            op = gcra.Reserve(priority == gcra.CRITICAL, gcra.max_ahead_us(priority, remaining_us), costs)
+            op = gcra.Reserve(priority, gcra.max_ahead_us(priority, remaining_us), costs, remaining_us)
             try:
                 result, now, received = await self._call(op, deadline, order)
             except TimeoutError:
@@ -433,8 +440,7 @@ class SharedLimiter:
                     self._metrics.limiter_denied.labels(priority).inc()
                 if result.value - now > remaining_us:
                     self._timed_out(priority, start, ahead_s)
-                # beyond its class's horizon: ask again when the slot would be inside it; callers
-                # refused together wake together and go in one batch, in their first-asked order
+                # beyond its class's horizon: ask again when its ticket's slot is inside it
                 horizon_s = (gcra.HORIZON_US[priority] or 0) / 1_000_000
                 await self._sleep(ahead_s - horizon_s - (self._monotonic() - received))
                 continue
@@ -588,7 +594,7 @@ def _op_args(op: gcra.Op, n: int) -> list[str | int]:
     """One op as the script's 3 + 2n fields (limiter_lua.BATCH)."""
     zeros = [0] * n
     if isinstance(op, gcra.Reserve):
-        return ["r", int(op.critical), op.max_ahead_us, *op.costs, *zeros]
+        return ["r", op.priority, op.max_ahead_us, *op.costs, op.deadline_us, *zeros[1:]]
     if isinstance(op, gcra.Confirm):
         return ["c", 0, 0, *op.costs, *op.reserved]
     if isinstance(op, gcra.GiveBack):

@@ -29,10 +29,10 @@ end
 local function fmt(n) return string.format('%.0f', n) end
 """
 
-# KEYS: pause, overrides, used (hash), agents (sorted set), tat_1..tat_n
+# KEYS: pause, overrides, used (hash), agents (sorted set), queue (hash), tat_1..tat_n
 # ARGV: reserve_fraction, n, n x (name, limit, window_us, burst), agent member ('' = none),
 #       agent ttl_us, m, then m ops of 3 + 2n fields each: code, a, b, x_1..x_n, y_1..y_n
-#   r: reserve   a = critical (1/0), b = max_ahead_us, x = costs
+#   r: reserve   a = priority, b = max_ahead_us, x = costs, y_1 = deadline_us
 #   c: confirm   x = costs, y = the tats the reservation left (given back when paused)
 #   g: give back x = costs, y = the tats the reservation left
 #   k: charge    x = units
@@ -70,7 +70,7 @@ if ARGV[p + 1] ~= '' then
 end
 local tats, used = {}, {}
 for i = 1, n do
-  local raw = redis.call('GET', KEYS[4 + i])
+  local raw = redis.call('GET', KEYS[5 + i])
   if raw then
     tats[i] = tonumber(raw)
   else  -- gcra.fresh_tat
@@ -106,7 +106,7 @@ for j = 1, m do
   local code = ARGV[o + 1]
   local status, value, limiting = 1, 0, -1
   if code == 'r' then  -- gcra.reserve
-    local critical = ARGV[o + 2] == '1'
+    local critical = ARGV[o + 2] == 'critical'
     local slot = math.max(now, pause_until)
     local too_large = false
     local incs = {}
@@ -122,6 +122,17 @@ for j = 1, m do
       status, value, limiting = 2, now, -1
     elseif slot - now > tonumber(ARGV[o + 3]) then
       status, value = 0, slot
+      local deadline = math.max(tonumber(ARGV[o + 3 + n + 1]), tonumber(ARGV[o + 3]))
+      if tonumber(ARGV[o + 3]) < deadline then  -- refused for its horizon: a ticket
+        local spacing = 0
+        for i = 1, n do spacing = math.max(spacing, incs[i]) end
+        local last = tonumber(redis.call('HGET', KEYS[5], ARGV[o + 2]) or '0')
+        value = math.max(slot, last + spacing)
+        if value - now <= deadline then
+          redis.call('HSET', KEYS[5], ARGV[o + 2], fmt(value))
+          redis.call('PEXPIRE', KEYS[5], 60000)
+        end
+      end
     else
       value = slot
       for i = 1, n do
@@ -169,7 +180,7 @@ for i = 1, n do
     -- kept a window (at least a second) after the bucket is full again: a missing tat means
     -- a cold start or a budget unused that long
     local keep_ms = math.max(math.ceil((tats[i] - now + window[i]) / 1000), 1000)
-    redis.call('SET', KEYS[4 + i], fmt(tats[i]), 'PX', keep_ms)
+    redis.call('SET', KEYS[5 + i], fmt(tats[i]), 'PX', keep_ms)
   end
   redis.call('HSET', KEYS[3], name .. ':u', string.format('%.17g', used[i]), name .. ':t', now)
   head[#head + 1] = string.format('%.17g', used[i])

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tars_agent import gcra, limiter_lua
 from tars_agent.gcra import LimitParams
-from tars_agent.limiter import _op_args, agents_key, budget_keys, tat_key, used_key
+from tars_agent.limiter import _op_args, agents_key, budget_keys, queue_key, tat_key, used_key
 
 from .conftest import RedisServer
 
@@ -255,7 +255,7 @@ def test_lua_batch_agrees_with_the_pure_model(
     try:
         budget = f"agree-{uuid.uuid4().hex}"
         pause_key, overrides_key = budget_keys(budget)
-        keys = [pause_key, overrides_key, used_key(budget), agents_key(budget)]
+        keys = [pause_key, overrides_key, used_key(budget), agents_key(budget), queue_key(budget)]
         keys += [tat_key(budget, p.name) for p in params]
         overrides = tuple(override if i == 0 else None for i in range(n))
         if override is not None:
@@ -270,7 +270,9 @@ def test_lua_batch_agrees_with_the_pure_model(
             for kind, flag, amount, all_costs in abstract:
                 costs = all_costs[:n]
                 if kind == "r":
-                    ops.append(gcra.Reserve(bool(flag), amount, tuple(max(c, 1) for c in costs)))
+                    priority = ["low", "critical"][flag] if amount % 3 else "normal"
+                    deadline = amount * (amount % 4)
+                    ops.append(gcra.Reserve(priority, amount, tuple(max(c, 1) for c in costs), deadline))
                 elif kind in "cg" and reserved:
                     tats, rcosts = reserved[amount % len(reserved)]
                     ops.append(gcra.Confirm(tats, rcosts) if kind == "c" else gcra.GiveBack(tats, rcosts))
@@ -288,9 +290,12 @@ def test_lua_batch_agrees_with_the_pure_model(
             args += ["agent-a", 10_000_000, len(ops)]
             for op in ops:
                 args += _op_args(op, n)
+            queue = {k.decode(): int(v) for k, v in client.hgetall(queue_key(budget)).items()}
             reply = script(keys=keys, args=args)
             now = int(reply[0])
-            expected = gcra.run_batch(stored, used, used_at, pause_until, now, model_limits, tuple(ops))
+            expected = gcra.run_batch(
+                stored, used, used_at, pause_until, now, model_limits, tuple(ops), queue
+            )
             assert int(reply[1]) == expected.pause_until_us
             assert int(reply[2]) == 1  # one agent heard of
             assert tuple(float(x) for x in reply[3 : 3 + n]) == expected.used
@@ -311,6 +316,8 @@ def test_lua_batch_agrees_with_the_pure_model(
             stored = tuple(None if raw is None else int(raw) for raw in stored_raw)
             for s_, t in zip(stored, expected.tats, strict=True):
                 assert s_ is None or s_ == t
+            queue_after = {k.decode(): int(v) for k, v in client.hgetall(queue_key(budget)).items()}
+            assert queue_after == expected.queue
             used, used_at = expected.used, tuple(now for _ in params)
             pause_until = expected.pause_until_us
     finally:
