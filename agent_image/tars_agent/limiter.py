@@ -350,7 +350,10 @@ class SharedLimiter:
         pending, self._pending = self._pending, []
         for request in pending:
             if request.future is not None and not request.future.done():
-                request.future.set_exception(_RedisUnavailable())
+                if request.abandoned:
+                    request.future.cancel()  # nobody will read an exception
+                else:
+                    request.future.set_exception(_RedisUnavailable())
             elif isinstance(request.op, gcra.Charge) and self._local is not None:
                 for i, units in enumerate(request.op.units):
                     self._local.owed[i] += units
