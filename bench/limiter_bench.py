@@ -269,6 +269,8 @@ async def run_worker(spec: WorkerSpec, ready: Queue[int], start: Queue[float]) -
         task.result()  # agent loops only end by raising: surface the error
     await cancel_all(loops)
     await client.aclose()
+    if limiter is not None:
+        await limiter.aclose()
     if conn is not None:
         await conn.aclose()
     return {

@@ -12,6 +12,7 @@ returns, and goes back to Redis by itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -388,6 +389,14 @@ class SharedLimiter:
         except BaseException:
             request.abandoned = True
             raise
+
+    async def aclose(self, timeout_s: float = 1.0) -> None:
+        """Let the ops already submitted (give-backs of cancelled callers) reach Redis before its
+        connection closes; at most `timeout_s`."""
+        flusher = self._flusher
+        if flusher is not None and not flusher.done():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(flusher), timeout_s)
 
     # -- acquire ---------------------------------------------------------------------------------
 

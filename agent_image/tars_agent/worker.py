@@ -251,6 +251,8 @@ class Agent:
             await self.llm.aclose()
             await self._runner.cleanup()
             await self.redis.aclose()
+            if self.llm.limiter is not None:
+                await self.llm.limiter.aclose()
             await self.limiter_redis.aclose()
             log.info("agent %s stopped", s.pod_name)
 

@@ -372,3 +372,24 @@ async def test_redis_paused_10s_degrades_to_the_live_agents_share_and_charges_it
         await pod_a.aclose()
         await pod_b.aclose()
         server.stop()
+
+
+async def test_aclose_sends_the_give_backs_of_cancelled_callers_first(redis_server: RedisServer) -> None:
+    client = fast_redis(redis_server.url)
+    name = f"close-{uuid.uuid4().hex}"
+    limiter = SharedLimiter(client, Budget(name, (LimitParams("rps", 10, 1_000_000, 2),)))
+    try:
+        first = await limiter.acquire("critical", 0, timeout_s=1)
+        sleeper = asyncio.create_task(limiter.acquire("critical", 0, timeout_s=5))
+
+        async def reserved() -> bool:
+            return int(await client.get(tat_key(name, "rps")) or 0) > first.reserved_tats[0]
+
+        await async_eventually(reserved, 2, "the sleeper's reservation")
+        sleeper.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sleeper
+        await limiter.aclose()
+        assert int(await client.get(tat_key(name, "rps")) or 0) == first.reserved_tats[0]
+    finally:
+        await client.aclose()
