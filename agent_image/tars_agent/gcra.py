@@ -264,13 +264,17 @@ class Reserve:
     Refused for its horizon only (the slot is within `deadline_us`), it takes a ticket: the
     class's queue of refused requests advances by the request's longest increment, and the
     answer is the ticket's slot, so callers refused one after the other (in any process)
-    come back one after the other, in that order, instead of all at the same refill.
+    come back one after the other, in that order, instead of all at the same refill. A caller
+    that comes back with a ticket and is refused again (higher classes took the room meanwhile)
+    takes no new ticket at the back of the queue: its answer is its real slot, ahead of the
+    tickets given since.
     """
 
     priority: str
     max_ahead_us: int
     costs: tuple[int, ...]
     deadline_us: int = 0  # the caller's remaining time; 0 = max_ahead_us
+    returning: bool = False  # asked before and was refused for its horizon
 
     @property
     def critical(self) -> bool:
@@ -353,7 +357,7 @@ def run_batch(
             v = reserve(tats, now_us, op.costs, limits, op.critical, op.max_ahead_us, pause_until_us)
             status = 2 if v.too_large else int(v.admitted)
             value, limiting, tats = v.slot_us, v.limiting, v.tats
-            if status == 0 and op.max_ahead_us < max(op.deadline_us, op.max_ahead_us):
+            if status == 0 and not op.returning and op.max_ahead_us < max(op.deadline_us, op.max_ahead_us):
                 spacing = max(limits.increment(i, c) for i, c in enumerate(op.costs))
                 value = max(v.slot_us, queue.get(op.priority, 0) + spacing)
                 if value - now_us <= op.deadline_us:

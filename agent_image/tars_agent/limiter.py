@@ -418,6 +418,7 @@ class SharedLimiter:
         costs = self._costs(tokens)
         self._arrivals += 1
         order = (1 + PRIORITIES.index(priority), self._arrivals)
+        returning = False  # refused for its horizon before: holds a ticket
         while True:
             if (
                 self.degraded
@@ -427,7 +428,9 @@ class SharedLimiter:
             ):
                 return await self._acquire_local(priority, tokens, costs, start, deadline)
             remaining_us = max(int((deadline - self._monotonic()) * 1_000_000), 0)
-            op = gcra.Reserve(priority, gcra.max_ahead_us(priority, remaining_us), costs, remaining_us)
+            op = gcra.Reserve(
+                priority, gcra.max_ahead_us(priority, remaining_us), costs, remaining_us, returning
+            )
             try:
                 result, now, received = await self._call(op, deadline, order)
             except TimeoutError:
@@ -453,6 +456,7 @@ class SharedLimiter:
                 if result.value - now > remaining_us:
                     self._timed_out(priority, start, ahead_s)
                 # beyond its class's horizon: ask again when its ticket's slot is inside it
+                returning = True
                 horizon_s = (gcra.HORIZON_US[priority] or 0) / 1_000_000
                 await self._sleep(ahead_s - horizon_s - (self._monotonic() - received))
                 continue
@@ -606,7 +610,8 @@ def _op_args(op: gcra.Op, n: int) -> list[str | int]:
     """One op as the script's 3 + 2n fields (limiter_lua.BATCH)."""
     zeros = [0] * n
     if isinstance(op, gcra.Reserve):
-        return ["r", op.priority, op.max_ahead_us, *op.costs, op.deadline_us, *zeros[1:]]
+        code = "R" if op.returning else "r"
+        return [code, op.priority, op.max_ahead_us, *op.costs, op.deadline_us, *zeros[1:]]
     if isinstance(op, gcra.Confirm):
         return ["c", 0, 0, *op.costs, *op.reserved]
     if isinstance(op, gcra.GiveBack):

@@ -33,6 +33,7 @@ local function fmt(n) return string.format('%.0f', n) end
 # ARGV: reserve_fraction, n, n x (name, limit, window_us, burst), agent member ('' = none),
 #       agent ttl_us, m, then m ops of 3 + 2n fields each: code, a, b, x_1..x_n, y_1..y_n
 #   r: reserve   a = priority, b = max_ahead_us, x = costs, y_1 = deadline_us
+#   R: the same, for a caller refused before for its horizon (takes no new ticket)
 #   c: confirm   x = costs, y = the tats the reservation left (given back when paused)
 #   g: give back x = costs, y = the tats the reservation left
 #   k: charge    x = units
@@ -105,7 +106,7 @@ for j = 1, m do
   local o = p + 3 + (j - 1) * width
   local code = ARGV[o + 1]
   local status, value, limiting = 1, 0, -1
-  if code == 'r' then  -- gcra.reserve
+  if code == 'r' or code == 'R' then  -- gcra.reserve
     local critical = ARGV[o + 2] == 'critical'
     local slot = math.max(now, pause_until)
     local too_large = false
@@ -123,7 +124,7 @@ for j = 1, m do
     elseif slot - now > tonumber(ARGV[o + 3]) then
       status, value = 0, slot
       local deadline = math.max(tonumber(ARGV[o + 3 + n + 1]), tonumber(ARGV[o + 3]))
-      if tonumber(ARGV[o + 3]) < deadline then  -- refused for its horizon: a ticket
+      if code == 'r' and tonumber(ARGV[o + 3]) < deadline then  -- refused for its horizon: a ticket
         local spacing = 0
         for i = 1, n do spacing = math.max(spacing, incs[i]) end
         local last = tonumber(redis.call('HGET', KEYS[5], ARGV[o + 2]) or '0')

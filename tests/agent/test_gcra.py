@@ -272,7 +272,10 @@ def test_lua_batch_agrees_with_the_pure_model(
                 if kind == "r":
                     priority = ["low", "critical"][flag] if amount % 3 else "normal"
                     deadline = amount * (amount % 4)
-                    ops.append(gcra.Reserve(priority, amount, tuple(max(c, 1) for c in costs), deadline))
+                    returning = amount % 5 == 1
+                    ops.append(
+                        gcra.Reserve(priority, amount, tuple(max(c, 1) for c in costs), deadline, returning)
+                    )
                 elif kind in "cg" and reserved:
                     tats, rcosts = reserved[amount % len(reserved)]
                     ops.append(gcra.Confirm(tats, rcosts) if kind == "c" else gcra.GiveBack(tats, rcosts))
