@@ -289,16 +289,21 @@ async def test_an_upstream_429_stops_callers_already_sleeping_on_a_reservation(
     redis_server: RedisServer,
 ) -> None:
     name = f"p429-{uuid.uuid4().hex}"
-    budget = Budget(name, (LimitParams("rps", 10, 1_000_000, 2),))
+    budget = Budget(name, (LimitParams("rps", 2, 1_000_000, 1),))  # one request a second
     pod_a, pod_b = fast_redis(redis_server.url), fast_redis(redis_server.url)
     try:
         a, b = SharedLimiter(pod_a, budget), SharedLimiter(pod_b, budget)
-        await a.acquire("critical", 0, timeout_s=1)
-        sleeping = asyncio.create_task(a.acquire("critical", 0, timeout_s=10))  # slot ~125 ms ahead
-        await b.pause(1.0)  # another pod got a 429
+        first = await a.acquire("critical", 0, timeout_s=1)
+        sleeping = asyncio.create_task(a.acquire("critical", 0, timeout_s=10))
+
+        async def reserved() -> bool:  # the sleeper holds its slot, ~1 s ahead
+            return int(await pod_b.get(tat_key(name, "rps")) or 0) > first.reserved_tats[0]
+
+        await async_eventually(reserved, 5, "the sleeper's reservation")
+        await b.pause(2.0)  # another pod got a 429
         paused_at = time.monotonic()
         reservation = await sleeping
-        assert time.monotonic() - paused_at >= 0.95  # it waited for the pause, not its old slot
+        assert time.monotonic() - paused_at >= 1.9  # it waited for the pause, not its old slot
         assert reservation.slot_us >= reservation.server_now_us
     finally:
         await pod_a.aclose()
