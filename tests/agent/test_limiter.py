@@ -358,7 +358,8 @@ async def test_redis_paused_10s_degrades_to_the_live_agents_share_and_charges_it
                     local += int(r.local)
                 except LimiterTimeout:
                     pass
-                assert time.monotonic() - call < 0.4 + 0.1  # never past the deadline
+                # never past the deadline (plus scheduling on a busy machine)
+                assert time.monotonic() - call < 0.4 + 0.25
             with pytest.raises(LimiterTimeout):
                 await a.acquire("low", 0, timeout_s=0.3)
         finally:
