@@ -176,7 +176,7 @@ def make_limiter(
     if spec.limiter == "local":
         # own key per process: the same GCRA, but no process sees what the others spend
         budget = Budget(f"bench-local-{spec.index}", local_share(budget, cfg.local_pool_size))
-    limiter = SharedLimiter(conn, budget, expected_pool_size=cfg.local_pool_size, metrics=metrics)
+    limiter = SharedLimiter(conn, budget, metrics=metrics)
     return limiter, conn
 
 
@@ -269,6 +269,8 @@ async def run_worker(spec: WorkerSpec, ready: Queue[int], start: Queue[float]) -
         task.result()  # agent loops only end by raising: surface the error
     await cancel_all(loops)
     await client.aclose()
+    if limiter is not None:
+        await limiter.aclose()
     if conn is not None:
         await conn.aclose()
     return {

@@ -1,4 +1,5 @@
-"""The pure bucket math of the shared limiter (GCRA), mirrored line by line by limiter_lua.ACQUIRE.
+"""The pure bucket math of the shared limiter (GCRA with reservations), mirrored line by line
+by limiter_lua.BATCH.
 
 A limit of `limit` units per `window` is a continuously refilling bucket of
 `burst` units that refills at (limit - burst) / window. Any interval of length
@@ -11,6 +12,14 @@ microseconds of the server clock: the bucket is full at `tat`, and the units in
 use at `now` are (tat - now) / per-unit time. Rounding never lets a window
 exceed its limit (increments round up; see tolerance_us), and the retry-after
 is exact: the first microsecond at which the same request would be admitted.
+
+Reservations: a request is not asked "may I go now?" but "when may I go?". Its
+slot is the first instant at which GCRA would admit it; the script advances every
+bucket's `tat` as if it were admitted at that slot, and the caller sleeps until
+then. Requests reserved one after the other get slots in that order (FIFO by
+construction), and the window bound holds whatever the slots' order (see
+`reserve`). A request whose slot is further ahead than it may wait (its
+deadline, or its class's horizon) is refused and charges nothing anywhere.
 
 The arithmetic is done in IEEE doubles in the same order as the Lua script so
 that both agree bit for bit (tests/agent/test_gcra.py checks it against Redis).
@@ -62,15 +71,6 @@ class LimitParams:
             raise ValueError(f"limit {self.name}: refills more than one unit per microsecond")
 
 
-@dataclass(frozen=True)
-class Decision:
-    admitted: bool
-    retry_after_us: int  # 0 when admitted
-    tats: tuple[int, ...]  # state after the decision (unchanged when denied)
-    denied_by: int  # index of the limit that needs the longest wait, -1 when admitted
-    too_large: bool = False  # the cost exceeds a bucket: waiting will never help
-
-
 def effective(params: LimitParams, override_limit: int | None) -> tuple[int, int]:
     """(limit, burst) after a tighter limit learned from the upstream; burst shrinks in proportion."""
     if override_limit is None or override_limit >= params.limit:
@@ -102,42 +102,146 @@ def tolerance_us(
     return math.ceil(usable * float(window_us) / float(limit - burst))
 
 
-def decide(
+# How far ahead of now each class may reserve (None: only its deadline bounds it). A class
+# can delay the classes above it by at most its own horizon, because a reservation is never
+# moved once given: with low saturating the budget, the head of the bucket stays within
+# low's horizon (plus the reserve only critical may use) of now, so a critical request
+# waits at most about that long. The graded horizons make the limiter a strict priority order
+# under saturation: a class is served from what the classes above it leave (README.md).
+HORIZON_US: dict[str, int | None] = {"critical": None, "high": 2_000_000, "normal": 1_000_000, "low": 500_000}
+# A caller whose slot is this far ahead checks for a budget-wide pause when it wakes
+# (limiter.py): shorter sleeps began after any pause older than this and saw it.
+CONFIRM_AFTER_US = 100_000
+
+
+def max_ahead_us(priority: str, remaining_us: int) -> int:
+    """How far ahead of now a request of `priority` may be given a slot."""
+    horizon = HORIZON_US[priority]
+    return remaining_us if horizon is None else min(remaining_us, horizon)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A budget's limits with its tighter upstream overrides applied: what one batch decides on."""
+
+    params: tuple[LimitParams, ...]
+    overrides: tuple[int | None, ...]
+    reserve_fraction: float
+
+    def effective(self, i: int) -> tuple[int, int]:
+        return effective(self.params[i], self.overrides[i])
+
+    def tolerance(self, i: int, critical: bool, cost: int = 0) -> int:
+        limit, burst = self.effective(i)
+        return tolerance_us(limit, burst, self.params[i].window_us, self.reserve_fraction, critical, cost)
+
+    def increment(self, i: int, cost: int) -> int:
+        limit, burst = self.effective(i)
+        return increment_us(cost, limit, burst, self.params[i].window_us)
+
+
+def fresh_tat(limits: Limits, i: int, now_us: int) -> int:
+    """The `tat` of a bucket with no state (a cold start, or unused for a whole window).
+
+    It starts with room for half its burst (at least one unit), not full: nothing tells how
+    much of the upstream's own bucket is left, and requests admitted together reach a strict
+    upstream spread by network and scheduling jitter; half a burst of slack absorbs that.
+    """
+    _limit, burst = limits.effective(i)
+    room = max(burst // 2, 1)
+    full = limits.tolerance(i, True)
+    return max(now_us + full - limits.increment(i, room), now_us)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The answer to one reservation request."""
+
+    admitted: bool
+    slot_us: int  # the reserved start (admitted), or the start it would have had (refused)
+    tats: tuple[int, ...]  # the buckets after this request (unchanged when refused)
+    limiting: int  # index of the limit that set the slot, -1 when none had to wait
+    too_large: bool = False  # the cost exceeds a bucket for this class: waiting never helps
+
+
+def reserve(
     tats: tuple[int, ...],
     now_us: int,
     costs: tuple[int, ...],
-    limits: tuple[LimitParams, ...],
-    overrides: tuple[int | None, ...],
-    priority: str,
-    reserve_fraction: float,
+    limits: Limits,
+    critical: bool,
+    max_ahead: int,
     pause_until_us: int = 0,
-) -> Decision:
-    """Admit `costs[i]` units against every limit at once, or none of them."""
-    if now_us < pause_until_us:
-        return Decision(False, pause_until_us - now_us, tats, -1)
-    critical = priority == CRITICAL
-    new_tats: list[int] = []
-    worst_wait = 0
-    worst_index = -1
+) -> Verdict:
+    """Reserve `costs[i]` units of every limit at the earliest slot, or nothing.
+
+    The slot is the earliest s >= now at which GCRA admits the request in every bucket:
+    max(tat_i, s) + inc_i - s <= tau_i, i.e. s >= tat_i + inc_i - tau_i. Each bucket then
+    advances to max(tat_i, slot) + inc_i. Window bound, whatever the order of slots: the
+    request occupies [max(tat_i, slot), new_tat_i) of tat-time; these intervals never overlap,
+    start at or after the slot and end by slot + tau_i, so the requests with slots in a closed
+    window [t, t + W] occupy at most W + tau_i of tat-time: at most L units.
+    """
+    slot = max(now_us, pause_until_us)
+    limiting = -1
     too_large = False
-    for i, params in enumerate(limits):
-        limit, burst = effective(params, overrides[i])
-        inc = increment_us(costs[i], limit, burst, params.window_us)
-        tau = tolerance_us(limit, burst, params.window_us, reserve_fraction, critical, costs[i])
-        if inc > tau:  # more than a full bucket holds for this priority
+    incs: list[int] = []
+    for i in range(len(tats)):
+        inc = limits.increment(i, costs[i])
+        tau = limits.tolerance(i, critical, costs[i])
+        if inc > tau:
             too_large = True
-        start = max(tats[i], now_us)
-        new_tat = start + inc
-        wait = new_tat - now_us - tau
-        if wait > worst_wait:
-            worst_wait = wait
-            worst_index = i
-        new_tats.append(new_tat)
+        earliest = tats[i] + inc - tau
+        if earliest > slot:
+            slot = earliest
+            limiting = i
+        incs.append(inc)
     if too_large:
-        return Decision(False, 0, tats, -1, too_large=True)
-    if worst_wait > 0:
-        return Decision(False, worst_wait, tats, worst_index)
-    return Decision(True, 0, tuple(new_tats), -1)
+        return Verdict(False, now_us, tats, -1, too_large=True)
+    if slot - now_us > max_ahead:
+        return Verdict(False, slot, tats, limiting)
+    return Verdict(True, slot, tuple(max(t, slot) + inc for t, inc in zip(tats, incs, strict=True)), limiting)
+
+
+def give_back(
+    tats: tuple[int, ...], reserved: tuple[int, ...], costs: tuple[int, ...], limits: Limits
+) -> tuple[int, ...]:
+    """Undo a reservation in every bucket where it is still the head (the last one reserved).
+
+    Where a later reservation followed it, its slot stays taken: moving the later ones forward
+    would break their promised start, and lowering `tat` under them would let a window
+    exceed the limit. The budget then under-uses that slot, never over-admits.
+    """
+    return tuple(
+        t - limits.increment(i, costs[i]) if t == r else t
+        for i, (t, r) in enumerate(zip(tats, reserved, strict=True))
+    )
+
+
+def charge(tat: int, now_us: int, units: int, limits: Limits, i: int) -> int:
+    """Charge `units` more to bucket i now (usage above the reservation, or local admissions)."""
+    return max(tat, now_us) + limits.increment(i, units)
+
+
+def empty(tat: int, now_us: int, limits: Limits, i: int) -> int:
+    """The upstream says this bucket is empty (a 429, or remaining: 0): so is ours, from now."""
+    return max(tat, now_us + limits.tolerance(i, True))
+
+
+def decay(used: float, since_us: int, now_us: int, window_us: int) -> float:
+    """The exponentially weighted units admitted, aged from `since_us` to `now_us`
+    (time constant: the window)."""
+    return used * math.exp(-float(max(now_us - since_us, 0)) / float(window_us))
+
+
+def utilization(used: float, limits: Limits, i: int) -> float:
+    """Units admitted over about the last window, as a share of what the bucket sustains per window.
+
+    GCRA sustains (L - B) units per window after its first burst, so a saturated budget reads
+    1.0 (a little above right after a burst).
+    """
+    limit, burst = limits.effective(i)
+    return used / float(limit - burst)
 
 
 def reconcile(tat: int, now_us: int, delta: int, params: LimitParams, override_limit: int | None) -> int:
@@ -150,3 +254,135 @@ def reconcile(tat: int, now_us: int, delta: int, params: LimitParams, override_l
         return max(tat, now_us) + increment_us(delta, limit, burst, params.window_us)
     refund = math.floor(float(-delta) * float(params.window_us) / float(limit - burst))
     return max(tat - refund, now_us)
+
+
+# The operations one batch (one script call) runs in order; limiter_lua.BATCH is their twin.
+@dataclass(frozen=True)
+class Reserve:
+    """A reservation of `priority`, at most `max_ahead_us` from now (its horizon and deadline).
+
+    Refused for its horizon only (the slot is within `deadline_us`), it takes a ticket: the
+    class's queue of refused requests advances by the request's longest increment, and the
+    answer is the ticket's slot, so callers refused one after the other (in any process)
+    come back one after the other, in that order, instead of all at the same refill. A caller
+    that comes back with a ticket and is refused again (higher classes took the room meanwhile)
+    takes no new ticket at the back of the queue: its answer is its real slot, ahead of the
+    tickets given since.
+    """
+
+    priority: str
+    max_ahead_us: int
+    costs: tuple[int, ...]
+    deadline_us: int = 0  # the caller's remaining time; 0 = max_ahead_us
+    returning: bool = False  # asked before and was refused for its horizon
+
+    @property
+    def critical(self) -> bool:
+        return self.priority == CRITICAL
+
+
+@dataclass(frozen=True)
+class Confirm:
+    """A caller woke at its slot: is the budget paused? If so its reservation goes back."""
+
+    reserved: tuple[int, ...]  # the tats its reservation left
+    costs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GiveBack:
+    reserved: tuple[int, ...]
+    costs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Charge:
+    units: tuple[int, ...]  # per limit (local admissions during an outage)
+
+
+@dataclass(frozen=True)
+class Empty:
+    buckets: tuple[bool, ...]  # the limits the upstream reported empty (remaining: 0)
+
+
+@dataclass(frozen=True)
+class Pause:
+    """An upstream 429: hold every request until now + pause_us, and every bucket is empty now."""
+
+    pause_us: int
+
+
+Op = Reserve | Confirm | GiveBack | Charge | Empty | Pause
+
+
+@dataclass(frozen=True)
+class OpResult:
+    status: int  # Reserve: 1 admitted, 0 refused, 2 too large; Confirm: 1 go, 0 paused; else 1
+    value: int  # Reserve: the slot; Confirm: the pause end; else 0
+    limiting: int
+    tats: tuple[int, ...]  # the buckets after this op
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    tats: tuple[int, ...]
+    used: tuple[float, ...]
+    pause_until_us: int
+    queue: dict[str, int]  # class -> the slot of its last ticket
+    results: tuple[OpResult, ...]
+
+
+def run_batch(
+    stored: tuple[int | None, ...],
+    used: tuple[float, ...],
+    used_at: tuple[int, ...],
+    pause_until_us: int,
+    now_us: int,
+    limits: Limits,
+    ops: tuple[Op, ...],
+    queue: dict[str, int] | None = None,
+) -> BatchResult:
+    """One script call: the ops in order on one state at one server instant."""
+    queue = dict(queue or {})
+    tats = tuple(fresh_tat(limits, i, now_us) if t is None else t for i, t in enumerate(stored))
+    if pause_until_us <= now_us:
+        pause_until_us = 0  # a pause that ended (its key expires with it)
+    weighted = [
+        decay(u, at, now_us, p.window_us) for u, at, p in zip(used, used_at, limits.params, strict=True)
+    ]
+    results: list[OpResult] = []
+    for op in ops:
+        status, value, limiting = 1, 0, -1
+        if isinstance(op, Reserve):
+            v = reserve(tats, now_us, op.costs, limits, op.critical, op.max_ahead_us, pause_until_us)
+            status = 2 if v.too_large else int(v.admitted)
+            value, limiting, tats = v.slot_us, v.limiting, v.tats
+            if status == 0 and not op.returning and op.max_ahead_us < max(op.deadline_us, op.max_ahead_us):
+                spacing = max(limits.increment(i, c) for i, c in enumerate(op.costs))
+                value = max(v.slot_us, queue.get(op.priority, 0) + spacing)
+                if value - now_us <= op.deadline_us:
+                    queue[op.priority] = value
+            if v.admitted:
+                weighted = [w + float(c) for w, c in zip(weighted, op.costs, strict=True)]
+        elif isinstance(op, Confirm):
+            if now_us < pause_until_us:
+                status, value = 0, pause_until_us
+                tats = give_back(tats, op.reserved, op.costs, limits)
+        elif isinstance(op, GiveBack):
+            tats = give_back(tats, op.reserved, op.costs, limits)
+        elif isinstance(op, Charge):
+            tats = tuple(
+                charge(t, now_us, u, limits, i) if u else t
+                for i, (t, u) in enumerate(zip(tats, op.units, strict=True))
+            )
+            weighted = [w + float(u) for w, u in zip(weighted, op.units, strict=True)]
+        elif isinstance(op, Empty):
+            tats = tuple(
+                empty(t, now_us, limits, i) if e else t
+                for i, (t, e) in enumerate(zip(tats, op.buckets, strict=True))
+            )
+        else:
+            pause_until_us = max(pause_until_us, now_us + op.pause_us)
+            tats = tuple(empty(t, now_us, limits, i) for i, t in enumerate(tats))
+        results.append(OpResult(status, value, limiting, tats))
+    return BatchResult(tats, tuple(weighted), pause_until_us, queue, tuple(results))

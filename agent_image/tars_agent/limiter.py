@@ -1,21 +1,26 @@
-"""The shared limiter client: pool-wide budgets in Redis, waited for with a deadline.
+"""The shared limiter client: pool-wide budgets in Redis, reserved with a deadline.
 
-Decisions run in one Lua script on the Redis server clock (limiter_lua), with
-the bucket math of gcra.py. Callers wait for the exact retry-after the script
-returns instead of failing. When Redis is unreachable the limiter degrades per
-priority (see DEGRADED_LOCAL and README.md) and goes back to Redis by itself.
+Every acquire reserves its start time (slot) in one Lua script on the Redis
+server clock (limiter_lua.BATCH, the math of gcra.py) and sleeps once until it.
+The requests of one process that arrive while a script call is in flight go
+together in the next call (one EVALSHA for the batch). When Redis is really
+unavailable the limiter degrades per priority to a local share of the budget
+(see DEGRADED_LOCAL and README.md), charges what it admitted back when Redis
+returns, and goes back to Redis by itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
-import random
-import re
+import os
+import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -32,10 +37,14 @@ log = logging.getLogger(__name__)
 # local share of the budget); the others wait for Redis until their deadline (fail-closed).
 DEGRADED_LOCAL = frozenset({"critical", "high"})
 
-_REDIS_DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
-# Waiters that wake at the same instant would race for the same refill; a little jitter spreads
-# them. Added after the exact retry-after, never subtracted from it.
-_WAKE_JITTER_S = 0.002
+# Refused or reset connections: Redis is unavailable at once. A timeout alone may be a slow
+# reply on a busy machine: only this many in a row count as unavailable.
+_UNREACHABLE_ERRORS = (RedisConnectionError, OSError)
+_TIMEOUTS_BEFORE_DEGRADED = 3
+# Agents of a budget announce themselves in its sorted set this often; an agent not heard of
+# for AGENT_TTL is no longer counted in the local share.
+HEARTBEAT_INTERVAL_S = 1.0
+AGENT_TTL_S = 10.0
 
 
 class LimiterTimeout(Exception):
@@ -51,6 +60,10 @@ class LimiterTimeout(Exception):
 
 class RequestTooLarge(Exception):
     """The request costs more than a full bucket holds: waiting would never help."""
+
+
+class _RedisUnavailable(Exception):
+    """The batch did not reach Redis (the limiter is in degraded mode)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,21 @@ def budget_keys(name: str) -> tuple[str, str]:
     return f"tars:budget:{{{name}}}:pause", f"tars:budget:{{{name}}}:overrides"
 
 
+def used_key(name: str) -> str:
+    """Hash limit:u / limit:t -> the exponentially weighted units admitted and when (utilization)."""
+    return f"tars:budget:{{{name}}}:used"
+
+
+def agents_key(name: str) -> str:
+    """Sorted set agent -> last heard of (server us): the live agents of the budget."""
+    return f"tars:budget:{{{name}}}:agents"
+
+
+def queue_key(name: str) -> str:
+    """Hash class -> the slot of the last ticket given to a request refused for its horizon."""
+    return f"tars:budget:{{{name}}}:queue"
+
+
 def tat_key(budget: str, limit: str) -> str:
     return f"tars:budget:{{{budget}}}:tat:{limit}"
 
@@ -97,17 +125,35 @@ class Reservation:
     tokens: int  # tokens reserved up front
     server_now_us: int  # decision time on the Redis clock (0 for local decisions)
     local: bool = False  # decided by the degraded-mode local bucket
+    slot_us: int = 0  # the reserved start on the Redis clock (local decisions: the local clock)
+    reserved_tats: tuple[int, ...] = ()  # the buckets this reservation left (to give it back)
+    costs: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TryResult:
+    """try_acquire's answer: admitted now, or the exact wait for a slot."""
+
+    admitted: bool
+    retry_after_us: int
+    too_large: bool = False
 
 
 @dataclass
 class _LocalBuckets:
-    """The degraded-mode bucket: this process's share of the budget, on the local clock."""
+    """The degraded-mode buckets: this process's share of the budget, on the local clock."""
 
-    limits: tuple[LimitParams, ...]
-    tats: tuple[int, ...] = field(init=False)
+    limits: gcra.Limits
+    tats: tuple[int, ...]
+    owed: list[int]  # units admitted locally, charged to the shared buckets when Redis returns
 
-    def __post_init__(self) -> None:
-        self.tats = tuple(0 for _ in self.limits)
+
+@dataclass
+class _Request:
+    op: gcra.Op
+    future: asyncio.Future[tuple[gcra.OpResult, int, float]] | None  # None: nobody waits
+    abandoned: bool = False  # the caller left (deadline, cancel): give an admission back
+    order: tuple[int, int] = (0, 0)  # reservations: (priority rank, arrival); others go first
 
 
 def local_share(budget: Budget, expected_pool_size: int) -> tuple[LimitParams, ...]:
@@ -119,28 +165,6 @@ def local_share(budget: Budget, expected_pool_size: int) -> tuple[LimitParams, .
         burst = min(max(p.burst // n, 1), limit - 1)
         out.append(LimitParams(p.name, limit, p.window_us, burst, p.unit, p.unit_size))
     return tuple(out)
-
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-
-
-def parse_reset(value: str) -> float | None:
-    """OpenAI's reset durations like '6m0s', '1.5s', '20ms' in seconds; None if unparsable."""
-    value = value.strip()
-    if not value:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    pos, total = 0, 0.0
-    for match in _DURATION_PART.finditer(value):
-        if match.start() != pos:
-            return None
-        number, unit = float(match.group(1)), match.group(2)
-        total += number * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
-        pos = match.end()
-    return total if pos == len(value) else None
 
 
 def _raise_if_cancelled() -> None:
@@ -158,11 +182,11 @@ class SharedLimiter:
         budget: Budget,
         *,
         reserve_fraction: float = 0.1,
-        expected_pool_size: int = 1,
         metrics: AgentMetrics | None = None,
         redis_retry_interval_s: float = 1.0,
         override_ttl_s: int = 600,
         refund_unused_tokens: bool = False,
+        agent_id: str | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -182,103 +206,319 @@ class SharedLimiter:
         self._monotonic = monotonic
         self._pause_key, self._overrides_key = budget_keys(budget.name)
         self._tat_keys = [tat_key(budget.name, p.name) for p in budget.limits]
-        self._acquire = redis.register_script(limiter_lua.ACQUIRE)
+        self._keys = [self._pause_key, self._overrides_key, used_key(budget.name), agents_key(budget.name)]
+        self._keys.append(queue_key(budget.name))
+        self._keys += self._tat_keys
+        self._params_args: list[str | int] = []
+        for p in budget.limits:
+            self._params_args += [p.name, p.limit, p.window_us, p.burst]
+        self._batch_script = redis.register_script(limiter_lua.BATCH)
         self._reconcile = redis.register_script(limiter_lua.RECONCILE)
-        self._pause = redis.register_script(limiter_lua.PAUSE)
-        self._local = _LocalBuckets(local_share(budget, expected_pool_size))
+        self._agent_id = agent_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._next_heartbeat = 0.0  # monotonic
+        self.agents: int | None = None  # live agents of the budget at the last contact
+        self._pending: list[_Request] = []
+        self._arrivals = 0  # acquires so far: their order within a batch
+        self._flusher: asyncio.Task[None] | None = None
+        self._timeouts = 0  # consecutive Redis timeouts
         self._redis_down_until = 0.0  # monotonic time before which Redis is not tried again
+        self._local: _LocalBuckets | None = None
+        self._local_pause_until = 0.0  # monotonic
+        self._written_overrides: dict[str, tuple[int, float]] = {}  # limit -> (value, monotonic)
+        # the last shared state seen: (used, server now us, monotonic when received) per limit
+        self._used: list[tuple[float, int, float]] = [(0.0, 0, 0.0) for _ in budget.limits]
+        if metrics:
+            for i, p in enumerate(budget.limits):
+                metrics.budget_utilization.labels(budget.name, p.name).set_function(self._utilization_of(i))
 
     @property
     def degraded(self) -> bool:
         return self._monotonic() < self._redis_down_until
 
+    def utilization(self, i: int) -> float:
+        """Limit i's units admitted over about the last window / what it sustains (gcra.utilization),
+        aged to now from the last reply: it falls while this process does not ask Redis."""
+        used, server_now, received = self._used[i]
+        if not server_now:
+            return 0.0
+        now = server_now + int((self._monotonic() - received) * 1_000_000)
+        limits = gcra.Limits(self.budget.limits, tuple(None for _ in self.budget.limits), self._reserve)
+        return gcra.utilization(gcra.decay(used, server_now, now, self.budget.limits[i].window_us), limits, i)
+
+    def _utilization_of(self, i: int) -> Callable[[], float]:
+        return lambda: self.utilization(i)
+
     def _costs(self, tokens: int) -> tuple[int, ...]:
         return tuple(p.units(tokens) if p.unit == "tokens" else 1 for p in self.budget.limits)
+
+    # -- the batch: every op of this process that arrived since the last call, in one EVALSHA ----
+
+    def _submit(self, op: gcra.Op, wait: bool, order: tuple[int, int] = (0, 0)) -> _Request:
+        future = asyncio.get_running_loop().create_future() if wait else None
+        request = _Request(op, future, order=order)
+        self._pending.append(request)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return request
+
+    async def _flush(self) -> None:
+        while self._pending:
+            if self.degraded:
+                self._fail_pending()
+                return
+            batch, self._pending = self._pending, []
+            # a caller that left before its op was sent: nothing to reserve, its slot to give back
+            batch = [
+                _Request(gcra.GiveBack(r.op.reserved, r.op.costs), None)
+                if r.abandoned and isinstance(r.op, gcra.Confirm)
+                else r
+                for r in batch
+                if not (r.abandoned and isinstance(r.op, gcra.Reserve))
+            ]
+            if not batch:
+                continue
+            # higher classes first, then first come first served: callers that retry together
+            # (refused for their horizon) keep the order in which they first asked
+            batch.sort(key=lambda r: r.order)
+            if self._local is not None and any(self._local.owed):
+                # back from an outage: what was admitted locally is charged to the shared buckets
+                batch.insert(0, _Request(gcra.Charge(tuple(self._local.owed)), None))
+                self._local.owed = [0 for _ in self.budget.limits]
+            try:
+                reply = await self._run(batch)
+            except RedisTimeoutError as exc:
+                # The batch may have run and its reply been lost: sent again, a reservation may be
+                # charged twice (never too little). A cancelled flusher is not an outage.
+                _raise_if_cancelled()
+                self._timeouts += 1
+                self._pending = [
+                    r for r in batch if r.future is not None or isinstance(r.op, gcra.Charge)
+                ] + self._pending
+                # during an outage (local buckets in use) one failed probe is enough
+                if self._timeouts >= _TIMEOUTS_BEFORE_DEGRADED or self._local is not None:
+                    self._mark_redis_down(exc)
+                continue
+            except _UNREACHABLE_ERRORS as exc:
+                _raise_if_cancelled()
+                self._pending = [
+                    r for r in batch if r.future is not None or isinstance(r.op, gcra.Charge)
+                ] + self._pending
+                self._mark_redis_down(exc)
+                continue
+            self._timeouts = 0
+            self._redis_down_until = 0.0
+            self._local = None
+            if self._metrics:
+                self._metrics.limiter_degraded.set(0)
+            self._dispatch(batch, reply)
+
+    async def _run(self, batch: list[_Request]) -> list[str | int | bytes]:
+        member = ""
+        if self._monotonic() >= self._next_heartbeat:
+            member = self._agent_id
+            self._next_heartbeat = self._monotonic() + HEARTBEAT_INTERVAL_S
+        args: list[str | int | float] = [repr(self._reserve), len(self.budget.limits), *self._params_args]
+        args += [member, int(AGENT_TTL_S * 1_000_000), len(batch)]
+        for request in batch:
+            args += _op_args(request.op, len(self.budget.limits))
+        return list(await self._batch_script(keys=self._keys, args=args))
+
+    def _dispatch(self, batch: list[_Request], reply: list[str | int | bytes]) -> None:
+        received = self._monotonic()
+        n = len(self.budget.limits)
+        now, _pause_until, agents = int(reply[0]), int(reply[1]), int(reply[2])
+        if agents > 0:
+            self.agents = agents
+        for i in range(n):
+            self._used[i] = (float(reply[3 + i]), now, received)
+        at = 3 + 2 * n
+        for request in batch:
+            status, value, limiting = int(reply[at]), int(reply[at + 1]), int(reply[at + 2])
+            result = gcra.OpResult(status, value, limiting, tuple(int(x) for x in reply[at + 3 : at + 3 + n]))
+            at += 3 + n
+            if request.future is None:
+                continue
+            if request.abandoned or request.future.done():
+                # the caller left while its op was in flight: hand back what it was given
+                if isinstance(request.op, gcra.Reserve) and status == 1:
+                    self._submit(gcra.GiveBack(result.tats, request.op.costs), wait=False)
+                elif isinstance(request.op, gcra.Confirm) and status == 1:
+                    self._submit(gcra.GiveBack(request.op.reserved, request.op.costs), wait=False)
+                continue
+            request.future.set_result((result, now, received))
+
+    def _fail_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for request in pending:
+            if request.future is not None and not request.future.done():
+                if request.abandoned:
+                    request.future.cancel()  # nobody will read an exception
+                else:
+                    request.future.set_exception(_RedisUnavailable())
+            elif isinstance(request.op, gcra.Charge) and self._local is not None:
+                for i, units in enumerate(request.op.units):
+                    self._local.owed[i] += units
 
     def _mark_redis_down(self, exc: BaseException) -> None:
         if not self.degraded:
             log.warning(
-                "limiter: Redis unreachable (%s); degraded mode for %.1fs",
+                "limiter: Redis unavailable (%s: %s); degraded mode, probing again every %.1fs",
                 type(exc).__name__,
+                exc,
                 self._retry_interval,
             )
         self._redis_down_until = self._monotonic() + self._retry_interval
+        self._timeouts = 0
+        if self._local is None:
+            share = local_share(self.budget, self.agents or 1) if self.agents else ()
+            limits = gcra.Limits(share, tuple(None for _ in share), self._reserve)
+            self._local = _LocalBuckets(limits, tuple(0 for _ in share), [0 for _ in self.budget.limits])
         if self._metrics:
             self._metrics.limiter_degraded.set(1)
 
-    async def try_acquire(self, priority: str, tokens: int) -> tuple[gcra.Decision, int]:
-        """One decision in Redis: (decision, server time in us). Raises Redis errors."""
-        args: list[str | int | float] = [priority, repr(self._reserve), len(self.budget.limits)]
-        for p, cost in zip(self.budget.limits, self._costs(tokens), strict=True):
-            args += [p.name, p.limit, p.window_us, p.burst, cost]
-        reply = await self._acquire(keys=[self._pause_key, self._overrides_key, *self._tat_keys], args=args)
-        admitted, wait, now, denied_by, too_large = (int(x) for x in reply[:5])
-        tats = tuple(int(x) for x in reply[5:])
-        if self._metrics and admitted:
-            for p, tat in zip(self.budget.limits, tats, strict=True):
-                capacity = gcra.tolerance_us(p.limit, p.burst, p.window_us, 0.0, True)
-                self._metrics.budget_utilization.labels(self.budget.name, p.name).set(
-                    min(max((tat - now) / capacity, 0.0), 1.0)
-                )
-        return gcra.Decision(bool(admitted), wait, tats, denied_by, bool(too_large)), now
+    async def _call(
+        self, op: gcra.Op, deadline: float, order: tuple[int, int] = (0, 0)
+    ) -> tuple[gcra.OpResult, int, float]:
+        """Run `op` in the next batch; wait for its answer until `deadline` (asyncio.TimeoutError)."""
+        request = self._submit(op, wait=True, order=order)
+        assert request.future is not None
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(request.future), max(deadline - self._monotonic(), 0.0)
+            )
+        except BaseException:
+            request.abandoned = True
+            raise
 
-    def _try_local(self, priority: str, tokens: int) -> gcra.Decision:
-        now_us = int(self._monotonic() * 1_000_000)
-        decision = gcra.decide(
-            self._local.tats,
-            now_us,
-            self._costs(tokens),
-            self._local.limits,
-            tuple(None for _ in self._local.limits),
-            priority,
-            self._reserve,
+    async def aclose(self, timeout_s: float = 1.0) -> None:
+        """Let the ops already submitted (give-backs of cancelled callers) reach Redis before its
+        connection closes; at most `timeout_s`."""
+        flusher = self._flusher
+        if flusher is not None and not flusher.done():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(flusher), timeout_s)
+
+    # -- acquire ---------------------------------------------------------------------------------
+
+    async def try_acquire(self, priority: str, tokens: int) -> TryResult:
+        """Admit now or not at all (nothing is charged when not); the wait for a slot otherwise."""
+        op = gcra.Reserve(priority, 0, self._costs(tokens))
+        result, now, _ = await self._call(op, self._monotonic() + 60)
+        return TryResult(
+            result.status == 1, max(result.value - now, 0) if result.status == 0 else 0, result.status == 2
         )
-        if decision.admitted:
-            self._local.tats = decision.tats
-        return decision
 
     async def acquire(self, priority: str, tokens: int, timeout_s: float) -> Reservation:
-        """Wait until the budget admits one request of `tokens` tokens, or raise LimiterTimeout."""
+        """Reserve a slot for one request of `tokens` tokens and sleep until it, or raise
+        LimiterTimeout at once when the slot is past the deadline (nothing charged)."""
         if priority not in PRIORITIES:
             raise ValueError(f"unknown priority {priority!r}; expected one of {', '.join(PRIORITIES)}")
         start = self._monotonic()
         deadline = start + timeout_s
+        costs = self._costs(tokens)
+        self._arrivals += 1
+        order = (1 + PRIORITIES.index(priority), self._arrivals)
+        returning = False  # refused for its horizon before: holds a ticket
         while True:
-            decision: gcra.Decision | None = None
-            server_now = 0
-            local = False
-            if not self.degraded:
-                try:
-                    decision, server_now = await self.try_acquire(priority, tokens)
-                    if self._metrics:
-                        self._metrics.limiter_degraded.set(0)
-                except _REDIS_DOWN_ERRORS as exc:
-                    _raise_if_cancelled()
-                    self._mark_redis_down(exc)
-            if decision is None and priority in DEGRADED_LOCAL:
-                decision, local = self._try_local(priority, tokens), True
-            if decision is not None and decision.too_large:
+            if (
+                self.degraded
+                and priority in DEGRADED_LOCAL
+                and self._local is not None
+                and self._local.limits.params
+            ):
+                return await self._acquire_local(priority, tokens, costs, start, deadline)
+            remaining_us = max(int((deadline - self._monotonic()) * 1_000_000), 0)
+            op = gcra.Reserve(
+                priority, gcra.max_ahead_us(priority, remaining_us), costs, remaining_us, returning
+            )
+            try:
+                result, now, received = await self._call(op, deadline, order)
+            except TimeoutError:
+                self._timed_out(priority, start, 0.0)
+            except _RedisUnavailable:
+                if priority in DEGRADED_LOCAL and self._local is not None and self._local.limits.params:
+                    continue
+                # fail-closed: wait for the next probe of Redis, within the deadline
+                wake = max(self._redis_down_until, self._monotonic() + 0.01)
+                if wake > deadline:
+                    self._timed_out(priority, start, wake - self._monotonic())
+                await self._sleep(wake - self._monotonic())
+                continue
+            if result.status == 2:
                 raise RequestTooLarge(
                     f"a request of {tokens} tokens is larger than budget {self.budget.name!r} can ever admit "
                     f"at priority {priority}; lower max_tokens or raise the budget's burst"
                 )
-            if decision is not None and decision.admitted:
-                if self._metrics:
-                    self._metrics.limiter_admitted.labels(priority).inc()
-                    self._metrics.limiter_wait.labels(priority).observe(self._monotonic() - start)
-                return Reservation(priority, tokens, server_now, local)
-            if decision is not None:
-                wait_s = decision.retry_after_us / 1_000_000
+            ahead_s = (result.value - now) / 1_000_000
+            if result.status == 0:
                 if self._metrics:
                     self._metrics.limiter_denied.labels(priority).inc()
-            else:  # fail-closed while Redis is down: wait for the next Redis probe
-                wait_s = max(self._redis_down_until - self._monotonic(), 0.0)
-            remaining = deadline - self._monotonic()
-            if wait_s > remaining:
-                if self._metrics:
-                    self._metrics.limiter_timeouts.labels(priority).inc()
-                raise LimiterTimeout(priority, self._monotonic() - start, wait_s)
-            await self._sleep(wait_s + random.uniform(0, _WAKE_JITTER_S))
+                if result.value - now > remaining_us:
+                    self._timed_out(priority, start, ahead_s)
+                # beyond its class's horizon: ask again when its ticket's slot is inside it
+                returning = True
+                horizon_s = (gcra.HORIZON_US[priority] or 0) / 1_000_000
+                await self._sleep(ahead_s - horizon_s - (self._monotonic() - received))
+                continue
+            reservation = Reservation(priority, tokens, now, False, result.value, result.tats, costs)
+            try:
+                await self._sleep(max(ahead_s - (self._monotonic() - received), 0.0))
+                if result.value - now >= gcra.CONFIRM_AFTER_US and not await self._confirmed(
+                    reservation, deadline
+                ):
+                    continue  # the budget was paused while it slept: its slot went back; reserve again
+            except asyncio.CancelledError:
+                self._submit(gcra.GiveBack(result.tats, costs), wait=False)
+                raise
+            if self._metrics:
+                self._metrics.limiter_admitted.labels(priority).inc()
+                self._metrics.limiter_wait.labels(priority).observe(self._monotonic() - start)
+            return reservation
+
+    async def _confirmed(self, reservation: Reservation, deadline: float) -> bool:
+        """After a long sleep: may the caller go, or was the budget paused (an upstream 429)?"""
+        try:
+            result, _, _ = await self._call(
+                gcra.Confirm(reservation.reserved_tats, reservation.costs), deadline + 1
+            )
+        except (TimeoutError, _RedisUnavailable):
+            return True  # no word of a pause: the reservation stands
+        return result.status == 1
+
+    def _timed_out(self, priority: str, start: float, retry_after_s: float) -> None:
+        if self._metrics:
+            self._metrics.limiter_timeouts.labels(priority).inc()
+        raise LimiterTimeout(priority, self._monotonic() - start, retry_after_s)
+
+    async def _acquire_local(
+        self, priority: str, tokens: int, costs: tuple[int, ...], start: float, deadline: float
+    ) -> Reservation:
+        """Degraded mode: reserve in this process's share of the budget, on the local clock."""
+        local = self._local
+        assert local is not None
+        now_us = int(self._monotonic() * 1_000_000)
+        pause_us = int(self._local_pause_until * 1_000_000)
+        remaining_us = max(int((deadline - self._monotonic()) * 1_000_000), 0)
+        verdict = gcra.reserve(
+            local.tats, now_us, costs, local.limits, priority == gcra.CRITICAL, remaining_us, pause_us
+        )
+        if verdict.too_large:
+            raise RequestTooLarge(
+                f"a request of {tokens} tokens is larger than this process's share of budget "
+                f"{self.budget.name!r} while Redis is unavailable"
+            )
+        if not verdict.admitted:
+            self._timed_out(priority, start, (verdict.slot_us - now_us) / 1_000_000)
+        local.tats = verdict.tats
+        for i, cost in enumerate(costs):
+            local.owed[i] += cost
+        await self._sleep((verdict.slot_us - now_us) / 1_000_000)
+        if self._metrics:
+            self._metrics.limiter_admitted.labels(priority).inc()
+            self._metrics.limiter_wait.labels(priority).observe(self._monotonic() - start)
+        return Reservation(priority, tokens, 0, True, verdict.slot_us, verdict.tats, costs)
+
+    # -- after the call --------------------------------------------------------------------------
 
     async def reconcile(self, reservation: Reservation, actual_tokens: int) -> None:
         """Correct the token reservation with the real usage: charge what was used beyond it;
@@ -295,50 +535,61 @@ class SharedLimiter:
         await self._correct(reservation, -reservation.tokens)
 
     async def _correct(self, reservation: Reservation, delta: int) -> None:
-        if delta == 0 or reservation.local:
+        if delta == 0:
             return
-        for p, key in zip(self.budget.limits, self._tat_keys, strict=True):
+        for i, (p, key) in enumerate(zip(self.budget.limits, self._tat_keys, strict=True)):
             if p.unit != "tokens":
                 continue
             # Charges round up, refunds down: the budget stays on the safe side of the blocks.
             units = p.units(delta) if delta > 0 else -(-delta // p.unit_size)
+            if reservation.local:
+                if delta > 0 and self._local is not None:
+                    self._local.owed[i] += units
+                continue
             try:
                 await self._reconcile(
                     keys=[self._overrides_key, key], args=[p.name, p.limit, p.window_us, p.burst, units]
                 )
-            except _REDIS_DOWN_ERRORS as exc:
-                self._mark_redis_down(exc)
+            except (*_UNREACHABLE_ERRORS, RedisTimeoutError):
+                _raise_if_cancelled()
+                log.info("limiter: could not correct a reservation by %d tokens: Redis unavailable", delta)
 
     async def pause(self, seconds: float) -> None:
-        """Pause the whole budget (every process of every pool sharing it), e.g. on an upstream 429."""
+        """An upstream 429: pause the whole budget (every process of every pool sharing it) and
+        mark its buckets empty; callers sleeping on a reservation see it when they wake."""
         if self._metrics:
             self._metrics.upstream_429.labels(self.budget.name).inc()
         pause_us = math.ceil(seconds * 1_000_000)
+        self._local_pause_until = max(self._local_pause_until, self._monotonic() + seconds)
         try:
-            await self._pause(keys=[self._pause_key], args=[pause_us])
-        except _REDIS_DOWN_ERRORS as exc:
-            self._mark_redis_down(exc)
+            await self._call(gcra.Pause(pause_us), self._monotonic() + 1.0)
+        except (TimeoutError, _RedisUnavailable):
+            log.info("limiter: the budget-wide pause did not reach Redis; paused locally only")
 
     async def observe_headers(self, headers: Mapping[str, str]) -> None:
         """Learn from the upstream's x-ratelimit-* headers.
 
         A provider limit below the configured one tightens the budget (stored in Redis for every
-        agent, expiring so a raised provider limit is picked up again); remaining == 0 pauses the
-        budget until the provider's reset.
+        agent, expiring so a raised provider limit is picked up again; written again only when it
+        changes or half its life passed); remaining == 0 empties our buckets of that kind only
+        (requests or tokens): the next request of that kind waits one refill of that bucket.
         """
         limit_names = {p.name for p in self.budget.limits}
-        pause_s = 0.0
         overrides: dict[str, int] = {}
+        empty = [False for _ in self.budget.limits]
         for kind, lname in (("requests", "rpm"), ("tokens", "tpm")):
             limit_raw = headers.get(f"x-ratelimit-limit-{kind}")
             if limit_raw and limit_raw.isdigit() and lname in limit_names:
                 params = next(p for p in self.budget.limits if p.name == lname)
                 if int(limit_raw) < params.limit * params.unit_size:
-                    overrides[lname] = int(limit_raw) // params.unit_size  # in the limit's units
-            remaining = headers.get(f"x-ratelimit-remaining-{kind}")
-            reset = parse_reset(headers.get(f"x-ratelimit-reset-{kind}", ""))
-            if remaining == "0" and reset:
-                pause_s = max(pause_s, reset)
+                    value = int(limit_raw) // params.unit_size  # in the limit's units
+                    written = self._written_overrides.get(lname)
+                    fresh = written is not None and self._monotonic() - written[1] < self._override_ttl / 2
+                    if not (fresh and written is not None and written[0] == value):
+                        overrides[lname] = value
+            if headers.get(f"x-ratelimit-remaining-{kind}") == "0":
+                unit = "tokens" if kind == "tokens" else "requests"
+                empty = [e or p.unit == unit for e, p in zip(empty, self.budget.limits, strict=True)]
         try:
             if overrides:
                 async with self._redis.pipeline(transaction=True) as pipe:
@@ -346,7 +597,27 @@ class SharedLimiter:
                         pipe.hset(self._overrides_key, lname, limit)
                     pipe.expire(self._overrides_key, self._override_ttl)
                     await pipe.execute()
-            if pause_s > 0:
-                await self._pause(keys=[self._pause_key], args=[math.ceil(pause_s * 1_000_000)])
-        except _REDIS_DOWN_ERRORS as exc:
-            self._mark_redis_down(exc)
+                for lname, limit in overrides.items():
+                    self._written_overrides[lname] = (limit, self._monotonic())
+        except (*_UNREACHABLE_ERRORS, RedisTimeoutError):
+            _raise_if_cancelled()
+            log.info("limiter: could not store the upstream's tighter limits: Redis unavailable")
+        if any(empty):
+            self._submit(gcra.Empty(tuple(empty)), wait=False)
+
+
+def _op_args(op: gcra.Op, n: int) -> list[str | int]:
+    """One op as the script's 3 + 2n fields (limiter_lua.BATCH)."""
+    zeros = [0] * n
+    if isinstance(op, gcra.Reserve):
+        code = "R" if op.returning else "r"
+        return [code, op.priority, op.max_ahead_us, *op.costs, op.deadline_us, *zeros[1:]]
+    if isinstance(op, gcra.Confirm):
+        return ["c", 0, 0, *op.costs, *op.reserved]
+    if isinstance(op, gcra.GiveBack):
+        return ["g", 0, 0, *op.costs, *op.reserved]
+    if isinstance(op, gcra.Charge):
+        return ["k", 0, 0, *op.units, *zeros]
+    if isinstance(op, gcra.Empty):
+        return ["e", 0, 0, *(int(e) for e in op.buckets), *zeros]
+    return ["p", op.pause_us, 0, *zeros, *zeros]

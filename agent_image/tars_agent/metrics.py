@@ -75,7 +75,7 @@ class AgentMetrics:
         )
         self.budget_utilization = Gauge(
             m.LIMITER_BUDGET_UTILIZATION,
-            "Share of a limit's burst in use at the last decision (0..1)",
+            "Units admitted over about the last window / what the limit sustains per window (1 = saturated)",
             ["budget", "window"],
             registry=r,
         )

@@ -46,7 +46,6 @@ class AgentSettings(BaseModel):
     agent_token: SecretStr | None = None
     concurrency: int = Field(4, ge=1, le=1000)
     drain_grace_seconds: float = Field(c.DEFAULT_DRAIN_GRACE_SECONDS, gt=0)
-    expected_pool_size: int = Field(10, ge=1)
     max_attempts: int = Field(3, ge=1)
     claim_idle_seconds: float = Field(30.0, gt=0)
     result_ttl_seconds: int = Field(86_400, ge=1)
@@ -78,7 +77,6 @@ _ENV_FIELDS = {
     c.ENV_AGENT_TOKEN: "agent_token",
     c.ENV_CONCURRENCY: "concurrency",
     c.ENV_DRAIN_GRACE_SECONDS: "drain_grace_seconds",
-    c.ENV_EXPECTED_POOL_SIZE: "expected_pool_size",
     c.ENV_MAX_ATTEMPTS: "max_attempts",
     c.ENV_CLAIM_IDLE_SECONDS: "claim_idle_seconds",
     c.ENV_RESULT_TTL_SECONDS: "result_ttl_seconds",

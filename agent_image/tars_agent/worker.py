@@ -128,7 +128,6 @@ class Agent:
                 self.limiter_redis,
                 budget,
                 reserve_fraction=s.reserve_fraction,
-                expected_pool_size=s.expected_pool_size,
                 metrics=self.metrics,
             )
         self.breaker = CircuitBreaker(s.circuit_failures, s.circuit_open_seconds)
@@ -252,6 +251,8 @@ class Agent:
             await self.llm.aclose()
             await self._runner.cleanup()
             await self.redis.aclose()
+            if self.llm.limiter is not None:
+                await self.llm.limiter.aclose()
             await self.limiter_redis.aclose()
             log.info("agent %s stopped", s.pod_name)
 

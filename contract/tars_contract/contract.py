@@ -42,7 +42,6 @@ TEMPLATE_HASH_LABEL = "tars.dev/template-hash"  # hash of the rendered pod; a ch
 ENV_HTTP_BIND = "TARS_HTTP_BIND"  # listen address, default 0.0.0.0 (own pod netns)
 ENV_CONCURRENCY = "TARS_CONCURRENCY"  # max tasks in flight per agent
 ENV_DRAIN_GRACE_SECONDS = "TARS_DRAIN_GRACE_SECONDS"  # <= terminationGracePeriodSeconds
-ENV_EXPECTED_POOL_SIZE = "TARS_EXPECTED_POOL_SIZE"  # local limiter share when Redis is down
 ENV_MAX_ATTEMPTS = "TARS_MAX_ATTEMPTS"  # attempts before a task is dead-lettered
 ENV_CLAIM_IDLE_SECONDS = "TARS_CLAIM_IDLE_SECONDS"  # idle time before others reclaim work
 ENV_RESULT_TTL_SECONDS = "TARS_RESULT_TTL_SECONDS"

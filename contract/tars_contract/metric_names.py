@@ -36,4 +36,6 @@ OPERATOR_LEADER = "tars_operator_leader"  # gauge: 1 while this replica leads (i
 OPERATOR_LEADER_FENCED_WRITES_TOTAL = "tars_operator_leader_fenced_writes_total"  # counter
 
 # Shared limiter, per budget (added for the operator's budget-aware ceiling).
-LIMITER_BUDGET_UTILIZATION = "tars_limiter_budget_utilization"  # gauge{budget,window}: 0..1 spent
+# gauge{budget,window}: units admitted over about the last window / what the limit sustains
+# per window (1 = saturated; a little more right after a burst)
+LIMITER_BUDGET_UTILIZATION = "tars_limiter_budget_utilization"

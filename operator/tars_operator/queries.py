@@ -21,7 +21,8 @@ def queue_depth(spec: AgentPoolSpec, name: str, namespace: str) -> str:
 
 
 def budget_utilization(budget: str) -> str:
-    """The most-spent window of the shared budget (0..1)."""
+    """The most-used limit of the shared budget: its share used over about the last window
+    (1 = saturated). Every agent reports the budget-wide value; the max is the freshest."""
     return f'max({metric_names.LIMITER_BUDGET_UTILIZATION}{{budget="{budget}"}})'
 
 

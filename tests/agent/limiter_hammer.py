@@ -29,7 +29,7 @@ async def worker(limiter: SharedLimiter, until: float, rng: random.Random, log: 
             r = await limiter.acquire(priority, tokens, timeout_s=max(until - time.monotonic(), 0.0))
         except LimiterTimeout:
             return
-        log.append([r.server_now_us, tokens, priority])
+        log.append([r.slot_us, tokens, priority])
 
 
 async def hammer(url: str, budget_name: str, duration: str, seed: str) -> list[list[object]]:

@@ -1,16 +1,17 @@
-"""The bucket math: properties of the pure function, and agreement with the Lua script in Redis."""
+"""The bucket math: properties of the pure reservation model, and agreement with the Lua script in Redis."""
 
 from __future__ import annotations
 
 import uuid
 
+import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tars_agent import gcra, limiter_lua
 from tars_agent.gcra import LimitParams
-from tars_agent.limiter import budget_keys, parse_reset, tat_key
+from tars_agent.limiter import _op_args, agents_key, budget_keys, queue_key, tat_key, used_key
 
 from .conftest import RedisServer
 
@@ -37,27 +38,37 @@ def max_in_closed_window(admissions: list[tuple[int, int]], window_us: int) -> i
     return best
 
 
+def one(params: LimitParams, reserve: float = 0.0) -> gcra.Limits:
+    return gcra.Limits((params,), (None,), reserve)
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     params=limit_params(),
     steps=st.lists(
-        st.tuples(st.integers(0, 3_000_000), st.integers(1, 50), PRIORITY), min_size=1, max_size=200
+        st.tuples(st.integers(0, 3_000_000), st.integers(1, 50), PRIORITY, st.integers(0, 20_000_000)),
+        min_size=1,
+        max_size=200,
     ),
     reserve=st.floats(0, 0.9),
 )
-def test_no_closed_window_exceeds_the_limit(
-    params: LimitParams, steps: list[tuple[int, int, str]], reserve: float
+def test_no_closed_window_exceeds_the_limit_whatever_the_order_of_slots(
+    params: LimitParams, steps: list[tuple[int, int, str, int]], reserve: float
 ) -> None:
+    """Reservations of every class, each allowed its own distance ahead: the slots (when the
+    requests start) never put more than the limit in any closed window."""
+    limits = one(params, reserve)
     now, tats = 1_000_000, (0,)
     admitted: list[tuple[int, int]] = []
-    for dt, cost, priority in steps:
+    for dt, cost, priority, ahead in steps:
         now += dt
-        d = gcra.decide(tats, now, (cost,), (params,), (None,), priority, reserve)
-        if d.admitted:
-            tats = d.tats
-            admitted.append((now, cost))
+        v = gcra.reserve(tats, now, (cost,), limits, priority == "critical", ahead)
+        if v.admitted:
+            assert now <= v.slot_us <= now + ahead
+            tats = v.tats
+            admitted.append((v.slot_us, cost))
     if admitted:
-        assert max_in_closed_window(admitted, params.window_us) <= params.limit
+        assert max_in_closed_window(sorted(admitted), params.window_us) <= params.limit
 
 
 @settings(max_examples=300, deadline=None)
@@ -66,55 +77,127 @@ def test_no_closed_window_exceeds_the_limit(
     prior=st.lists(st.integers(1, 20), max_size=30),
     cost=st.integers(1, 20),
     priority=PRIORITY,
-    reserve=st.floats(0, 0.9),
 )
-def test_retry_after_is_exact_never_early(
-    params: LimitParams, prior: list[int], cost: int, priority: str, reserve: float
+def test_a_refusal_names_the_exact_slot_and_charges_nothing(
+    params: LimitParams, prior: list[int], cost: int, priority: str
 ) -> None:
+    limits = one(params, 0.2)
     now, tats = 5_000_000, (0,)
-    for c in prior:  # fill the bucket at one instant
-        d = gcra.decide(tats, now, (c,), (params,), (None,), "critical", reserve)
-        tats = d.tats
-    d = gcra.decide(tats, now, (cost,), (params,), (None,), priority, reserve)
-    if d.admitted or d.too_large:
+    for c in prior:
+        tats = gcra.reserve(tats, now, (c,), limits, True, 10**12).tats
+    v = gcra.reserve(tats, now, (cost,), limits, priority == "critical", 0)
+    if v.admitted or v.too_large:
         return
-    wait = d.retry_after_us
-    assert wait > 0
-    early = gcra.decide(tats, now + wait - 1, (cost,), (params,), (None,), priority, reserve)
-    on_time = gcra.decide(tats, now + wait, (cost,), (params,), (None,), priority, reserve)
-    assert not early.admitted
-    assert on_time.admitted
+    assert v.tats == tats  # nothing charged
+    wait = v.slot_us - now
+    early = gcra.reserve(tats, now, (cost,), limits, priority == "critical", wait - 1)
+    on_time = gcra.reserve(tats, now, (cost,), limits, priority == "critical", wait)
+    assert not early.admitted and on_time.admitted and on_time.slot_us == v.slot_us
 
 
-@settings(max_examples=200, deadline=None)
-@given(params=limit_params(), steps=st.lists(st.integers(0, 100_000), min_size=1, max_size=100))
-def test_bulk_traffic_leaves_headroom_for_critical(params: LimitParams, steps: list[int]) -> None:
-    reserve = 0.5
+@given(params=limit_params(), n=st.integers(2, 40))
+def test_reservations_of_one_class_are_first_come_first_served(params: LimitParams, n: int) -> None:
+    limits = one(params)
+    tats, slots = (0,), []
+    for _ in range(n):
+        v = gcra.reserve(tats, 1_000_000, (1,), limits, False, 10**12)
+        tats = v.tats
+        slots.append(v.slot_us)
+    assert slots == sorted(slots)
+
+
+def test_nothing_is_charged_in_any_bucket_when_one_says_no() -> None:
+    requests = LimitParams("rpm", 100, 60_000_000, 10)
+    tokens = LimitParams("tpm", 1000, 60_000_000, 100, "tokens")
+    limits = gcra.Limits((requests, tokens), (None, None), 0.0)
+    tats = (0, gcra.reserve((0,), 1, (100,), gcra.Limits((tokens,), (None,), 0.0), True, 0).tats[0])
+    v = gcra.reserve(tats, 1, (1, 50), limits, True, 1_000)
+    assert not v.admitted and v.tats == tats and v.limiting == 1
+
+
+# Rows: what a critical request waits once lower classes reserved all they may, 600/min, burst 30.
+@pytest.mark.parametrize(("lower", "critical_wait_at_most_s"), [("low", 0.5), ("normal", 1.0), ("high", 2.0)])
+def test_a_lower_class_delays_a_higher_one_by_at_most_its_horizon(
+    lower: str, critical_wait_at_most_s: float
+) -> None:
+    limits = one(LimitParams("rpm", 600, 60_000_000, 30), 0.1)
     now, tats = 1_000_000, (0,)
-    for dt in steps:
-        now += dt
-        d = gcra.decide(tats, now, (1,), (params,), (None,), "low", reserve)
-        if d.admitted:
-            tats = d.tats
-    inc = gcra.increment_us(1, params.limit, params.burst, params.window_us)
-    tau_critical = gcra.tolerance_us(params.limit, params.burst, params.window_us, reserve, True)
-    tau_bulk = gcra.tolerance_us(params.limit, params.burst, params.window_us, reserve, False, 1)
-    critical = gcra.decide(tats, now, (1,), (params,), (None,), "critical", reserve)
-    if tau_critical - tau_bulk >= inc:  # the reserve holds at least one request
-        assert critical.admitted
+    reserved = 0
+    while (v := gcra.reserve(tats, now, (1,), limits, False, gcra.max_ahead_us(lower, 10**9))).admitted:
+        tats, reserved = v.tats, reserved + 1
+    assert reserved > 27  # the burst and the horizon
+    critical = gcra.reserve(tats, now, (1,), limits, True, 10**9)
+    assert critical.admitted and (critical.slot_us - now) / 1e6 <= critical_wait_at_most_s
+    assert gcra.max_ahead_us("critical", 123) == 123
 
 
-def test_pause_denies_every_priority_until_its_end() -> None:
-    p = LimitParams("rpm", 10, 60_000_000, 2)
-    d = gcra.decide((0,), 1_000, (1,), (p,), (None,), "critical", 0.1, pause_until_us=5_000)
-    assert (d.admitted, d.retry_after_us) == (False, 4_000)
-    assert gcra.decide((0,), 5_000, (1,), (p,), (None,), "critical", 0.1, pause_until_us=5_000).admitted
+# Rows: the class order under saturation: a class only gets what the ones above leave.
+@pytest.mark.parametrize(
+    ("upper", "lower"), [("critical", "high"), ("high", "normal"), ("normal", "low"), ("high", "low")]
+)
+def test_under_saturation_a_higher_class_keeps_a_lower_one_out(upper: str, lower: str) -> None:
+    limits = one(LimitParams("rpm", 600, 60_000_000, 30), 0.1)
+    now, tats = 1_000_000, (0,)
+    served = {upper: 0, lower: 0}
+    for _ in range(200):  # both ask every 10 ms, 2 s in all
+        now += 10_000
+        for priority in (lower, upper):
+            ahead = gcra.max_ahead_us(priority, 30_000_000)
+            v = gcra.reserve(tats, now, (1,), limits, priority == "critical", ahead)
+            if v.admitted:
+                tats, served[priority] = v.tats, served[priority] + 1
+    # the lower class only got in while the bucket was still filling
+    assert served[upper] > 2 * served[lower]
+
+
+def test_a_reservation_goes_back_only_while_it_is_the_head() -> None:
+    limits = one(LimitParams("rpm", 600, 60_000_000, 30))
+    first = gcra.reserve((0,), 1_000_000, (1,), limits, True, 10**9)
+    assert (
+        gcra.give_back(first.tats, first.tats, (1,), limits) == (0,)
+        or gcra.give_back(first.tats, first.tats, (1,), limits)[0] < first.tats[0]
+    )
+    second = gcra.reserve(first.tats, 1_000_000, (1,), limits, True, 10**9)
+    assert gcra.give_back(second.tats, first.tats, (1,), limits) == second.tats  # not the head: kept
+
+
+def test_a_fresh_bucket_starts_with_half_its_burst() -> None:
+    limits = one(LimitParams("rpm", 600, 60_000_000, 30))
+    tats, admitted = (gcra.fresh_tat(limits, 0, 1_000_000),), 0
+    while (v := gcra.reserve(tats, 1_000_000, (1,), limits, True, 0)).admitted:
+        tats, admitted = v.tats, admitted + 1
+    assert 14 <= admitted <= 15  # half of 30, less the rounding up of each increment
+    tiny = one(LimitParams("rpm", 2, 60_000_000, 1))
+    assert gcra.reserve((gcra.fresh_tat(tiny, 0, 5),), 5, (1,), tiny, True, 0).admitted  # at least one
+
+
+def test_an_empty_bucket_admits_after_one_refill() -> None:
+    limits = one(LimitParams("rpm", 600, 60_000_000, 30))
+    tats = (gcra.empty(0, 1_000_000, limits, 0),)
+    v = gcra.reserve(tats, 1_000_000, (1,), limits, True, 10**9)
+    assert v.slot_us - 1_000_000 == limits.increment(0, 1)
+
+
+def test_utilization_reads_one_when_the_budget_is_saturated() -> None:
+    params = LimitParams("rpm", 600, 60_000_000, 30)
+    limits = one(params)
+    used, at, tats = 0.0, 0, (0,)
+    now = 0
+    for _ in range(20_000):  # 30 minutes at the sustainable rate
+        v = gcra.reserve(tats, now, (1,), limits, True, 10**12)
+        used = gcra.decay(used, at, now, params.window_us) + 1.0
+        tats, at, now = v.tats, now, v.tats[0] - limits.tolerance(0, True) + limits.increment(0, 1)
+    assert 0.97 < gcra.utilization(gcra.decay(used, at, now, params.window_us), limits, 0) < 1.03
+    assert (
+        gcra.utilization(gcra.decay(used, at, now + 10 * params.window_us, params.window_us), limits, 0)
+        < 0.01
+    )
 
 
 def test_request_larger_than_the_bucket_is_reported_not_waited_for() -> None:
-    p = LimitParams("tpm", 1000, 60_000_000, 50, "tokens")
-    d = gcra.decide((0,), 1, (51,), (p,), (None,), "critical", 0.0)
-    assert d.too_large and not d.admitted
+    limits = one(LimitParams("tpm", 1000, 60_000_000, 50, "tokens"))
+    v = gcra.reserve((0,), 1, (51,), limits, True, 10**9)
+    assert v.too_large and not v.admitted
 
 
 def test_override_tightens_the_limit() -> None:
@@ -137,73 +220,108 @@ def test_reconcile_refund_never_goes_before_now(tat: int, now: int, delta: int, 
         assert new_tat > max(tat, now)
 
 
-def test_parse_reset_durations() -> None:
-    assert parse_reset("6m0s") == 360.0
-    assert parse_reset("1.5s") == 1.5
-    assert parse_reset("20ms") == 0.02
-    assert parse_reset("1h2m3s") == 3723.0
-    assert parse_reset("7") == 7.0
-    assert parse_reset("soon") is None
-    assert parse_reset("") is None
+@st.composite
+def batch_ops(draw: st.DrawFn, n: int) -> list[tuple[str, int, int, tuple[int, ...]]]:
+    """Abstract ops; reserved tats for confirm/give-back are filled in from earlier reservations."""
+    kinds = st.sampled_from(["r", "r", "r", "c", "g", "k", "e", "p"])
+    costs = st.tuples(*[st.integers(0, 30) for _ in range(n)])
+    return draw(
+        st.lists(st.tuples(kinds, st.integers(0, 1), st.integers(0, 40_000), costs), min_size=1, max_size=12)
+    )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     limits=st.lists(limit_params(max_window_us=20_000), min_size=1, max_size=3),
-    ops=st.lists(st.tuples(st.integers(1, 30), PRIORITY, st.integers(-20, 20)), min_size=1, max_size=40),
+    batches=st.lists(batch_ops(3), min_size=1, max_size=6),
     reserve=st.floats(0, 0.9),
     override=st.one_of(st.none(), st.integers(2, 6000)),
 )
-def test_lua_script_agrees_with_pure_function(
+def test_lua_batch_agrees_with_the_pure_model(
     redis_server: RedisServer,
     limits: list[LimitParams],
-    ops: list[tuple[int, str, int]],
+    batches: list[list[tuple[str, int, int, tuple[int, ...]]]],
     reserve: float,
     override: int | None,
 ) -> None:
-    """Run real decisions in Redis (server clock) and replay each with the pure function at the
-    server time the script reports: admission, retry-after and new state must match exactly.
-    Short windows make real elapsed time exercise the refill paths."""
-    limits = [LimitParams(f"l{i}", p.limit, p.window_us, p.burst, "tokens") for i, p in enumerate(limits)]
+    """Run real batches in Redis (server clock) and replay each with gcra.run_batch at the server
+    time the script reports: every op's answer and the stored state must match exactly. Short
+    windows make real elapsed time exercise the refill and decay paths."""
+    params = tuple(
+        LimitParams(f"l{i}", p.limit, p.window_us, p.burst, "tokens") for i, p in enumerate(limits)
+    )
+    n = len(params)
     client = redis.Redis(port=redis_server.port)
     try:
         budget = f"agree-{uuid.uuid4().hex}"
         pause_key, overrides_key = budget_keys(budget)
-        keys = [tat_key(budget, p.name) for p in limits]
-        overrides = tuple(override if i == 0 else None for i in range(len(limits)))
+        keys = [pause_key, overrides_key, used_key(budget), agents_key(budget), queue_key(budget)]
+        keys += [tat_key(budget, p.name) for p in params]
+        overrides = tuple(override if i == 0 else None for i in range(n))
         if override is not None:
             client.hset(overrides_key, "l0", override)
-        acquire = client.register_script(limiter_lua.ACQUIRE)
-        reconcile = client.register_script(limiter_lua.RECONCILE)
-        tats = tuple(0 for _ in limits)
-        for cost, priority, delta in ops:
-            args: list[str | int] = [priority, repr(reserve), len(limits)]
-            for p in limits:
-                args += [p.name, p.limit, p.window_us, p.burst, cost]
-            reply = acquire(keys=[pause_key, overrides_key, *keys], args=args)
-            admitted, wait, now, denied_by, too_large = (int(x) for x in reply[:5])
-            expected = gcra.decide(
-                tats, now, tuple(cost for _ in limits), tuple(limits), overrides, priority, reserve
-            )
-            assert (bool(admitted), wait, denied_by, bool(too_large)) == (
-                expected.admitted,
-                expected.retry_after_us,
-                expected.denied_by,
-                expected.too_large,
-            )
-            assert tuple(int(x) for x in reply[5:]) == expected.tats
-            tats = expected.tats
-            if admitted and delta:
-                now2, new_tat = (
-                    int(x)
-                    for x in reconcile(
-                        keys=[overrides_key, keys[0]],
-                        args=["l0", limits[0].limit, limits[0].window_us, limits[0].burst, delta],
+        model_limits = gcra.Limits(params, overrides, reserve)
+        script = client.register_script(limiter_lua.BATCH)
+        stored: tuple[int | None, ...] = tuple(None for _ in params)
+        used, used_at, pause_until = tuple(0.0 for _ in params), tuple(0 for _ in params), 0
+        reserved: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+        for abstract in batches:
+            ops: list[gcra.Op] = []
+            for kind, flag, amount, all_costs in abstract:
+                costs = all_costs[:n]
+                if kind == "r":
+                    priority = ["low", "critical"][flag] if amount % 3 else "normal"
+                    deadline = amount * (amount % 4)
+                    returning = amount % 5 == 1
+                    ops.append(
+                        gcra.Reserve(priority, amount, tuple(max(c, 1) for c in costs), deadline, returning)
                     )
+                elif kind in "cg" and reserved:
+                    tats, rcosts = reserved[amount % len(reserved)]
+                    ops.append(gcra.Confirm(tats, rcosts) if kind == "c" else gcra.GiveBack(tats, rcosts))
+                elif kind == "k":
+                    ops.append(gcra.Charge(costs))
+                elif kind == "e":
+                    ops.append(gcra.Empty(tuple(bool(c % 2) for c in costs)))
+                elif kind == "p":
+                    ops.append(gcra.Pause(amount))
+            if not ops:
+                continue
+            args: list[str | int | float] = [repr(reserve), n]
+            for p in params:
+                args += [p.name, p.limit, p.window_us, p.burst]
+            args += ["agent-a", 10_000_000, len(ops)]
+            for op in ops:
+                args += _op_args(op, n)
+            queue = {k.decode(): int(v) for k, v in client.hgetall(queue_key(budget)).items()}
+            reply = script(keys=keys, args=args)
+            now = int(reply[0])
+            expected = gcra.run_batch(
+                stored, used, used_at, pause_until, now, model_limits, tuple(ops), queue
+            )
+            assert int(reply[1]) == expected.pause_until_us
+            assert int(reply[2]) == 1  # one agent heard of
+            assert tuple(float(x) for x in reply[3 : 3 + n]) == expected.used
+            assert tuple(int(x) for x in reply[3 + n : 3 + 2 * n]) == expected.tats
+            at = 3 + 2 * n
+            for op, result in zip(ops, expected.results, strict=True):
+                got = (
+                    int(reply[at]),
+                    int(reply[at + 1]),
+                    int(reply[at + 2]),
+                    tuple(int(x) for x in reply[at + 3 : at + 3 + n]),
                 )
-                assert new_tat == gcra.reconcile(tats[0], now2, delta, limits[0], overrides[0])
-                stored = int(client.get(keys[0]) or 0)
-                assert stored == (new_tat if new_tat > now2 else 0)
-                tats = (stored, *tats[1:])
+                assert got == (result.status, result.value, result.limiting, result.tats), op
+                if isinstance(op, gcra.Reserve) and result.status == 1:
+                    reserved.append((result.tats, op.costs))
+                at += 3 + n
+            stored_raw = [client.get(tat_key(budget, p.name)) for p in params]
+            stored = tuple(None if raw is None else int(raw) for raw in stored_raw)
+            for s_, t in zip(stored, expected.tats, strict=True):
+                assert s_ is None or s_ == t
+            queue_after = {k.decode(): int(v) for k, v in client.hgetall(queue_key(budget)).items()}
+            assert queue_after == expected.queue
+            used, used_at = expected.used, tuple(now for _ in params)
+            pause_until = expected.pause_until_us
     finally:
         client.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -13,14 +14,17 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from e2e.harness import async_eventually
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tars_agent.gcra import LimitParams
-from tars_agent.limiter import Budget, LimiterTimeout, RequestTooLarge, SharedLimiter, budget_keys
+from tars_agent.limiter import Budget, LimiterTimeout, RequestTooLarge, SharedLimiter, budget_keys, tat_key
+from tars_agent.metrics import AgentMetrics
+from tars_contract import metric_names
 
-from .conftest import RedisServer, free_port
+from .conftest import RedisServer
 from .limiter_budget import REQUESTS, TOKENS, WINDOW_US
 from .test_gcra import max_in_closed_window
 
@@ -73,11 +77,12 @@ async def test_a_pause_holds_every_client_of_the_budget(redis_server: RedisServe
     try:
         a, b = SharedLimiter(pod_a, budget), SharedLimiter(pod_b, budget)
         await a.pause(0.4)
-        decision, _ = await b.try_acquire("critical", 0)
+        decision = await b.try_acquire("critical", 0)
         assert not decision.admitted and 300_000 < decision.retry_after_us <= 400_000
-        start = time.monotonic()
-        await b.acquire("critical", 0, timeout_s=5)
-        assert time.monotonic() - start >= decision.retry_after_us / 1e6
+        asked = time.monotonic()
+        reservation = await b.acquire("critical", 0, timeout_s=5)
+        assert time.monotonic() - asked >= decision.retry_after_us / 1e6 - 0.05  # asked a little later
+        assert reservation.slot_us - reservation.server_now_us > 250_000  # its slot is the pause's end
         await a.pause(10)
         await a.pause(0.1)  # a shorter pause never shortens a longer one
         with pytest.raises(LimiterTimeout):
@@ -103,32 +108,41 @@ async def test_upstream_headers_tighten_the_budget_and_pause_at_zero(redis_serve
         )
         _pause_key, overrides_key = budget_keys(name)
         assert await client.hgetall(overrides_key) == {b"rpm": b"60"}  # tokens: provider allows more
-        # burst shrinks to 5% of 60 = 3: the 4th immediate request must wait a refill (~1 s), not 1/600 min
-        for _ in range(3):
-            assert (await limiter.try_acquire("critical", 1))[0].admitted
-        denied, _ = await limiter.try_acquire("critical", 1)
+        # burst shrinks to 5% of 60 = 3, a fresh bucket holds half of it (one): the 2nd immediate
+        # request must wait a refill (~1 s), not 1/600 min
+        assert (await limiter.try_acquire("critical", 1)).admitted
+        denied = await limiter.try_acquire("critical", 1)
         assert not denied.admitted and denied.retry_after_us > 900_000
-        await limiter.observe_headers(
-            {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6m0s"}
+        # remaining 0 of tokens empties the tokens bucket only, for one refill, not the 6 min reset
+        other = SharedLimiter(
+            client,
+            Budget.from_rates(f"h2-{uuid.uuid4().hex}", requests_per_minute=600, tokens_per_minute=100_000),
         )
-        paused, _ = await limiter.try_acquire("critical", 1)
-        assert not paused.admitted and paused.retry_after_us > 350_000_000
+        await other.observe_headers({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6m0s"})
+        held = await other.try_acquire("critical", 100)
+        assert not held.admitted and 50_000 < held.retry_after_us < 100_000  # 100 tokens of refill
+        await other.observe_headers(
+            {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "3s"}
+        )
+        held = await other.try_acquire("critical", 1)
+        assert not held.admitted and held.retry_after_us < 200_000  # one request's refill, not 3 s
     finally:
         await client.aclose()
 
 
 async def test_bulk_traffic_cannot_take_the_critical_reserve(redis_server: RedisServer) -> None:
-    budget = Budget(f"reserve-{uuid.uuid4().hex}", (LimitParams("rpm", 1000, 60_000_000, 20),))
+    # a 10 min window: no unit refills while the test runs
+    budget = Budget(f"reserve-{uuid.uuid4().hex}", (LimitParams("rpm", 1000, 600_000_000, 20),))
     client = fast_redis(redis_server.url)
     try:
         limiter = SharedLimiter(client, budget, reserve_fraction=0.25)
         admitted_low = 0
-        while (await limiter.try_acquire("low", 0))[0].admitted:
+        while (await limiter.try_acquire("low", 0)).admitted:
             admitted_low += 1
-        assert admitted_low == 15  # 20 - 25 %
+        assert admitted_low == 5  # a fresh bucket holds 10 of 20; low may fill it to 15 (20 - 25 %)
         for _ in range(5):
-            assert (await limiter.try_acquire("critical", 0))[0].admitted
-        assert not (await limiter.try_acquire("critical", 0))[0].admitted
+            assert (await limiter.try_acquire("critical", 0)).admitted
+        assert not (await limiter.try_acquire("critical", 0)).admitted
     finally:
         await client.aclose()
 
@@ -140,37 +154,18 @@ async def test_deadline_and_oversized_requests(redis_server: RedisServer) -> Non
         limiter = SharedLimiter(client, budget)
         with pytest.raises(RequestTooLarge, match="larger than budget"):
             await limiter.acquire("critical", 101, timeout_s=1)
-        await limiter.acquire("critical", 100, timeout_s=1)
+        await limiter.acquire("critical", 50, timeout_s=1)  # a fresh bucket holds half its burst
         start = time.monotonic()
         with pytest.raises(LimiterTimeout) as info:
             await limiter.acquire("critical", 50, timeout_s=0.2)
-        assert time.monotonic() - start < 0.2  # fails at once: the exact wait is known to exceed the deadline
-        assert info.value.retry_after_s > 0.2
+        assert (
+            time.monotonic() - start < 0.2
+        )  # fails at once: the exact slot is known to be past the deadline
+        assert 3.0 < info.value.retry_after_s < 3.5  # 50 tokens at 900 a minute
+        # the refusal charged nothing: a smaller request still fits in the same wait
+        assert not (await limiter.try_acquire("critical", 50)).too_large
     finally:
         await client.aclose()
-
-
-async def test_degraded_mode_per_priority_and_recovery(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path, port=free_port())
-    budget = Budget(f"deg-{uuid.uuid4().hex}", (LimitParams("rpm", 600, 60_000_000, 60),))
-    client = fast_redis(server.url)
-    limiter = SharedLimiter(client, budget, expected_pool_size=10, redis_retry_interval_s=0.3)
-    try:
-        # Redis is down: critical and high use the local share (60/10 with burst 6), promptly
-        start = time.monotonic()
-        local = [await limiter.acquire("critical", 0, timeout_s=1) for _ in range(3)]
-        local += [await limiter.acquire("high", 0, timeout_s=1) for _ in range(2)]
-        assert all(r.local for r in local) and limiter.degraded
-        assert time.monotonic() - start < 1.0  # a short timeout, not a stall per call
-        # normal and low fail closed: they wait for Redis until their deadline
-        with pytest.raises(LimiterTimeout):
-            await limiter.acquire("low", 0, timeout_s=0.5)
-        server.start()
-        back = await limiter.acquire("low", 0, timeout_s=5)
-        assert not back.local and back.server_now_us > 0 and not limiter.degraded
-    finally:
-        await client.aclose()
-        server.stop()
 
 
 async def test_unused_tokens_are_not_refunded_unless_the_upstream_counts_actual_usage(
@@ -182,9 +177,9 @@ async def test_unused_tokens_are_not_refunded_unless_the_upstream_counts_actual_
         for refund, admitted_after in ((False, False), (True, True)):
             budget = Budget.from_rates(f"refund-{uuid.uuid4().hex}", tokens_per_minute=6000)  # burst 300
             limiter = SharedLimiter(client, budget, refund_unused_tokens=refund)
-            reservation = await limiter.acquire("critical", 300, timeout_s=1)
-            await limiter.reconcile(reservation, 10)  # the response used 10 of the 300 reserved
-            decision, _ = await limiter.try_acquire("critical", 200)
+            reservation = await limiter.acquire("critical", 150, timeout_s=1)  # a fresh bucket: 150
+            await limiter.reconcile(reservation, 10)  # the response used 10 of the 150 reserved
+            decision = await limiter.try_acquire("critical", 100)
             assert decision.admitted is admitted_after
     finally:
         await client.aclose()
@@ -196,10 +191,10 @@ async def test_a_refused_request_releases_its_whole_reservation(redis_server: Re
         limiter = SharedLimiter(
             client, Budget.from_rates(f"release-{uuid.uuid4().hex}", tokens_per_minute=6000)
         )
-        reservation = await limiter.acquire("critical", 300, timeout_s=1)
-        assert not (await limiter.try_acquire("critical", 200))[0].admitted
+        reservation = await limiter.acquire("critical", 150, timeout_s=1)
+        assert not (await limiter.try_acquire("critical", 100)).admitted
         await limiter.release(reservation)
-        assert (await limiter.try_acquire("critical", 200))[0].admitted
+        assert (await limiter.try_acquire("critical", 100)).admitted
     finally:
         await client.aclose()
 
@@ -213,7 +208,7 @@ async def test_a_cancelled_wait_ends_even_when_redis_reports_the_cancel_as_a_tim
             client, Budget.from_rates(f"cancel-{uuid.uuid4().hex}", requests_per_minute=60)
         )
 
-        async def cancel_swallowed_by_redis(priority: str, tokens: int) -> Any:
+        async def cancel_swallowed_by_redis(**_kwargs: Any) -> Any:
             # As redis-py can on a busy loop: the cancellation arrives mid-call and comes out
             # as redis' TimeoutError, the CancelledError itself consumed.
             asyncio.current_task().cancel()  # type: ignore[union-attr]
@@ -222,9 +217,185 @@ async def test_a_cancelled_wait_ends_even_when_redis_reports_the_cancel_as_a_tim
             except asyncio.CancelledError:
                 raise RedisTimeoutError("Timeout reading from socket") from None
 
-        limiter.try_acquire = cancel_swallowed_by_redis  # type: ignore[method-assign]
+        limiter._batch_script = cancel_swallowed_by_redis  # type: ignore[assignment]
         waiting = asyncio.create_task(limiter.acquire("normal", 1, timeout_s=5))
+        await asyncio.sleep(0.05)
+        assert not limiter.degraded  # a cancel is not an outage
+        waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(waiting, 3)
+    finally:
+        await client.aclose()
+
+
+async def evalsha_calls(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_waiters_get_slots_in_arrival_order_in_few_script_calls(redis_server: RedisServer) -> None:
+    """Four 'processes' x 25 waiters on one budget of 100/s (burst 10): each waiter sleeps once
+    until its slot; the slots of one process follow its arrival order; a few Redis commands per
+    admission, although a second of reservations is more than normal's horizon."""
+    budget = Budget(f"fifo-{uuid.uuid4().hex}", (LimitParams("rps", 100, 1_000_000, 10),))
+    clients = [fast_redis(redis_server.url) for _ in range(4)]
+    try:
+        limiters = [SharedLimiter(c, budget) for c in clients]
+        before = await evalsha_calls(clients[0])
+        started = time.monotonic()
+        per_process = await asyncio.gather(
+            *(
+                asyncio.gather(*(lim.acquire("normal", 1, timeout_s=10) for _ in range(25)))
+                for lim in limiters
+            )
+        )
+        took = time.monotonic() - started
+        calls = await evalsha_calls(clients[0]) - before
+        for reservations in per_process:
+            slots = [r.slot_us for r in reservations]
+            assert slots == sorted(slots)  # first come, first served
+        every = sorted(r.slot_us for rs in per_process for r in rs)
+        assert len(set(every)) > 90  # distinct slots, ~11 ms apart after the first half burst
+        assert took < (every[-1] - every[0]) / 1e6 + 1.0
+        assert calls / 100 <= 5, calls
+    finally:
+        for c in clients:
+            await c.aclose()
+
+
+async def test_a_cancelled_reservation_gives_its_slot_back(redis_server: RedisServer) -> None:
+    client = fast_redis(redis_server.url)
+    try:
+        name = f"gb-{uuid.uuid4().hex}"
+        limiter = SharedLimiter(client, Budget(name, (LimitParams("rps", 10, 1_000_000, 2),)))
+        first = await limiter.acquire("critical", 0, timeout_s=1)  # the fresh bucket's one free unit
+        sleeper = asyncio.create_task(limiter.acquire("critical", 0, timeout_s=5))
+
+        async def reserved() -> bool:  # the sleeper's reservation moved the bucket on
+            return int(await client.get(tat_key(name, "rps")) or 0) > first.reserved_tats[0]
+
+        await async_eventually(reserved, 2, "the sleeper's reservation")
+        sleeper.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sleeper
+        # the give-back goes before any reservation of a later or the same batch
+        after = await limiter.acquire("critical", 0, timeout_s=5)
+        assert after.slot_us - after.server_now_us < 150_000  # the sleeper's slot, ~125 ms ahead
+    finally:
+        await client.aclose()
+
+
+async def test_an_upstream_429_stops_callers_already_sleeping_on_a_reservation(
+    redis_server: RedisServer,
+) -> None:
+    name = f"p429-{uuid.uuid4().hex}"
+    budget = Budget(name, (LimitParams("rps", 2, 1_000_000, 1),))  # one request a second
+    pod_a, pod_b = fast_redis(redis_server.url), fast_redis(redis_server.url)
+    try:
+        a, b = SharedLimiter(pod_a, budget), SharedLimiter(pod_b, budget)
+        first = await a.acquire("critical", 0, timeout_s=1)
+        sleeping = asyncio.create_task(a.acquire("critical", 0, timeout_s=10))
+
+        async def reserved() -> bool:  # the sleeper holds its slot, ~1 s ahead
+            return int(await pod_b.get(tat_key(name, "rps")) or 0) > first.reserved_tats[0]
+
+        await async_eventually(reserved, 5, "the sleeper's reservation")
+        await b.pause(2.0)  # another pod got a 429
+        paused_at = time.monotonic()
+        reservation = await sleeping
+        assert time.monotonic() - paused_at >= 1.9  # it waited for the pause, not its old slot
+        assert reservation.slot_us >= reservation.server_now_us
+    finally:
+        await pod_a.aclose()
+        await pod_b.aclose()
+
+
+async def test_utilization_reports_the_share_of_the_budget_used(redis_server: RedisServer) -> None:
+    client = fast_redis(redis_server.url)
+    metrics = AgentMetrics(process_collector=False)
+    try:
+        budget = Budget(f"util-{uuid.uuid4().hex}", (LimitParams("rpm", 600, 60_000_000, 30),))
+        limiter = SharedLimiter(client, budget, metrics=metrics)
+        for _ in range(15):
+            await limiter.acquire("critical", 0, timeout_s=1)
+        value = metrics.registry.get_sample_value(
+            metric_names.LIMITER_BUDGET_UTILIZATION, {"budget": budget.name, "window": "rpm"}
+        )
+        assert value is not None and 15 / 570 * 0.99 < value <= 15 / 570  # 15 of 570 sustained a minute
+    finally:
+        await client.aclose()
+
+
+async def test_redis_paused_10s_degrades_to_the_live_agents_share_and_charges_it_back(tmp_path: Path) -> None:
+    """Two agents of the budget heartbeat; redis-server is stopped (SIGSTOP) for 10 s. No call
+    blocks past its deadline; critical admissions stay within 1/2 of the budget per agent (the
+    documented bound: the burst share plus the refill share); low fails closed; when Redis
+    returns, the local admissions are charged to the shared bucket."""
+    server = RedisServer(tmp_path)
+    server.start()
+    name = f"deg-{uuid.uuid4().hex}"
+    rpm = LimitParams("rpm", 600, 60_000_000, 60)
+    budget = Budget(name, (rpm,))
+    pod_a, pod_b = fast_redis(server.url), fast_redis(server.url)
+    a = SharedLimiter(pod_a, budget, redis_retry_interval_s=0.5)
+    b = SharedLimiter(pod_b, budget)
+    try:
+        await a.acquire("critical", 0, timeout_s=1)
+        await b.acquire("critical", 0, timeout_s=1)
+        deadline = time.monotonic() + 5
+        while a.agents != 2:  # until its next heartbeat (every second) counts both
+            assert time.monotonic() < deadline, a.agents
+            await a.acquire("critical", 0, timeout_s=1)
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        local = 0
+        try:
+            while time.monotonic() - stopped < 10:
+                call = time.monotonic()
+                try:
+                    r = await a.acquire("critical", 0, timeout_s=0.4)
+                    local += int(r.local)
+                except LimiterTimeout:
+                    pass
+                # never past the deadline (plus scheduling on a busy machine)
+                assert time.monotonic() - call < 0.4 + 0.25
+            with pytest.raises(LimiterTimeout):
+                await a.acquire("low", 0, timeout_s=0.3)
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        assert a.degraded or local > 0
+        # the local share: 600/2 a minute with a burst of 30 -> at most 30 + 285/60 * 10 s
+        assert 0 < local <= 30 + 285 * 10 / 60 + 1
+        back = await a.acquire("normal", 0, timeout_s=5)
+        assert not back.local
+        tat = int(await pod_b.get(tat_key(name, "rpm")) or 0)
+        server_now = back.server_now_us
+        # the local admissions were charged: the shared bucket is that far ahead of now
+        charged_us = local * 60_000_000 / (600 - 60)
+        assert tat - server_now >= charged_us - 2 * 60_000_000 / 540 - 6_000_000
+    finally:
+        await pod_a.aclose()
+        await pod_b.aclose()
+        server.stop()
+
+
+async def test_aclose_sends_the_give_backs_of_cancelled_callers_first(redis_server: RedisServer) -> None:
+    client = fast_redis(redis_server.url)
+    name = f"close-{uuid.uuid4().hex}"
+    limiter = SharedLimiter(client, Budget(name, (LimitParams("rps", 10, 1_000_000, 2),)))
+    try:
+        first = await limiter.acquire("critical", 0, timeout_s=1)
+        sleeper = asyncio.create_task(limiter.acquire("critical", 0, timeout_s=5))
+
+        async def reserved() -> bool:
+            return int(await client.get(tat_key(name, "rps")) or 0) > first.reserved_tats[0]
+
+        await async_eventually(reserved, 2, "the sleeper's reservation")
+        sleeper.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sleeper
+        await limiter.aclose()
+        assert int(await client.get(tat_key(name, "rps")) or 0) == first.reserved_tats[0]
     finally:
         await client.aclose()

@@ -109,7 +109,7 @@ async def test_a_429_pauses_the_whole_budget_in_redis(
         second = asyncio.create_task(client.complete(spec("again"), "normal", discard, time.monotonic() + 10))
         pause_key, _ = budget_keys(name)
         await async_eventually(lambda: pod_b.exists(pause_key), 5, "the budget-wide pause")
-        other_pod, _ = await limiter_b.try_acquire("critical", 0)
+        other_pod = await limiter_b.try_acquire("critical", 0)
         assert not other_pod.admitted and other_pod.retry_after_us > 0
         await second
         assert mock_llm.rejected == 1  # one 429, then it waited for the upstream's refill

@@ -16,6 +16,8 @@ from tars_operator.policy.metrics import Sample, read
         (False, 1.0, 9.0, True, False, "NoBudget"),
         (True, 0.5, 0.1, False, False, "Headroom"),
         (True, 0.96, 0.0, False, True, "BudgetExhausted"),
+        (True, 1.0, 0.0, False, True, "BudgetExhausted"),  # what a saturated budget reads
+        (True, 1.04, 0.0, False, True, "BudgetExhausted"),  # a little more right after a burst
         (True, 0.5, 1.5, False, True, "BudgetExhausted"),  # limiter waits pile up
         (True, 0.90, 0.0, True, True, "Hysteresis"),  # not relieved yet
         (True, 0.90, 0.0, False, False, "Hysteresis"),

@@ -2,6 +2,9 @@
 
 Rule: the budget is *saturated* when its utilisation reaches 95 % or the mean limiter
 wait reaches 1 s (agents already queue for tokens: one more agent only waits too).
+Utilisation is tars_limiter_budget_utilization: the units the whole budget admitted over
+about the last window divided by what it sustains per window, so a budget the pool uses
+up reads 1.0 (a little more right after a burst; see agent_image/README.md).
 It is *relieved* only when utilisation is below 85 % and the mean wait below 0.25 s;
 in between the previous verdict stands (hysteresis, so the pool does not flap around
 the threshold). Without limiter data (no agent asked the limiter in the last minute, so
