@@ -778,6 +778,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--phases", default="grid,contended,decisions,uncontended", help="comma-separated")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument(
+        "--from-json", type=Path, help="print the tables and draw the PNG of an earlier (or cut) run's JSON"
+    )
     args = parser.parse_args(argv)
     args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     if not args.contenders or set(args.contenders) - set(CONTENDERS):
@@ -788,8 +791,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def render(rows: Sequence[dict[str, Any]], phases: dict[str, dict[str, dict[str, Any]]], png: Path) -> None:
+    print()
+    if rows:
+        print(grid_table(rows))
+        print()
+    if any(phases.values()):
+        print(phases_table(phases))
+    print(f"plot: {png}" if plot(png, rows, phases) else "plot: skipped (no matplotlib)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        print(f"command: {saved['command']}\nfinished: {saved['finished']}, wall {saved['wall_s']:.0f} s")
+        render(saved["grid"], saved["phases"], args.from_json.with_suffix(".png"))
+        return
     profile = PROFILES["quick" if args.quick else "full"]
     counts = tuple(int(n) for n in args.processes.split(",")) if args.processes else profile.process_counts
     rate = args.rpm / 60
@@ -872,16 +890,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                             f"(setup {r['setup_s']:.1f} s)",
                             flush=True,
                         )
-    print()
-    if rows:
-        print(grid_table(rows))
-        print()
-    if any(phases.values()):
-        print(phases_table(phases))
     save()
-    print(f"\nwall: {report['wall_s']:.0f} s\njson: {json_path}")
-    png_path = out_dir / "limiter_compare.png"
-    print(f"plot: {png_path}" if plot(png_path, rows, phases) else "plot: skipped (no matplotlib)")
+    render(rows, phases, json_path.with_suffix(".png"))
+    print(f"wall: {report['wall_s']:.0f} s\njson: {json_path}")
 
 
 if __name__ == "__main__":
