@@ -712,9 +712,13 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], phases: dict[str, dict[str,
     names = [c for c in CONTENDERS if any(r["contender"] == c for r in rows)]
     for ax, (key, title, scale) in zip(axes.flat, panels, strict=False):
         for name in names:
-            points = [(r["processes"], r[key]) for r in rows if r["contender"] == name and r[key] is not None]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=name)
+            points = sorted(
+                (r["processes"], r[key]) for r in rows if r["contender"] == name and r[key] is not None
+            )
+            if points:  # one colour per contender in every panel
+                ax.plot(
+                    *zip(*points, strict=True), marker="o", label=name, color=f"C{CONTENDERS.index(name)}"
+                )
         ax.set_xscale("log", base=2)
         ax.set_yscale(scale)
         ax.set_xlabel("agent processes")
