@@ -25,7 +25,7 @@ images: setup ## build the node's container images into $(TARS_CACHE)/images, on
 bench: setup ## the limiter benchmark: naive retry vs shared limiter vs local limiters (~3 min; ARGS=--quick)
 	$(PY) bench/limiter_bench.py $(ARGS)
 
-bench-limiters: ## openai client, aiolimiter, limits, LiteLLM and ours against a strict upstream (~15 min; ARGS=--quick)
+bench-limiters: ## openai client, aiolimiter, limits, LiteLLM and ours against a strict upstream (~30 min on a busy 2-core machine; ARGS=--quick)
 	@VENV=$(BENCH_VENV) LOCK=$(CURDIR)/bench/requirements.lock bash hack/setup-venv.sh
 	$(BENCH_VENV)/bin/python bench/limiter_compare.py $(ARGS)
 
