@@ -2,10 +2,12 @@
 SHELL := /bin/bash
 export TARS_CACHE ?= $(HOME)/.cache/tars-operator
 export VENV ?= $(TARS_CACHE)/venv
+# The limiter comparison's own venv: its contenders (openai, LiteLLM, ...) stay out of the dev lock.
+BENCH_VENV ?= $(TARS_CACHE)/venv-bench
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup lock images demo bench bench-coldwarm test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status
+.PHONY: help setup lock images demo bench bench-limiters bench-coldwarm test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -22,6 +24,10 @@ images: setup ## build the node's container images into $(TARS_CACHE)/images, on
 
 bench: setup ## the limiter benchmark: naive retry vs shared limiter vs local limiters (~3 min; ARGS=--quick)
 	$(PY) bench/limiter_bench.py $(ARGS)
+
+bench-limiters: ## openai client, aiolimiter, limits, LiteLLM and ours against a strict upstream (~30 min on a busy 2-core machine; ARGS=--quick)
+	@VENV=$(BENCH_VENV) LOCK=$(CURDIR)/bench/requirements.lock bash hack/setup-venv.sh
+	$(BENCH_VENV)/bin/python bench/limiter_compare.py $(ARGS)
 
 bench-coldwarm: cluster-up ## cold vs warm agents on the local cluster's real node (~2 min; ARGS=--rounds N)
 	$(PY) bench/coldwarm.py $(ARGS)

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Creates the project's virtualenv outside the repo (in the cache) and installs
-# the pinned dev dependencies (requirements-dev.lock, every file checked against
-# its hash), then the project itself, editable, without dependencies. Reinstalls
+# the pinned dev dependencies (requirements-dev.lock, or $LOCK, e.g. the limiter
+# comparison's bench/requirements.lock; every file checked against its hash),
+# then the project itself, editable, without dependencies. Reinstalls
 # only when pyproject.toml, the lock or the checkout's location changed; packages
 # that the lock no longer names are removed then.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${VENV:?VENV must be set (the Makefile sets it)}
-lock=$root/requirements-dev.lock
+lock=${LOCK:-$root/requirements-dev.lock}
 key=$(printf '%s\n%s\n%s\n' "$root" "$(sha256sum "$root/pyproject.toml")" "$(sha256sum "$lock")" \
   | sha256sum | cut -c1-16)
 if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.tars-installed" 2>/dev/null)" = "$key" ]; then

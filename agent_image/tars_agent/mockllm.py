@@ -4,7 +4,10 @@ It enforces request and token limits with continuously refilling buckets (the
 provider model: a bucket of `limit` refilling at limit/window), counts every
 admitted request whether it then fails or not, answers 429 with Retry-After
 and x-ratelimit-* headers, and logs every admitted request (GET /admin/log,
-optionally a JSONL file) so a test can check no window exceeded a limit.
+optionally a JSONL file) so a test can check no window exceeded a limit; the
+arrival of every refused request is logged too. With `count_refused` a refused
+request also uses up what is left in the buckets, as OpenAI counts failed
+requests against the limit: clients that keep knocking keep the bucket empty.
 
 Admin: GET /admin/log, POST /admin/reset, POST /admin/config (JSON fields of MockConfig).
 A message containing POISON_MARKER is refused with 400 (a task that can never succeed).
@@ -37,6 +40,7 @@ class MockConfig:
     fail_status: int = 0  # answer every admitted request with this status (e.g. 503); 0 = off
     ignore_stream: bool = False  # answer streamed requests with one plain JSON body, as some servers do
     api_key: str = ""  # if set, require "Authorization: Bearer <key>"
+    count_refused: bool = False  # a refused request costs what it asked for too (the level stops at 0)
 
 
 @dataclass
@@ -76,6 +80,7 @@ class MockLLM:
         self.log_file = log_file
         self.admitted: list[dict[str, Any]] = []
         self.rejected = 0
+        self.refused: list[dict[str, float]] = []  # arrival of every 429, same clocks as `admitted`
         self._lock = asyncio.Lock()
         self._reset_buckets()
         self.app = web.Application()
@@ -137,6 +142,11 @@ class MockLLM:
             headers = self._headers()
             if wait > 0:
                 self.rejected += 1
+                self.refused.append({"ts": time.time(), "mono": now})
+                if c.count_refused:
+                    for bucket, need in ((self._requests, 1.0), (self._tokens, float(cost))):
+                        if bucket is not None:
+                            bucket.level = max(bucket.level - need, 0.0)
                 headers["Retry-After"] = str(math.ceil(wait))
                 headers["retry-after-ms"] = str(math.ceil(wait * 1000))
                 return web.json_response(
@@ -214,11 +224,14 @@ class MockLLM:
         return response
 
     async def _log(self, _request: web.Request) -> web.Response:
-        return web.json_response({"admitted": self.admitted, "rejected": self.rejected})
+        return web.json_response(
+            {"admitted": self.admitted, "rejected": self.rejected, "refused": self.refused}
+        )
 
     async def _reset(self, _request: web.Request) -> web.Response:
         self.admitted.clear()
         self.rejected = 0
+        self.refused.clear()
         self._reset_buckets()
         return web.json_response({"ok": True})
 
@@ -245,6 +258,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed chunks")
     parser.add_argument("--response-tokens", type=int, default=16)
     parser.add_argument("--fail-status", type=int, default=0)
+    parser.add_argument(
+        "--count-refused",
+        action="store_true",
+        help="a refused request uses up the limits too, as OpenAI counts failed requests",
+    )
     parser.add_argument("--log-file", type=Path, help="append every admitted request as JSONL")
     args = parser.parse_args(argv)
     config = MockConfig(
@@ -255,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         args.chunk_delay,
         args.response_tokens,
         args.fail_status,
+        count_refused=args.count_refused,
     )
     mock = MockLLM(config, args.log_file)
     web.run_app(mock.app, host=args.host, port=args.port, access_log=None)

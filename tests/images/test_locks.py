@@ -1,6 +1,8 @@
 """The lock files (`make lock`) against pyproject.toml: every dependency an extra names is pinned, at a
 version its specifier allows, in that extra's lock; every pin carries hashes (the images and the dev
-venv install with --require-hashes); the image locks pin what the dev lock pins."""
+venv install with --require-hashes); the image locks pin what the dev lock pins. The limiter
+comparison's lock (bench/requirements.lock: the agent extra + bench/requirements.in) likewise, and
+it pins what the agent image pins."""
 
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ LOCKS = {
     "operator": REPO / "operator" / "requirements.lock",
     "dev": REPO / "requirements-dev.lock",
 }
+BENCH_IN = REPO / "bench" / "requirements.in"
+BENCH_LOCK = REPO / "bench" / "requirements.lock"
 # The locks are for CPython 3.11 on Linux x86_64 (hack/lock.sh).
 TARGET = {
     **default_environment(),
@@ -128,3 +132,33 @@ def test_parse_lock_reads_continuations_and_markers(tmp_path: Path) -> None:
         "    # via x\nbaz==2.0 ; python_version >= '3.11'\n"
     )
     assert parse_lock(lock) == {"foo-bar": ("1.2", [a, b]), "baz": ("2.0", [])}
+
+
+def bench_requirements() -> list[Requirement]:
+    """What the bench venv needs: the agent extra (it runs the agent's code) and bench/requirements.in."""
+    lines = (line.split("#", 1)[0].strip() for line in BENCH_IN.read_text().splitlines())
+    return requirements("agent") + [Requirement(line) for line in lines if line]
+
+
+def test_bench_lock_pins_every_bench_requirement_with_hashes() -> None:
+    pins = parse_lock(BENCH_LOCK)
+    unhashed = sorted(name for name, (_, hashes) in pins.items() if not hashes)
+    assert not unhashed, f"bench/requirements.lock: no --hash for {unhashed}; {FIX}"
+    for req in bench_requirements():
+        name = canonicalize_name(req.name)
+        assert name in pins, f"bench/requirements.lock does not pin {req}; {FIX}"
+        assert req.specifier.contains(pins[name][0], prereleases=True), (
+            f"bench/requirements.lock pins {name}=={pins[name][0]}, the bench wants {req}; {FIX}"
+        )
+
+
+def test_bench_lock_pins_what_the_agent_image_pins() -> None:
+    """The bench measures the agent's limiter: with the versions the agent image ships."""
+    agent = parse_lock(LOCKS["agent"])
+    bench = parse_lock(BENCH_LOCK)
+    differ = {n: (v, agent[n][0]) for n, (v, _) in bench.items() if n in agent and agent[n][0] != v}
+    missing = sorted(set(agent) - set(bench))
+    assert not differ and not missing, (
+        f"bench/requirements.lock vs agent_image/requirements.lock: (bench, agent) {differ}, "
+        f"not in the bench lock: {missing}; {FIX}"
+    )
