@@ -409,6 +409,7 @@ class Agent:
                 outcome = {"dead": "dead_letter", "done": "duplicate", "lost": "lost"}[status]
                 return
             a = attempt
+            self.metrics.task_pickup.labels(d.priority).observe(a.pickup_s)
             stored = 0  # bytes of this attempt's output in Redis
 
             async def store_text(text: str) -> None:
