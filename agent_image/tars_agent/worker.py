@@ -140,6 +140,9 @@ class Agent:
                 http2=s.llm_http2,
                 max_retries=s.llm_max_retries,
                 cache_entries=s.llm_cache_entries,
+                # a connection per slot, kept alive: no task waits for a connection, none reconnects
+                max_connections=s.concurrency,
+                max_keepalive=s.concurrency,
             ),
             limiter=limiter,
             breaker=self.breaker,
