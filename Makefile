@@ -5,7 +5,7 @@ export VENV ?= $(TARS_CACHE)/venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup lock images demo bench bench-coldwarm test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status
+.PHONY: help setup lock images demo bench bench-coldwarm bench-memory bench-pickup test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -25,6 +25,12 @@ bench: setup ## the limiter benchmark: naive retry vs shared limiter vs local li
 
 bench-coldwarm: cluster-up ## cold vs warm agents on the local cluster's real node (~2 min; ARGS=--rounds N)
 	$(PY) bench/coldwarm.py $(ARGS)
+
+bench-memory: setup ## agent RSS per in-flight streaming request, and a 30 min RSS soak (~32 min; ARGS=--soak-minutes N)
+	$(PY) bench/agent_memory.py $(ARGS)
+
+bench-pickup: cluster-up ## warm pickup at 45 tasks/s, a 300-task burst, cold path, pod overshoot, on the real node (~8 min)
+	$(PY) bench/warm_pickup.py $(ARGS)
 
 helm-lint: cluster-build ## helm lint --strict the chart
 	$(TARS_CACHE)/bin/helm lint --strict helm/tars-operator --kube-version 1.37.0
