@@ -125,7 +125,11 @@ def mock_llm(latency_s: float, chunk_delay_s: float, tokens: int, workdir: Path)
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: httpx.get(f"{base}/admin/log", timeout=1).status_code == 200, "the mock LLM")
+        wait_for(
+            lambda: httpx.get(f"{base}/admin/log", timeout=1).status_code == 200,
+            "the mock LLM",
+            timeout_s=120,
+        )
         yield base
     finally:
         stop_process(proc)
@@ -160,7 +164,9 @@ def agent_process(
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(
-            lambda: httpx.get(f"{base}{contract.PATH_READYZ}", timeout=1).status_code == 200, "the agent"
+            lambda: httpx.get(f"{base}{contract.PATH_READYZ}", timeout=1).status_code == 200,
+            "the agent",
+            timeout_s=120,  # a start-up on a busy shared machine
         )
         yield proc, base
     finally:
