@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shlex
 import sys
 import threading
@@ -180,6 +181,7 @@ class Results:
     cold_ready: list[float] = field(default_factory=list)
     cold_first_task: list[float] = field(default_factory=list)
     samples: list[PoolSample] = field(default_factory=list)
+    load_average: list[tuple[str, float]] = field(default_factory=list)  # the host's 1-min load per phase
 
 
 async def pickups(client: TaskClient, task_ids: Sequence[str]) -> list[float]:
@@ -268,6 +270,7 @@ async def phases(
             started = time.time()
             ids = await sustained(client, r.sustained_rate, r.sustained_s)
             r.sustained_window = (started, time.time())
+            r.load_average.append(("(a) sustained", os.getloadavg()[0]))
             r.sustained = await pickups(client, ids)
             # the agents' histogram, once Prometheus scraped the last observations (every 2 s)
             await asyncio.sleep(6)  # three scrape intervals: the last observations reach Prometheus
@@ -280,6 +283,7 @@ async def phases(
             r.burst_at = time.time()
             ids = await burst(client, burst_size)
             r.burst = await pickups(client, ids)
+            r.load_average.append(("(b) burst", os.getloadavg()[0]))
             # the operator's new agents come up whether or not the burst still needs them
             new = [n for n in watch.seen_at if n not in before]
             await asyncio.to_thread(
@@ -333,6 +337,7 @@ def run(args: argparse.Namespace, r: Results) -> None:
     )
     cold = coldwarm.collect(cfg, f"bench-pickup-cold-{int(time.time())}")
     r.cold_ready, r.cold_first_task = cold.cold_ready, cold.cold_first_task
+    r.load_average.append(("(c) cold", os.getloadavg()[0]))
 
 
 def report(r: Results) -> str:
@@ -372,6 +377,9 @@ def report(r: Results) -> str:
         f"pool samples: {len(r.samples)}, peak live {max((s.live for s in r.samples), default=0)}, "
         f"peak desired {max((s.desired or 0 for s in r.samples), default=0)}, "
         f"max(live - (desired + surge)) = {max_excess(r.samples)}",
+        "host load average (1 min) at the end of: "
+        + ", ".join(f"{phase} {load:.1f}" for phase, load in r.load_average)
+        + f" on {os.cpu_count()} cores",
     ]
     return "\n".join(lines)
 
