@@ -90,6 +90,8 @@ def pool_manifest(upstream: str) -> dict[str, Any]:
                 "scaleDown": {"stabilizationWindow": "15s"},
             },
             "rotation": {"maxUnavailable": SURGE},
+            # room for a backlog: on a busy machine the agents may fall behind 45/s
+            "queue": {"maxDepth": 10_000},
         },
     }
 
