@@ -215,7 +215,7 @@ async def measure_loaded(client: TaskClient, pid: int, base: str, llm: str, toke
     ids = [(await client.submit_payload(task(400), "normal")).task_id for _ in range(r.inflight)]
     # every request admitted upstream and its stream begun (first byte after 0.5 s)
     await poll(
-        lambda: inflight_now(base, token) == r.inflight and admitted(llm) >= r.inflight, "all in flight", 120
+        lambda: inflight_now(base, token) == r.inflight and admitted(llm) >= r.inflight, "all in flight", 300
     )
     for _ in range(15):
         rss, pss = read_memory(pid)
@@ -323,7 +323,11 @@ async def run(args: argparse.Namespace, redis_url: str, workdir: Path, r: Result
         mock_llm(0.5, args.chunk_delay, 400, workdir) as llm,
         agent_process(redis_url, llm, r.inflight, token, workdir) as (proc, base),
     ):
-        await measure_loaded(client, proc.pid, base, llm, token, r)
+        try:
+            await measure_loaded(client, proc.pid, base, llm, token, r)
+        except SystemExit:
+            print((workdir / "agent.log").read_text(errors="replace")[-4000:], file=sys.stderr)
+            raise
         if args.soak_minutes > 0:
             # a word a second: 16 s tasks, so ~6 tasks/s keep every slot busy on a shared machine
             async with httpx.AsyncClient(timeout=10) as http:
