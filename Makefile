@@ -7,7 +7,7 @@ BENCH_VENV ?= $(TARS_CACHE)/venv-bench
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup lock images demo bench bench-limiters bench-coldwarm test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status
+.PHONY: help setup lock images demo bench bench-limiters bench-coldwarm test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status bench-memory bench-pickup
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -31,6 +31,12 @@ bench-limiters: ## openai client, aiolimiter, limits, LiteLLM and ours against a
 
 bench-coldwarm: cluster-up ## cold vs warm agents on the local cluster's real node (~2 min; ARGS=--rounds N)
 	$(PY) bench/coldwarm.py $(ARGS)
+
+bench-memory: setup ## agent RSS per in-flight streaming request, and a 30 min RSS soak (~32 min; ARGS=--soak-minutes N)
+	$(PY) bench/agent_memory.py $(ARGS)
+
+bench-pickup: cluster-up ## warm pickup at 45 tasks/s, a 300-task burst, cold path, pod overshoot, on the real node (~8 min)
+	$(PY) bench/warm_pickup.py $(ARGS)
 
 helm-lint: cluster-build ## helm lint --strict the chart
 	$(TARS_CACHE)/bin/helm lint --strict helm/tars-operator --kube-version 1.37.0

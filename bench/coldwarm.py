@@ -313,11 +313,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     return Config(kubectl, args.agent_image, args.redis_image, args.rounds, args.warm_agents, args.out)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    cfg = parse_args(argv)
-    namespace = f"bench-coldwarm-{uuid.uuid4().hex[:6]}"
-    command = "python bench/coldwarm.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(f"command: {command.strip()}\nmachine: {machine()}\nnamespace: {namespace}", flush=True)
+def collect(cfg: Config, namespace: str) -> Results:
+    """All rounds, in `namespace` (created here with Redis and the mock LLM, deleted afterwards)."""
     kubectl = cfg.kubectl
     kubectl.run("create", "namespace", namespace)
     try:
@@ -329,6 +326,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             asyncio.run(measure(cfg, api, namespace, redis_port, results))
     finally:
         kubectl.run("delete", "namespace", namespace, "--wait=false")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_args(argv)
+    namespace = f"bench-coldwarm-{uuid.uuid4().hex[:6]}"
+    command = "python bench/coldwarm.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"command: {command.strip()}\nmachine: {machine()}\nnamespace: {namespace}", flush=True)
+    results = collect(cfg, namespace)
     report = table(results)
     print()
     print(report)

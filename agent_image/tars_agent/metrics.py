@@ -12,6 +12,10 @@ from tars_contract import metric_names as m
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60)
 _WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+# Pickup: 1 ms (the stream id's resolution) to 10 s, fine where warm pickup targets sit (10-30 ms).
+_PICKUP_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+)  # fmt: skip
 _TOKEN_ERROR_BUCKETS = (-4096, -1024, -256, -64, -16, 0, 16, 64, 256, 1024, 4096)
 
 
@@ -28,6 +32,14 @@ class AgentMetrics:
             m.TASK_DURATION_SECONDS,
             "Time from taking a task to its outcome",
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.task_pickup = Histogram(
+            m.TASK_PICKUP_SECONDS,
+            "Time from a task's queue entry to its attempt's start, both on Redis' clock; once per "
+            "attempt (a requeued retry: its new entry's wait; a reclaimed entry: since it was queued)",
+            ["priority"],
+            buckets=_PICKUP_BUCKETS,
             registry=r,
         )
         self.queue_depth = Gauge(

@@ -242,8 +242,8 @@ end
 -- retried after its reply was lost gets the same attempt instead of counting another
 local delivery = ARGV[2] .. '/' .. held[4]
 if status == 'running' and redis.call('HGET', KEYS[1], 'delivery') == delivery then
-  local again = redis.call('HMGET', KEYS[1], 'attempts', 'fence')
-  return {'run', tonumber(again[1]), tonumber(again[2])}
+  local again = redis.call('HMGET', KEYS[1], 'attempts', 'fence', 'started_ms')
+  return {'run', tonumber(again[1]), tonumber(again[2]), tonumber(again[3]) or now_ms()}
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') + 1
 if attempts > tonumber(ARGV[4]) then
@@ -253,13 +253,15 @@ if attempts > tonumber(ARGV[4]) then
   return {'dead', attempts - 1, 0}
 end
 local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+-- the attempt's start on Redis' clock, like the entry id's submit ms: pickup = their gap
+local started = now_ms()
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[3], 'attempts', tostring(attempts),
-           'delivery', delivery)
+           'delivery', delivery, 'started_ms', string.format('%.0f', started))
 redis.call('EXPIRE', KEYS[1], IDLE_TTL)
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', CHUNKS_MAXLEN, '*', 'event', 'start',
            'attempt', tostring(attempts))
 redis.call('EXPIRE', KEYS[4], ARGV[6])
-return {'run', attempts, fence}
+return {'run', attempts, fence, started}
 """.replace("CHUNKS_MAXLEN", str(CHUNKS_MAXLEN))
 )
 
@@ -370,6 +372,15 @@ class Attempt:
     delivery: Delivery
     number: int  # the task's attempt count, as results show it
     fence: int
+    started_ms: int  # Redis' clock (ms) when the attempt began
+
+    @property
+    def pickup_s(self) -> float:
+        """Time from the entry's queueing (its stream id: Redis' clock, ms) to this attempt's start:
+        for a first attempt submit -> start; for a retry that failed and was requeued, its new
+        entry's wait; for an entry reclaimed from a silent agent, the whole time since it was queued."""
+        queued_ms = int(self.delivery.entry_id.split("-", 1)[0])
+        return max(self.started_ms - queued_ms, 0) / 1000
 
 
 BeginStatus = Literal["run", "dead", "done", "lost"]
@@ -597,7 +608,7 @@ class Consumer:
         status: BeginStatus = _s(reply[0])  # type: ignore[assignment]  # the script's four answers
         if status != "run":
             return status, None
-        return status, Attempt(d, int(reply[1]), int(reply[2]))
+        return status, Attempt(d, int(reply[1]), int(reply[2]), int(reply[3]))
 
     async def append_output(self, a: Attempt, offset: int, text: str) -> int:
         """Append `text` to the attempt's output, `offset` bytes of which are stored; returns the

@@ -139,6 +139,9 @@ class Agent:
                 http2=s.llm_http2,
                 max_retries=s.llm_max_retries,
                 cache_entries=s.llm_cache_entries,
+                # a connection per slot, kept alive: no task waits for a connection, none reconnects
+                max_connections=s.concurrency,
+                max_keepalive=s.concurrency,
             ),
             limiter=limiter,
             breaker=self.breaker,
@@ -410,6 +413,7 @@ class Agent:
                 outcome = {"dead": "dead_letter", "done": "duplicate", "lost": "lost"}[status]
                 return
             a = attempt
+            self.metrics.task_pickup.labels(d.priority).observe(a.pickup_s)
             stored = 0  # bytes of this attempt's output in Redis
 
             async def store_text(text: str) -> None:

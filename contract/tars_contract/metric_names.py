@@ -12,6 +12,7 @@ AGENT_BUSY = "tars_agent_busy"  # gauge: tasks in flight (0 = idle)
 AGENT_DRAINING = "tars_agent_draining"  # gauge: 1 once the agent stopped taking work
 TASKS_TOTAL = "tars_tasks_total"  # counter{outcome}
 TASK_DURATION_SECONDS = "tars_task_duration_seconds"  # histogram
+TASK_PICKUP_SECONDS = "tars_task_pickup_seconds"  # histogram{priority}: queued -> attempt start, Redis clock
 QUEUE_DEPTH = "tars_queue_depth"  # gauge{pool,priority}
 LLM_REQUESTS_TOTAL = "tars_llm_requests_total"  # counter{code}
 LLM_LATENCY_SECONDS = "tars_llm_latency_seconds"  # histogram
