@@ -5,7 +5,7 @@ export VENV ?= $(TARS_CACHE)/venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup lock images demo bench bench-coldwarm test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status
+.PHONY: help setup lock images demo bench bench-coldwarm bench-scale test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -25,6 +25,9 @@ bench: setup ## the limiter benchmark: naive retry vs shared limiter vs local li
 
 bench-coldwarm: cluster-up ## cold vs warm agents on the local cluster's real node (~2 min; ARGS=--rounds N)
 	$(PY) bench/coldwarm.py $(ARGS)
+
+bench-scale: cluster-build ## the operator at 100 pools x 20 agents on kwok, in a network namespace of its own (~12 min; ARGS=--quick)
+	$(PY) bench/operator_scale.py $(ARGS)
 
 helm-lint: cluster-build ## helm lint --strict the chart
 	$(TARS_CACHE)/bin/helm lint --strict helm/tars-operator --kube-version 1.37.0

@@ -141,9 +141,16 @@ class PoolController:
         return self.checked_spec[1]
 
     async def cycle(
-        self, body: Mapping[str, Any], pods: Sequence[PodState], by_name: Mapping[str, AgentPod]
+        self,
+        body: Mapping[str, Any],
+        pods: Sequence[PodState],
+        by_name: Mapping[str, AgentPod],
+        observed_at: float | None = None,
     ) -> Plan:
+        """One reconcile of `pods`; `observed_at` (time.monotonic()) is when their observation
+        began, the start of the decision latency (default: now)."""
         started = time.monotonic()
+        observed_at = started if observed_at is None else observed_at
         checked = self.checked(body)
         parsed = checked[0]
         if parsed is not None:
@@ -165,9 +172,10 @@ class PoolController:
             self.state,
             self.defaults,
         )
+        labels = {"namespace": self.namespace, "pool": self.name}
+        observability.DECISION_SECONDS.labels(**labels).observe(time.monotonic() - observed_at)
         created = await self.apply(result, by_name)
         self.state = result.expect(created)
-        labels = {"namespace": self.namespace, "pool": self.name}
         observability.RECONCILE_SECONDS.labels(**labels).observe(time.monotonic() - started)
         desired = result.status.get("desiredReplicas")
         if desired is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -195,6 +196,7 @@ async def _run_pool(
         interval = parsed.scaling.interval.delta.total_seconds() if parsed else 10.0
         woken = wake.is_set()
         wake.clear()
+        observed_at = time.monotonic()
         pods, by_name = await controller.observe(list(agent_pods.get(key, [])))
         due = loop.time() - last_cycle >= interval
         if controller.busy_changed(pods) or woken or due:
@@ -203,7 +205,7 @@ async def _run_pool(
             for error in await access.ensure(parsed) if FENCE.holds() else []:
                 log.warning("pool %s/%s: %s", namespace, name, error)
                 await controller.event("Warning", "AccessFailed", error)
-            await controller.cycle(body, pods, by_name)
+            await controller.cycle(body, pods, by_name, observed_at)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), POLL_SECONDS)
 

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 from factories import raw_spec
 from kubernetes_asyncio.client.exceptions import ApiException
+from prometheus_client import REGISTRY
 
 from tars_operator import builders
 from tars_operator.controller import AgentPod, PoolController
@@ -258,3 +259,27 @@ def test_a_write_cannot_outlive_the_leaders_fence() -> None:
     # Cut off when the fence lapsed, and nothing after it was written.
     assert time.monotonic() - started < 5
     assert s.custom.writes == []
+
+
+def test_the_decision_latency_runs_from_the_start_of_the_observation_to_the_plan_not_the_writes() -> None:
+    s = make(raw_spec(warm={"min": 1}, replicas={"min": 1, "max": 5}))
+    labels = {"namespace": "ns", "pool": "p"}
+
+    def observed() -> tuple[float, float]:
+        total = REGISTRY.get_sample_value("tars_operator_decision_seconds_sum", labels) or 0.0
+        count = REGISTRY.get_sample_value("tars_operator_decision_seconds_count", labels) or 0.0
+        return total, count
+
+    original = s.core.create_namespaced_pod
+
+    async def slow_create(namespace: str, body: Mapping[str, Any]) -> Any:
+        await asyncio.sleep(1.0)  # a slow API server: the plan was made before this write
+        return await original(namespace, body)
+
+    s.core.create_namespaced_pod = slow_create  # type: ignore[method-assign]
+    before_sum, before_count = observed()
+    asyncio.run(s.controller.cycle(s.custom.stored, [], {}, observed_at=time.monotonic() - 2.0))
+    after_sum, after_count = observed()
+    assert after_count == before_count + 1
+    assert 2.0 <= after_sum - before_sum < 2.9
+    assert s.core.created == 1
