@@ -71,6 +71,7 @@ APISERVER = "https://127.0.0.1:6443"
 ETCD_PORT, PROMETHEUS_PORT, REDIS_PORT, EXPORTER_PORT = 2379, 9090, 6379, 9400
 OPERATOR_METRICS_PORT, OPERATOR_HEALTH_PORT = 9100, 8081
 KWOK_VERSION = "v0.8.0"
+SCALE_WINDOW_S = 60.0
 SCALED_QUEUE_DEPTH = 150  # threshold 50, 10 per agent: +10 agents per raised pool
 
 ADMIN = ClientIdentity("admin", "tars-bench", ("system:masters",))
@@ -233,6 +234,9 @@ class Bench:
                 f"--service-account-signing-key-file={pki.sa_key}",
                 "--service-cluster-ip-range=10.96.0.0/16",
                 "--authorization-mode=RBAC",
+                # It taints new nodes not-ready until the node lifecycle controller (not run here:
+                # no controller-manager) lifts it; kwok reports the nodes Ready itself.
+                "--disable-admission-plugins=TaintNodesByCondition",
                 f"--audit-policy-file={audit_policy}",
                 f"--audit-log-path={self.audit_log}",
                 "--audit-log-format=json",
@@ -268,7 +272,7 @@ class Bench:
 
     def kwok(self) -> None:
         stages = cache_dir() / f"kwok-stages-{KWOK_VERSION}"
-        configs = sorted(str(p) for p in stages.rglob("*.yaml"))
+        configs = sorted(str(p) for p in stages.rglob("*.yaml") if p.name != "kustomization.yaml")
         proc = self.start(
             "kwok",
             [
@@ -637,7 +641,7 @@ def settle(bench: Bench, pools: int, per_pool: int, timeout: float, sampler: Sam
 
 
 def run_mode(
-    bench: Bench, sampler: Sampler, mode: str, pools: int, per_pool: int, windows: float
+    bench: Bench, sampler: Sampler, mode: str, pools: int, per_pool: int, windows: float, last: bool
 ) -> list[Phase]:
     log(f"mode {mode}: starting the operator")
     proc = bench.operator(mode)
@@ -670,7 +674,8 @@ def run_mode(
             if pool not in seen_ready and (s.get("ready") or 0) >= target:
                 seen_ready[pool] = now - scale.start
 
-    measure(sampler, scale, windows, on_tick=follow)
+    # Long enough for a scrape, a scaling interval and the pods' start, whatever --window says.
+    measure(sampler, scale, max(windows, SCALE_WINDOW_S), on_tick=follow)
     scale.reaction_desired = list(seen_desired.values())
     scale.reaction_ready = list(seen_ready.values())
     if len(seen_ready) < len(raised):
@@ -678,8 +683,11 @@ def run_mode(
             f"mode {mode}: only {len(seen_ready)} of {len(raised)} raised pools reached {target} ready agents"
         )
     bench.set_queue({p: 0 for p in raised})
-    log(f"mode {mode}: queues back to 0; waiting for the raised pools to drain back to {per_pool}")
-    settle(bench, pools, per_pool, 180, sampler, proc)
+    if not last:
+        # The next mode starts from the floor: this operator scales the raised pools back in.
+        log(f"mode {mode}: queues back to 0; waiting for the raised pools to drain back to {per_pool}")
+        with contextlib.suppress(BenchError):
+            settle(bench, pools, per_pool, 180, sampler, proc)
     proc.stop()
     return [steady, scale]
 
@@ -787,7 +795,11 @@ def in_own_netns(argv: list[str]) -> None:
     # Before the namespace: the build needs the Go module proxy; a cached kwok is reused.
     subprocess.run(["bash", str(REPO / "hack" / "build-kwok.sh")], check=True)
     env = {**os.environ, NETNS_MARK: "1"}
-    sys.exit(subprocess.run(["unshare", "--net", "--", sys.executable, *argv], env=env).returncode)
+    child = subprocess.Popen(["unshare", "--net", "--", sys.executable, *argv], env=env)
+    # Passed on, so that the run inside stops what it started (its `finally`) before it ends.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
+    sys.exit(child.wait())
 
 
 def main() -> None:
@@ -803,6 +815,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     in_own_netns([str(Path(__file__).resolve()), *sys.argv[1:]])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally`: stop what was started
     pools = args.pools or (10 if args.quick else 100)
     windows = args.window or (20.0 if args.quick else 60.0)
     modes = [m for m in args.modes.split(",") if m]
@@ -819,8 +832,8 @@ def main() -> None:
         bench.objects(pools, args.per_pool)
         sampler = Sampler(bench)
         phases: list[Phase] = []
-        for mode in modes:
-            phases += run_mode(bench, sampler, mode, pools, args.per_pool, windows)
+        for i, mode in enumerate(modes):
+            phases += run_mode(bench, sampler, mode, pools, args.per_pool, windows, i == len(modes) - 1)
     except BenchError as exc:
         print(f"[scale] ERROR: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -36,7 +36,9 @@ rm -rf "$STAGES" && mkdir -p "$STAGES"
 for stage in node/fast node/heartbeat-with-lease pod/general; do
   [ -d "$moddir/kustomize/stage/$stage" ] || die "$moddir/kustomize/stage/$stage is missing: kwok $KWOK_VERSION's layout changed"
   mkdir -p "$STAGES/$stage"
-  cp "$moddir/kustomize/stage/$stage"/*.yaml "$STAGES/$stage/"
+  # The Stage objects only: kwok warns about the kustomization.yaml beside them.
+  find "$moddir/kustomize/stage/$stage" -maxdepth 1 -name '*.yaml' ! -name kustomization.yaml \
+    -exec cp {} "$STAGES/$stage/" \;
 done
 echo "$KWOK_VERSION" > "$STAMP"
 log "kwok $KWOK_VERSION: $("$BIN/kwok" --version 2>&1 | head -1); stages in $STAGES"
