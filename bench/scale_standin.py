@@ -7,8 +7,9 @@ POST /drain for all of them; it tells the pods apart by the address a request wa
 agent does (tars_agent.worker), it refuses a request without the pool's bearer token
 (security.agent_token: HMAC of the operator's key over namespace/name/uid).
 
-On --exporter-port it serves /metrics with the series an agent exports (tars_queue_depth with the
-pool and priority labels, tars_agent_busy, process_resident_memory_bytes) for every simulated
+Like every agent it publishes its state (contract.agent_state_key) to --redis-url, pipelined for
+all simulated pods. On --exporter-port it serves /metrics with the series an agent exports
+(tars_queue_depth with the pool and priority labels, tars_agent_busy, process_resident_memory_bytes) for every simulated
 pod, labelled namespace and pod as Prometheus' Kubernetes discovery would (the scrape job uses
 honor_labels), plus /control (POST {"pool": depth}: set a pool's queue depth) and /stats (the
 requests it answered). It learns the pods by a watch and the pools' uids by listing them.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import os
@@ -26,7 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from tars_contract import contract, metric_names
 from tars_operator import builders
@@ -47,6 +51,7 @@ class Agents:
     counts: dict[str, int] = field(
         default_factory=lambda: {"status": 0, "drain": 0, "refused": 0, "unknown_pod": 0}
     )
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # a drain: publish at once
     _exposition: bytes | None = None
 
     def set_pools(self, pools: list[dict[str, Any]]) -> None:
@@ -128,6 +133,7 @@ def agent_app(agents: Agents) -> web.Application:
         if refused:
             return refused
         agents.draining.add(ip)
+        agents.changed.set()
         return web.json_response(agents.status(ip), status=202)
 
     app = web.Application()
@@ -189,6 +195,24 @@ async def watch_pods(agents: Agents, api: httpx.AsyncClient) -> None:
             await asyncio.sleep(1.0)
 
 
+async def publish_states(agents: Agents, redis: aioredis.Redis) -> None:
+    """What every agent does (tars_agent.worker): its state in Redis, refreshed before it expires;
+    a drain is published at once (Agents.changed)."""
+    while True:
+        async with redis.pipeline(transaction=False) as pipe:
+            for ip, (pool, pod) in list(agents.pods.items()):
+                key = contract.agent_state_key(agents.namespace, pool, pod)
+                pipe.set(key, json.dumps(agents.status(ip)), ex=contract.AGENT_STATE_TTL_SECONDS)
+            try:
+                await pipe.execute()
+            except (RedisError, OSError) as exc:
+                print(f"[standin] publishing the agents' states failed: {exc}", flush=True)
+        agents.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(contract.AGENT_STATE_REFRESH_SECONDS):
+                await agents.changed.wait()
+
+
 async def serve(args: argparse.Namespace) -> None:
     agents = Agents(args.namespace, args.token_key.encode())
     ctx = ssl.create_default_context(cafile=args.ca)
@@ -206,8 +230,9 @@ async def serve(args: argparse.Namespace) -> None:
         f"[standin] agents on 0.0.0.0:{args.agent_port}, exporter on 127.0.0.1:{args.exporter_port}",
         flush=True,
     )
+    redis = aioredis.Redis.from_url(args.redis_url)
     async with httpx.AsyncClient(base_url=args.api_url, verify=ctx, timeout=30.0) as api:
-        await watch_pods(agents, api)
+        await asyncio.gather(watch_pods(agents, api), publish_states(agents, redis))
 
 
 def main() -> None:
@@ -219,6 +244,7 @@ def main() -> None:
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--agent-port", type=int, default=contract.HTTP_PORT)
     parser.add_argument("--exporter-port", type=int, default=9400)
+    parser.add_argument("--redis-url", required=True, help="where the agents publish their state")
     args = parser.parse_args()
     # The operator's key, from the environment as the operator takes it (never a flag: ps shows flags).
     args.token_key = os.environ["TARS_AGENT_TOKEN_KEY"]

@@ -25,7 +25,7 @@ from tars_operator.controller import AgentPod, PoolController
 from tars_operator.leader import Fence
 from tars_operator.policy.metrics import Sample
 from tars_operator.policy.observe import PodState
-from tars_operator.sources import QueryResult
+from tars_operator.sources import AgentState, QueryResult
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -283,3 +283,45 @@ def test_the_decision_latency_runs_from_the_start_of_the_observation_to_the_plan
     assert after_count == before_count + 1
     assert 2.0 <= after_sum - before_sum < 2.9
     assert s.core.created == 1
+
+
+@dataclass
+class FakeAgentStates:
+    """What agents published, by pod name; `fail`: Redis is away (read() returns nothing)."""
+
+    states: dict[str, AgentState] = field(default_factory=dict)
+    reads: list[list[str]] = field(default_factory=list)
+
+    async def read(self, namespace: str, pool: str, pods: Sequence[str]) -> dict[str, AgentState]:
+        self.reads.append(list(pods))
+        return {p: self.states[p] for p in pods if p in self.states}
+
+
+def test_published_states_replace_the_status_polls_and_only_agents_without_one_are_asked() -> None:
+    s = make(raw_spec(warm={"min": 2}, replicas={"min": 0, "max": 5}))
+    published, silent, starting = agent("p-aaaaa"), agent("p-bbbbbbb"), agent("p-cc", ready=False)
+    states = FakeAgentStates({"p-aaaaa": AgentState(inflight=2, draining=False)})
+    s.controller.agent_states = states  # type: ignore[assignment]
+    s.agents.inflight_by_ip[silent.ip or ""] = 0
+    pods, _ = asyncio.run(s.controller.observe([published, silent, starting]))
+    assert states.reads == [["p-aaaaa", "p-bbbbbbb"]]  # one read for the pool's working agents
+    assert s.agents.asked == [silent.ip]  # GET /status only where nothing was published
+    assert [p.inflight for p in pods] == [2, 0, None]
+
+
+def test_a_draining_agents_published_count_stands_only_once_it_says_it_is_draining() -> None:
+    s = make(raw_spec(warm={"min": 0}, replicas={"min": 0, "max": 5}))
+    draining = agent("p-aaaaa", ready=False, draining_since=NOW - dt.timedelta(seconds=5))
+    states = FakeAgentStates({"p-aaaaa": AgentState(inflight=0, draining=False)})
+    s.controller.agent_states = states  # type: ignore[assignment]
+    # Published before the drain took effect: it may miss a task taken just before. Ask the agent.
+    s.agents.inflight_by_ip[draining.ip or ""] = 1
+    asyncio.run(cycle(s, s.custom.stored, [draining]))
+    assert s.agents.asked == [draining.ip]
+    assert ("delete", "p-aaaaa") not in s.core.calls
+    # Published after the drain, with nothing in flight: done, without asking the agent.
+    states.states["p-aaaaa"] = AgentState(inflight=0, draining=True)
+    s.agents.asked.clear()
+    asyncio.run(cycle(s, s.custom.stored, [draining]))
+    assert s.agents.asked == []
+    assert ("delete", "p-aaaaa") in s.core.calls
