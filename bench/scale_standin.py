@@ -12,7 +12,8 @@ all simulated pods. On --exporter-port it serves /metrics with the series an age
 (tars_queue_depth with the pool and priority labels, tars_agent_busy,
 process_resident_memory_bytes) for every simulated pod, labelled namespace and pod as
 Prometheus' Kubernetes discovery would (the scrape job uses honor_labels), plus /control
-(POST {"pool": depth}: set a pool's queue depth) and /stats (the requests it answered). It learns the pods by a watch and the pools' uids by listing them.
+(POST {"pool": depth}: set a pool's queue depth) and /stats (the requests it answered). It
+learns the pods by a watch and the pools' uids by listing them.
 """
 
 from __future__ import annotations
