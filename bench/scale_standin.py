@@ -162,37 +162,42 @@ def exporter_app(agents: Agents) -> web.Application:
 
 
 async def watch_pods(agents: Agents, api: httpx.AsyncClient) -> None:
-    """List, then watch, the agent pods (and list the pools for their tokens): a list of 2,000
-    pods every few seconds would cost the API server more than the operator under test."""
+    """List once, then watch the agent pods from where the last event left off (and list the pools
+    for their tokens): a list of 2,000 pods every so often would cost the API server more than the
+    operator under test. Lists again only when the API server says the version is gone."""
     pods_path = f"/api/v1/namespaces/{agents.namespace}/pods"
     pools_path = f"/apis/tars.dev/v1alpha1/namespaces/{agents.namespace}/agentpools"
     selector = {"labelSelector": contract.POOL_LABEL}
+    version: str | None = None
     while True:
         try:
             pools = await api.get(pools_path)
             pools.raise_for_status()
             agents.set_pools(pools.json()["items"])
-            listed = await api.get(pods_path, params=selector)
-            listed.raise_for_status()
-            body = listed.json()
-            agents.pods.clear()
-            agents.ips.clear()
-            for pod in body["items"]:
-                agents.pod_event("ADDED", pod)
-            version = body["metadata"]["resourceVersion"]
-            params = {**selector, "watch": "1", "resourceVersion": version, "timeoutSeconds": "60"}
+            if version is None:
+                listed = await api.get(pods_path, params=selector)
+                listed.raise_for_status()
+                body = listed.json()
+                agents.pods.clear()
+                agents.ips.clear()
+                for pod in body["items"]:
+                    agents.pod_event("ADDED", pod)
+                version = body["metadata"]["resourceVersion"]
+            params = {**selector, "watch": "1", "resourceVersion": version, "allowWatchBookmarks": "true"}
             async with api.stream("GET", pods_path, params=params, timeout=None) as stream:
                 async for line in stream.aiter_lines():
                     event = json.loads(line)
                     if event["type"] == "ERROR":
-                        break  # e.g. 410 Gone: list again
-                    if contract.POOL_LABEL not in (event["object"]["metadata"].get("labels") or {}):
+                        version = None  # e.g. 410 Gone: list again
+                        break
+                    version = event["object"]["metadata"]["resourceVersion"]
+                    if event["type"] == "BOOKMARK":
                         continue
                     agents.pod_event(event["type"], event["object"])
                     if event["object"]["metadata"]["labels"][contract.POOL_LABEL] not in agents.tokens:
-                        break  # a pool created since the list: list again for its token
+                        break  # a pool created since the last list: list the pools again
         except (httpx.HTTPError, ValueError, KeyError) as exc:
-            print(f"[standin] watching pods failed: {exc}; listing again", flush=True)
+            print(f"[standin] watching pods failed: {exc!r}; watching again", flush=True)
             await asyncio.sleep(1.0)
 
 
