@@ -55,7 +55,7 @@ from scale_stats import (
     parse_proc,
     render_table,
 )
-from tars_contract import contract, metric_names
+from tars_contract import metric_names
 from tars_localcluster.cluster import write_kubeconfig
 from tars_localcluster.config import cache_dir
 from tars_localcluster.pki import ClientIdentity, Pki, ServingIdentity
