@@ -276,6 +276,18 @@ class Bench:
     def kwok(self) -> None:
         stages = cache_dir() / f"kwok-stages-{KWOK_VERSION}"
         configs = sorted(str(p) for p in stages.rglob("*.yaml") if p.name != "kustomization.yaml")
+        # kwok plays 4 pod stages at a time by default: thousands of pods queue behind them.
+        options = self.tmp / "kwok.yaml"
+        options.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+                    "kind": "KwokConfiguration",
+                    "options": {"podPlayStageParallelism": 32, "nodePlayStageParallelism": 8},
+                }
+            )
+        )
+        configs.append(str(options))
         proc = self.start(
             "kwok",
             [
