@@ -752,6 +752,8 @@ def plot(sampler: Sampler, phases: list[Phase], path: Path, title: str) -> None:
     for prev, cur in itertools.pairwise(ticks):
         if "operator" not in cur.procs or "operator" not in prev.procs:
             continue
+        if cur.procs["operator"].cpu_seconds < prev.procs["operator"].cpu_seconds:
+            continue  # the next mode's operator process: no rate across the two
         span = cur.at - prev.at
         xs.append(cur.at - t0)
         cpu.append(cpu_percent(prev.procs["operator"], cur.procs["operator"]))
