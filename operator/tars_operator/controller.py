@@ -97,7 +97,8 @@ class PoolController:
 
         Ready agents and draining ones count: a draining agent reports NotReady, and its
         in-flight count is what lets the drain end as soon as its work is done. Their published
-        state is read first; only agents without a usable one are asked GET /status."""
+        state is read first; only agents without a usable one are asked GET /status. When that
+        read fails, every count is unknown this cycle (which blocks scale-in, never reads as idle)."""
         mine = [p for p in indexed if p.owner_uid == self.uid]
         working = [p.name for p in mine if _reports_work(p.state)]
         published = (
@@ -106,14 +107,17 @@ class PoolController:
             else {}
         )
         counts = await asyncio.gather(
-            *(self._inflight(p, published.get(p.name)) if _reports_work(p.state) else _none() for p in mine)
+            *(self._inflight(p, published) if _reports_work(p.state) else _none() for p in mine)
         )
         states = [replace(p.state, inflight=n) for p, n in zip(mine, counts, strict=True)]
         return states, {p.name: p for p in mine}
 
-    async def _inflight(self, pod: AgentPod, published: AgentState | None) -> int | None:
-        if published is not None and published_count_holds(pod.state, published):
-            return published.inflight
+    async def _inflight(self, pod: AgentPod, published: Mapping[str, AgentState] | None) -> int | None:
+        if published is None:
+            return None  # the published states could not be read: unknown, asked again next second
+        state = published.get(pod.name)
+        if state is not None and published_count_holds(pod.state, state):
+            return state.inflight
         return await self.agents.inflight(pod.ip)
 
     def busy_changed(self, pods: Sequence[PodState]) -> bool:

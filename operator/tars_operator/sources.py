@@ -165,16 +165,17 @@ class AgentStateReader:
     async def close(self) -> None:
         await self._redis.aclose()
 
-    async def read(self, namespace: str, pool: str, pods: Sequence[str]) -> dict[str, AgentState]:
-        """Pod name -> its state, for the pods that published one; empty when Redis fails (the
-        caller then asks the agents themselves)."""
+    async def read(self, namespace: str, pool: str, pods: Sequence[str]) -> dict[str, AgentState] | None:
+        """Pod name -> its state, for the pods that published one; None when Redis did not answer
+        (then nobody's state is known this cycle: asking every agent over HTTP instead would add a
+        request per agent exactly when the operator or Redis is overloaded)."""
         if not pods:
             return {}
         keys = [contract.agent_state_key(namespace, pool, pod) for pod in pods]
         try:
             values = await self._redis.mget(keys)
         except (RedisError, OSError):
-            return {}
+            return None
         return {
             pod: state for pod, raw in zip(pods, values, strict=True) if (state := parse_agent_state(raw))
         }

@@ -49,14 +49,14 @@ class FakeRedis:
         return [self.values.get(k) for k in keys]
 
 
-def test_the_reader_asks_once_for_the_whole_pool_and_a_redis_failure_is_no_answer() -> None:
+def test_the_reader_asks_once_for_the_whole_pool_and_tells_a_redis_failure_apart() -> None:
     key = contract.agent_state_key("ns", "p", "a")
     redis = FakeRedis({key: b'{"inflight": 1, "draining": false}'})
     reader = AgentStateReader(redis)  # type: ignore[arg-type]
     assert asyncio.run(reader.read("ns", "p", ["a", "b"])) == {"a": AgentState(1, False)}
     assert redis.calls == 1
     redis.fail = True
-    assert asyncio.run(reader.read("ns", "p", ["a", "b"])) == {}
+    assert asyncio.run(reader.read("ns", "p", ["a", "b"])) is None  # not "nobody published"
 
 
 def test_published_state_is_read_by_default_and_only_for_pools_on_the_default_redis() -> None:

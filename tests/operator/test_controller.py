@@ -287,13 +287,16 @@ def test_the_decision_latency_runs_from_the_start_of_the_observation_to_the_plan
 
 @dataclass
 class FakeAgentStates:
-    """What agents published, by pod name; `fail`: Redis is away (read() returns nothing)."""
+    """What agents published, by pod name; `fail`: Redis did not answer (read() returns None)."""
 
     states: dict[str, AgentState] = field(default_factory=dict)
     reads: list[list[str]] = field(default_factory=list)
+    fail: bool = False
 
-    async def read(self, namespace: str, pool: str, pods: Sequence[str]) -> dict[str, AgentState]:
+    async def read(self, namespace: str, pool: str, pods: Sequence[str]) -> dict[str, AgentState] | None:
         self.reads.append(list(pods))
+        if self.fail:
+            return None
         return {p: self.states[p] for p in pods if p in self.states}
 
 
@@ -325,3 +328,14 @@ def test_a_draining_agents_published_count_stands_only_once_it_says_it_is_draini
     asyncio.run(cycle(s, s.custom.stored, [draining]))
     assert s.agents.asked == []
     assert ("delete", "p-aaaaa") in s.core.calls
+
+
+def test_when_the_published_states_cannot_be_read_every_count_is_unknown_without_a_poll_storm() -> None:
+    s = make(raw_spec(warm={"min": 0}, replicas={"min": 0, "max": 5}))
+    pods = [agent("p-aaaaa"), agent("p-bbbbbbb")]
+    s.controller.agent_states = FakeAgentStates(fail=True)  # type: ignore[assignment]
+    observed, _ = asyncio.run(s.controller.observe(pods))
+    assert s.agents.asked == []  # no GET /status per agent while Redis (or we) are overloaded
+    assert [p.inflight for p in observed] == [None, None]  # unknown: never read as idle
+    asyncio.run(cycle(s, s.custom.stored, pods))
+    assert not [c for c in s.core.calls if c[0] in ("patch", "delete")]  # nothing scaled in on it
