@@ -314,7 +314,9 @@ def test_published_states_replace_the_status_polls_and_only_agents_without_one_a
 
 def test_a_draining_agents_published_count_stands_only_once_it_says_it_is_draining() -> None:
     s = make(raw_spec(warm={"min": 0}, replicas={"min": 0, "max": 5}))
-    draining = agent("p-aaaaa", ready=False, draining_since=NOW - dt.timedelta(seconds=5))
+    # Drained 5 s ago by the clock the plan reads (not NOW, taken at import): far from its timeout.
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
+    draining = agent("p-aaaaa", ready=False, draining_since=since)
     states = FakeAgentStates({"p-aaaaa": AgentState(inflight=0, draining=False)})
     s.controller.agent_states = states  # type: ignore[assignment]
     # Published before the drain took effect: it may miss a task taken just before. Ask the agent.
