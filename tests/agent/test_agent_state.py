@@ -28,13 +28,15 @@ async def test_the_agent_publishes_its_work_and_its_drain_at_once_and_with_a_ttl
         raw = await redis_client.get(key)
         return json.loads(raw) if raw else None
 
-    async with running_agent(settings):
+    async with running_agent(settings) as agent:
         assert await async_eventually(published, 5, "the idle state") == {"inflight": 0, "draining": False}
         ttl = await redis_client.ttl(key)
         assert 0 < ttl <= contract.AGENT_STATE_TTL_SECONDS  # a dead agent's state goes by itself
         client = TaskClient(redis_client, settings.namespace, settings.pool)
         await client.submit_payload({"messages": [{"role": "user", "content": "long"}], "max_tokens": 200})
-        # Well within the refresh period: published on the change, not on the next refresh.
+        await async_eventually(lambda: len(agent.inflight) == 1, 20, "the agent to take the task")
+        # From the moment it has the task, well within the refresh period: published on the
+        # change, not on the next refresh.
         within = contract.AGENT_STATE_REFRESH_SECONDS / 2
 
         async def busy() -> bool:
