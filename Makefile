@@ -7,7 +7,7 @@ BENCH_VENV ?= $(TARS_CACHE)/venv-bench
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup lock images demo bench bench-limiters bench-coldwarm test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status bench-memory bench-pickup
+.PHONY: help setup lock images demo bench bench-limiters bench-coldwarm test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status bench-memory bench-pickup bench-scale
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ bench-memory: setup ## agent RSS per in-flight streaming request, and a 30 min R
 
 bench-pickup: cluster-up ## warm pickup at 45 tasks/s, a 300-task burst, cold path, pod overshoot, on the real node (~8 min)
 	$(PY) bench/warm_pickup.py $(ARGS)
+
+bench-scale: cluster-build ## the operator at 100 pools x 20 agents on kwok, in a network namespace of its own (~12 min; ARGS=--quick)
+	$(PY) bench/operator_scale.py $(ARGS)
 
 helm-lint: cluster-build ## helm lint --strict the chart
 	$(TARS_CACHE)/bin/helm lint --strict helm/tars-operator --kube-version 1.37.0

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import hmac
+import json
 import logging
 import signal
 import sys
@@ -154,6 +155,7 @@ class Agent:
         self._memory_allowed = s.concurrency
         self._stop = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._state_changed = asyncio.Event()  # in flight or draining changed: publish it now
         self._runner: web.AppRunner | None = None
 
     # -- control -------------------------------------------------------------------------
@@ -164,6 +166,7 @@ class Agent:
         self.draining = True
         self.metrics.draining.set(1)
         self._slot_freed.set()
+        self._state_changed.set()
 
     def request_stop(self) -> None:
         self.request_drain()
@@ -241,7 +244,11 @@ class Agent:
             s.http_bind,
             s.http_port,
         )
-        background = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._reclaim_loop())]
+        background = [
+            asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(self._reclaim_loop()),
+            asyncio.create_task(self._publish_state_loop()),
+        ]
         taker = asyncio.create_task(self._take_loop())
         try:
             await self._stop.wait()
@@ -352,6 +359,24 @@ class Agent:
             beat += 1
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
+    async def _publish_state_loop(self) -> None:
+        """Keep what GET /status answers in Redis for the operator (contract.agent_state_key): at
+        once after a change, else every AGENT_STATE_REFRESH_SECONDS; it expires when the agent is
+        gone. A failed write only costs the operator a GET /status until the next one lands."""
+        s = self.settings
+        key = contract.agent_state_key(s.namespace, s.pool, s.pod_name)
+        # Ends by itself once the agent stops (its last write says draining): a cancel that meets
+        # the event set by the stop can be lost on 3.11, and run() waits for this loop.
+        while not self._stop.is_set():
+            self._state_changed.clear()
+            try:
+                await self.redis.set(key, json.dumps(self.status()), ex=contract.AGENT_STATE_TTL_SECONDS)
+            except RedisError as exc:
+                log.debug("publishing the agent's state failed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(contract.AGENT_STATE_REFRESH_SECONDS):
+                    await self._state_changed.wait()
+
     def _stop_lost(self, entry_ids: set[str]) -> None:
         """Cancel the local work on entries another agent took over (this agent stalled)."""
         for task, d in list(self.inflight.items()):
@@ -368,12 +393,14 @@ class Agent:
         task = asyncio.create_task(self._process(delivery))
         self.inflight[task] = delivery
         self.metrics.busy.set(len(self.inflight))
+        self._state_changed.set()
 
         def done(t: asyncio.Task[None]) -> None:
             self.inflight.pop(t, None)
             self._lost.discard(t)
             self.metrics.busy.set(len(self.inflight))
             self._slot_freed.set()
+            self._state_changed.set()
 
         task.add_done_callback(done)
 

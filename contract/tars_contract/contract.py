@@ -74,3 +74,16 @@ def pool_key_prefix(namespace: str, pool: str) -> str:
     """Every Redis key of a pool starts with this; the {namespace/pool} hash tag keeps a pool's keys
     in one cluster slot. The operator removes a deleted pool's keys by it."""
     return f"tars:{{{namespace}/{pool}}}"
+
+
+# Agents publish what GET /status answers ({"inflight": int, "draining": bool}, JSON) to the pool's
+# Redis under this key, on every change and every AGENT_STATE_REFRESH_SECONDS, expiring after
+# AGENT_STATE_TTL_SECONDS: the operator reads a pool's agents in one round trip (MGET) instead of
+# one GET /status each, and asks /status only of agents whose key is missing.
+AGENT_STATE_REFRESH_SECONDS = 5.0
+AGENT_STATE_TTL_SECONDS = 15
+
+
+def agent_state_key(namespace: str, pool: str, pod: str) -> str:
+    """Under the pool's prefix: removed with the pool's other keys (and by its TTL)."""
+    return f"{pool_key_prefix(namespace, pool)}:agent-state:{pod}"

@@ -27,6 +27,8 @@ LIMITER_DEGRADED = "tars_limiter_degraded"  # gauge: 1 while Redis is unreachabl
 
 # Operator.
 OPERATOR_RECONCILE_SECONDS = "tars_operator_reconcile_seconds"
+# histogram: from the start of a pool's observation (its pods, its agents' state) to the plan made from it
+OPERATOR_DECISION_SECONDS = "tars_operator_decision_seconds"
 OPERATOR_PODS_CREATED_TOTAL = "tars_operator_pods_created_total"  # counter{reason}
 OPERATOR_PODS_DELETED_TOTAL = "tars_operator_pods_deleted_total"  # counter{reason}
 OPERATOR_DESIRED_REPLICAS = "tars_operator_desired_replicas"

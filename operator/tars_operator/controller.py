@@ -28,7 +28,7 @@ from tars_operator.leader import Fence
 from tars_operator.policy.metrics import Metrics, Sample
 from tars_operator.policy.observe import PodState, pod_state
 from tars_operator.policy.plan import ControllerState, Plan, plan
-from tars_operator.sources import AgentClient, PrometheusReader
+from tars_operator.sources import AgentClient, AgentState, AgentStateReader, PrometheusReader
 from tars_operator.validation import Checked, check
 
 log = logging.getLogger("tars_operator")
@@ -88,18 +88,37 @@ class PoolController:
     checked_spec: tuple[int, Checked] | None = None  # (generation, its parsed spec)
     # The leader's authority (leader.py): every write is checked against it and cut off with it.
     fence: Fence = field(default_factory=Fence.unlimited)
+    # The agents' state as they publish it in Redis (one round trip for the pool); None: every
+    # agent is asked over HTTP (GET /status), as for a pool with a Redis of its own.
+    agent_states: AgentStateReader | None = None
 
     async def observe(self, indexed: Sequence[AgentPod]) -> tuple[list[PodState], dict[str, AgentPod]]:
         """The pool's own pods (controller owner = this pool), with the agents' in-flight counts.
 
-        Ready agents and draining ones are asked: a draining agent reports NotReady, and
-        its in-flight count is what lets the drain end as soon as its work is done."""
+        Ready agents and draining ones count: a draining agent reports NotReady, and its
+        in-flight count is what lets the drain end as soon as its work is done. Their published
+        state is read first; only agents without a usable one are asked GET /status. When that
+        read fails, every count is unknown this cycle (which blocks scale-in, never reads as idle)."""
         mine = [p for p in indexed if p.owner_uid == self.uid]
+        working = [p.name for p in mine if _reports_work(p.state)]
+        published = (
+            await self.agent_states.read(self.namespace, self.name, working)
+            if self.agent_states is not None and working
+            else {}
+        )
         counts = await asyncio.gather(
-            *(self.agents.inflight(p.ip) if _reports_work(p.state) else _none() for p in mine)
+            *(self._inflight(p, published) if _reports_work(p.state) else _none() for p in mine)
         )
         states = [replace(p.state, inflight=n) for p, n in zip(mine, counts, strict=True)]
         return states, {p.name: p for p in mine}
+
+    async def _inflight(self, pod: AgentPod, published: Mapping[str, AgentState] | None) -> int | None:
+        if published is None:
+            return None  # the published states could not be read: unknown, asked again next second
+        state = published.get(pod.name)
+        if state is not None and published_count_holds(pod.state, state):
+            return state.inflight
+        return await self.agents.inflight(pod.ip)
 
     def busy_changed(self, pods: Sequence[PodState]) -> bool:
         """True when the set of busy agents changed since the last cycle (a reason to act now)."""
@@ -141,9 +160,16 @@ class PoolController:
         return self.checked_spec[1]
 
     async def cycle(
-        self, body: Mapping[str, Any], pods: Sequence[PodState], by_name: Mapping[str, AgentPod]
+        self,
+        body: Mapping[str, Any],
+        pods: Sequence[PodState],
+        by_name: Mapping[str, AgentPod],
+        observed_at: float | None = None,
     ) -> Plan:
+        """One reconcile of `pods`; `observed_at` (time.monotonic()) is when their observation
+        began, the start of the decision latency (default: now)."""
         started = time.monotonic()
+        observed_at = started if observed_at is None else observed_at
         checked = self.checked(body)
         parsed = checked[0]
         if parsed is not None:
@@ -165,9 +191,10 @@ class PoolController:
             self.state,
             self.defaults,
         )
+        labels = {"namespace": self.namespace, "pool": self.name}
+        observability.DECISION_SECONDS.labels(**labels).observe(time.monotonic() - observed_at)
         created = await self.apply(result, by_name)
         self.state = result.expect(created)
-        labels = {"namespace": self.namespace, "pool": self.name}
         observability.RECONCILE_SECONDS.labels(**labels).observe(time.monotonic() - started)
         desired = result.status.get("desiredReplicas")
         if desired is not None:
@@ -285,6 +312,23 @@ class PoolController:
 
 class _Fenced(Exception):
     """This replica's leadership lapsed: apply stops before its next write."""
+
+
+def agent_state_source(
+    spec: models.AgentPoolSpec | None, reader: AgentStateReader | None
+) -> AgentStateReader | None:
+    """Where a pool's agents' published state is read: agents publish to their pool's Redis and the
+    operator reads the default one only, so a pool with a Redis of its own is asked over HTTP."""
+    return reader if spec is not None and spec.redis is None else None
+
+
+def published_count_holds(pod: PodState, published: AgentState) -> bool:
+    """Whether an agent's published in-flight count may stand for its GET /status answer.
+
+    For a pod being drained, only a state published after the drain took effect: the agent takes
+    no task after it, so that count misses none taken before and can only fall. An older one may
+    predate a task taken just before the drain; deleting on it would cut that task off."""
+    return pod.draining_since is None or published.draining
 
 
 def _reports_work(pod: PodState) -> bool:

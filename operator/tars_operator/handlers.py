@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,19 +24,22 @@ from redis.exceptions import RedisError
 
 from tars_contract import contract
 from tars_operator import builders, models, observability
-from tars_operator.controller import AgentPod, PoolController, index_entry
+from tars_operator.controller import AgentPod, PoolController, agent_state_source, index_entry
 from tars_operator.events import COMPONENT, EventRecorder, ObjectRef
 from tars_operator.kubeclient import api_client
 from tars_operator.leader import Fence
 from tars_operator.pool_keys import forget_pool_keys
 from tars_operator.security import AccessConfig, PoolAccess
 from tars_operator.settings import OperatorSettings
-from tars_operator.sources import AgentClient, PrometheusReader
+from tars_operator.sources import AgentClient, AgentStateReader, PrometheusReader
 from tars_operator.supervision import Backoff, supervise
 
 log = logging.getLogger("tars_operator")
 POLL_SECONDS = 1.0
 REDIS_TIMEOUT_S = 5.0
+# Reading the agents' state is on every pool's 1 s loop: a slow Redis must not hold it long
+# (the loop then asks the agents over HTTP).
+AGENT_STATE_TIMEOUT_S = 1.0
 
 # Set by main() before kopf starts.
 SETTINGS = OperatorSettings()
@@ -71,6 +75,18 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # The default Redis, only to remove deleted pools' keys (no connection until one is deleted).
     memo.redis = aioredis.from_url(
         SETTINGS.redis_url, password=SETTINGS.redis_password, socket_timeout=REDIS_TIMEOUT_S
+    )
+    memo.agent_states = (
+        AgentStateReader(
+            aioredis.from_url(
+                SETTINGS.redis_url,
+                password=SETTINGS.redis_password,
+                socket_timeout=AGENT_STATE_TIMEOUT_S,
+                socket_connect_timeout=AGENT_STATE_TIMEOUT_S,
+            )
+        )
+        if SETTINGS.agent_state == "redis"
+        else None
     )
 
 
@@ -151,6 +167,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await stop_pools()  # first: the loops use the clients closed below
     await memo.agents.close()
     await memo.redis.aclose()
+    if memo.agent_states is not None:
+        await memo.agent_states.close()
     await memo.api.close()
 
 
@@ -193,8 +211,10 @@ async def _run_pool(
         body = runner.body
         parsed, _problems = controller.checked(body)
         interval = parsed.scaling.interval.delta.total_seconds() if parsed else 10.0
+        controller.agent_states = agent_state_source(parsed, memo.agent_states)
         woken = wake.is_set()
         wake.clear()
+        observed_at = time.monotonic()
         pods, by_name = await controller.observe(list(agent_pods.get(key, [])))
         due = loop.time() - last_cycle >= interval
         if controller.busy_changed(pods) or woken or due:
@@ -203,7 +223,7 @@ async def _run_pool(
             for error in await access.ensure(parsed) if FENCE.holds() else []:
                 log.warning("pool %s/%s: %s", namespace, name, error)
                 await controller.event("Warning", "AccessFailed", error)
-            await controller.cycle(body, pods, by_name)
+            await controller.cycle(body, pods, by_name, observed_at)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), POLL_SECONDS)
 

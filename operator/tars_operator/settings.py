@@ -22,6 +22,9 @@ class OperatorSettings:
     lease_name: str = "tars-operator"
     identity: str = field(default_factory=socket.gethostname)
     log_format: str = "json"  # json: one object per line, for log pipelines; text: for people
+    # How the agents' in-flight counts are read: "redis" (what they publish, one MGET per pool;
+    # GET /status only for those without a published state) or "http" (GET /status of each).
+    agent_state: str = "redis"
     # Secrets come from the environment only (the chart: secretKeyRef), never from flags, and
     # are kept out of repr. The key derives each pool's agent token (security.agent_token).
     agent_token_key: str | None = field(default=None, repr=False)
@@ -72,6 +75,14 @@ def parse(argv: list[str]) -> OperatorSettings:
     parser.add_argument("--identity", default=env("POD_NAME", socket.gethostname()))
     parser.add_argument("--log-format", choices=("json", "text"), default=env("TARS_LOG_FORMAT", "json"))
     parser.add_argument(
+        "--agent-state",
+        choices=("redis", "http"),
+        default=env("TARS_AGENT_STATE", OperatorSettings.agent_state),
+        help="redis: read the agents' published state from the default Redis, one round trip per "
+        "pool (GET /status only for agents without one, and for pools with a Redis of their own); "
+        "http: GET /status of every agent every second",
+    )
+    parser.add_argument(
         "--network-policy",
         action="store_true",
         help="create a NetworkPolicy per pool: ingress to the agents' port only from the operator "
@@ -108,6 +119,7 @@ def parse(argv: list[str]) -> OperatorSettings:
         lease_name=args.lease_name,
         identity=args.identity,
         log_format=args.log_format,
+        agent_state=args.agent_state,
         agent_token_key=env(ENV_AGENT_TOKEN_KEY) or None,
         redis_password=env(ENV_REDIS_PASSWORD) or None,
         network_policy=args.network_policy,

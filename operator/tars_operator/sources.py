@@ -1,4 +1,5 @@
-"""What the operator reads besides the API server: Prometheus and the agents.
+"""What the operator reads besides the API server: Prometheus and the agents (their state as
+they publish it in Redis, and their HTTP side).
 
 Both are I/O edges of the reconcile; they never raise into it: a failure is
 returned as data (a missing sample with the error text, an unknown in-flight
@@ -9,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
+import redis.asyncio as aioredis
 from prometheus_api_client import PrometheusConnect
+from redis.exceptions import RedisError
 from urllib3.util.retry import Retry
 
 from tars_contract import contract
@@ -127,3 +132,50 @@ class AgentClient:
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return f"POST {contract.PATH_DRAIN} to {pod_ip} failed: {exc}"[:1000]
         return None
+
+
+@dataclass(frozen=True)
+class AgentState:
+    """What an agent published (contract.agent_state_key): the same as its GET /status."""
+
+    inflight: int
+    draining: bool
+
+
+def parse_agent_state(raw: bytes | str | None) -> AgentState | None:
+    """An agent's published state; None when there is none or it is not what the contract says."""
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+        inflight, draining = data["inflight"], data["draining"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if type(inflight) is not int or inflight < 0 or type(draining) is not bool:
+        return None
+    return AgentState(inflight, draining)
+
+
+class AgentStateReader:
+    """The agents' published state, read from the default Redis: one MGET per pool and cycle."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def read(self, namespace: str, pool: str, pods: Sequence[str]) -> dict[str, AgentState] | None:
+        """Pod name -> its state, for the pods that published one; None when Redis did not answer
+        (then nobody's state is known this cycle: asking every agent over HTTP instead would add a
+        request per agent exactly when the operator or Redis is overloaded)."""
+        if not pods:
+            return {}
+        keys = [contract.agent_state_key(namespace, pool, pod) for pod in pods]
+        try:
+            values = await self._redis.mget(keys)
+        except (RedisError, OSError):
+            return None
+        return {
+            pod: state for pod, raw in zip(pods, values, strict=True) if (state := parse_agent_state(raw))
+        }

@@ -18,13 +18,14 @@ from typing import Any
 import aiohttp
 from factories import raw_spec
 from kubernetes_asyncio.client.exceptions import ApiException
+from prometheus_client import REGISTRY
 
 from tars_operator import builders
 from tars_operator.controller import AgentPod, PoolController
 from tars_operator.leader import Fence
 from tars_operator.policy.metrics import Sample
 from tars_operator.policy.observe import PodState
-from tars_operator.sources import QueryResult
+from tars_operator.sources import AgentState, QueryResult
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -258,3 +259,85 @@ def test_a_write_cannot_outlive_the_leaders_fence() -> None:
     # Cut off when the fence lapsed, and nothing after it was written.
     assert time.monotonic() - started < 5
     assert s.custom.writes == []
+
+
+def test_the_decision_latency_runs_from_the_start_of_the_observation_to_the_plan_not_the_writes() -> None:
+    s = make(raw_spec(warm={"min": 1}, replicas={"min": 1, "max": 5}))
+    labels = {"namespace": "ns", "pool": "p"}
+
+    def observed() -> tuple[float, float]:
+        total = REGISTRY.get_sample_value("tars_operator_decision_seconds_sum", labels) or 0.0
+        count = REGISTRY.get_sample_value("tars_operator_decision_seconds_count", labels) or 0.0
+        return total, count
+
+    original = s.core.create_namespaced_pod
+
+    async def slow_create(namespace: str, body: Mapping[str, Any]) -> Any:
+        await asyncio.sleep(1.0)  # a slow API server: the plan was made before this write
+        return await original(namespace, body)
+
+    s.core.create_namespaced_pod = slow_create  # type: ignore[method-assign]
+    before_sum, before_count = observed()
+    asyncio.run(s.controller.cycle(s.custom.stored, [], {}, observed_at=time.monotonic() - 2.0))
+    after_sum, after_count = observed()
+    assert after_count == before_count + 1
+    assert 2.0 <= after_sum - before_sum < 2.9
+    assert s.core.created == 1
+
+
+@dataclass
+class FakeAgentStates:
+    """What agents published, by pod name; `fail`: Redis did not answer (read() returns None)."""
+
+    states: dict[str, AgentState] = field(default_factory=dict)
+    reads: list[list[str]] = field(default_factory=list)
+    fail: bool = False
+
+    async def read(self, namespace: str, pool: str, pods: Sequence[str]) -> dict[str, AgentState] | None:
+        self.reads.append(list(pods))
+        if self.fail:
+            return None
+        return {p: self.states[p] for p in pods if p in self.states}
+
+
+def test_published_states_replace_the_status_polls_and_only_agents_without_one_are_asked() -> None:
+    s = make(raw_spec(warm={"min": 2}, replicas={"min": 0, "max": 5}))
+    published, silent, starting = agent("p-aaaaa"), agent("p-bbbbbbb"), agent("p-cc", ready=False)
+    states = FakeAgentStates({"p-aaaaa": AgentState(inflight=2, draining=False)})
+    s.controller.agent_states = states  # type: ignore[assignment]
+    s.agents.inflight_by_ip[silent.ip or ""] = 0
+    pods, _ = asyncio.run(s.controller.observe([published, silent, starting]))
+    assert states.reads == [["p-aaaaa", "p-bbbbbbb"]]  # one read for the pool's working agents
+    assert s.agents.asked == [silent.ip]  # GET /status only where nothing was published
+    assert [p.inflight for p in pods] == [2, 0, None]
+
+
+def test_a_draining_agents_published_count_stands_only_once_it_says_it_is_draining() -> None:
+    s = make(raw_spec(warm={"min": 0}, replicas={"min": 0, "max": 5}))
+    # Drained 5 s ago by the clock the plan reads (not NOW, taken at import): far from its timeout.
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
+    draining = agent("p-aaaaa", ready=False, draining_since=since)
+    states = FakeAgentStates({"p-aaaaa": AgentState(inflight=0, draining=False)})
+    s.controller.agent_states = states  # type: ignore[assignment]
+    # Published before the drain took effect: it may miss a task taken just before. Ask the agent.
+    s.agents.inflight_by_ip[draining.ip or ""] = 1
+    asyncio.run(cycle(s, s.custom.stored, [draining]))
+    assert s.agents.asked == [draining.ip]
+    assert ("delete", "p-aaaaa") not in s.core.calls
+    # Published after the drain, with nothing in flight: done, without asking the agent.
+    states.states["p-aaaaa"] = AgentState(inflight=0, draining=True)
+    s.agents.asked.clear()
+    asyncio.run(cycle(s, s.custom.stored, [draining]))
+    assert s.agents.asked == []
+    assert ("delete", "p-aaaaa") in s.core.calls
+
+
+def test_when_the_published_states_cannot_be_read_every_count_is_unknown_without_a_poll_storm() -> None:
+    s = make(raw_spec(warm={"min": 0}, replicas={"min": 0, "max": 5}))
+    pods = [agent("p-aaaaa"), agent("p-bbbbbbb")]
+    s.controller.agent_states = FakeAgentStates(fail=True)  # type: ignore[assignment]
+    observed, _ = asyncio.run(s.controller.observe(pods))
+    assert s.agents.asked == []  # no GET /status per agent while Redis (or we) are overloaded
+    assert [p.inflight for p in observed] == [None, None]  # unknown: never read as idle
+    asyncio.run(cycle(s, s.custom.stored, pods))
+    assert not [c for c in s.core.calls if c[0] in ("patch", "delete")]  # nothing scaled in on it

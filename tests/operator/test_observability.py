@@ -9,6 +9,7 @@ def test_a_deleted_pools_series_are_dropped_and_the_others_kept() -> None:
     for pool in ("gone", "kept"):
         labels = {"namespace": "ns-obs", "pool": pool}
         o.RECONCILE_SECONDS.labels(**labels).observe(0.1)
+        o.DECISION_SECONDS.labels(**labels).observe(0.1)
         o.PODS_CREATED.labels(**labels, reason="scale-up").inc()
         o.PODS_DELETED.labels(**labels, reason="drained").inc()
         o.DESIRED_REPLICAS.labels(**labels).set(2)
@@ -18,4 +19,4 @@ def test_a_deleted_pools_series_are_dropped_and_the_others_kept() -> None:
     o.forget_pool("ns-obs", "gone")
     text = generate_latest().decode()
     assert 'pool="gone"' not in text
-    assert text.count('namespace="ns-obs",pool="kept"') >= 7
+    assert text.count('namespace="ns-obs",pool="kept"') >= 8

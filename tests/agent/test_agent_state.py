@@ -1,0 +1,72 @@
+"""The agent publishes its GET /status answer to Redis (contract.agent_state_key) for the operator."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import redis.asyncio as aioredis
+from e2e.harness import async_eventually
+
+from tars_agent.client import TaskClient
+from tars_agent.mockllm import MockLLM
+from tars_contract import contract
+from tars_operator.sources import AgentState, AgentStateReader
+
+from .conftest import AUTH, agent_settings, running_agent
+
+
+async def test_the_agent_publishes_its_work_and_its_drain_at_once_and_with_a_ttl(
+    redis_client: aioredis.Redis, redis_url: str, mock_llm: MockLLM
+) -> None:
+    mock_llm.config.response_tokens = 200
+    mock_llm.config.chunk_delay_s = 0.05  # a task of ~10 s: in flight while we look
+    settings = agent_settings(redis_url, mock_llm.url)
+    key = contract.agent_state_key(settings.namespace, settings.pool, settings.pod_name)
+
+    async def published() -> object:
+        raw = await redis_client.get(key)
+        return json.loads(raw) if raw else None
+
+    async with running_agent(settings) as agent:
+        assert await async_eventually(published, 5, "the idle state") == {"inflight": 0, "draining": False}
+        ttl = await redis_client.ttl(key)
+        assert 0 < ttl <= contract.AGENT_STATE_TTL_SECONDS  # a dead agent's state goes by itself
+        client = TaskClient(redis_client, settings.namespace, settings.pool)
+        await client.submit_payload({"messages": [{"role": "user", "content": "long"}], "max_tokens": 200})
+        await async_eventually(lambda: len(agent.inflight) == 1, 20, "the agent to take the task")
+        # From the moment it has the task, well within the refresh period: published on the
+        # change, not on the next refresh.
+        within = contract.AGENT_STATE_REFRESH_SECONDS / 2
+
+        async def busy() -> bool:
+            return await published() == {"inflight": 1, "draining": False}
+
+        await async_eventually(busy, within, "the task in flight published")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}") as http:
+            assert (await http.post(contract.PATH_DRAIN, headers=AUTH)).status_code == 202
+
+        async def drained() -> bool:
+            return await published() == {"inflight": 1, "draining": True}
+
+        await async_eventually(drained, within, "the drain published")
+
+
+async def test_the_operator_reads_what_the_agents_published_in_one_round_trip(
+    redis_client: aioredis.Redis, redis_url: str, mock_llm: MockLLM
+) -> None:
+    settings = agent_settings(redis_url, mock_llm.url)
+    reader = AgentStateReader(aioredis.Redis.from_url(redis_url))
+    try:
+        async with running_agent(settings):
+
+            async def read() -> dict[str, AgentState]:
+                return await reader.read(
+                    settings.namespace, settings.pool, [settings.pod_name, "never-started"]
+                )
+
+            states = await async_eventually(read, 5, "the agent's published state")
+            # The pod that never published is absent: the operator asks it over HTTP instead.
+            assert states == {settings.pod_name: AgentState(inflight=0, draining=False)}
+    finally:
+        await reader.close()
