@@ -143,12 +143,12 @@ SLOT_US: contextvars.ContextVar[int | None] = contextvars.ContextVar("slot_us", 
 
 
 class SlotRecordingLimiter(SharedLimiter):
-    """Ours, noting the reserved start (limiter v2's Reservation.slot_us, when it has one) for the
-    request that follows in the same task."""
+    """Ours, noting the reserved start (Reservation.slot_us, on Redis' clock) for the request that
+    follows in the same task."""
 
     async def acquire(self, priority: str, tokens: int, timeout_s: float) -> Reservation:
         reservation = await super().acquire(priority, tokens, timeout_s)
-        SLOT_US.set(getattr(reservation, "slot_us", None))
+        SLOT_US.set(reservation.slot_us)
         return reservation
 
 
@@ -336,7 +336,7 @@ class Tars(Contender):
             retry=Retry(NoBackoff(), 0),
         )
         budget = Budget.from_rates("bench", requests_per_minute=self.spec.rpm)
-        self.limiter = SlotRecordingLimiter(self.conn, budget, expected_pool_size=self.spec.processes)
+        self.limiter = SlotRecordingLimiter(self.conn, budget)
         config = LLMConfig(base_url=self.spec.llm_url)
         # httpx ignores `limits` when given a transport, so the pool sizes go to the inner one
         inner = httpx.AsyncHTTPTransport(
@@ -367,12 +367,11 @@ class Tars(Contender):
 
     async def acquire(self) -> None:
         reservation = await self.limiter.acquire(PRIORITY, 0, 3600)
-        slot = getattr(reservation, "slot_us", None)
-        if slot is not None:
-            self.slots.append((time.time_ns() // 1000, slot))
+        self.slots.append((time.time_ns() // 1000, reservation.slot_us))
 
     async def close(self) -> None:
         await self.client.aclose()
+        await self.limiter.aclose()  # the give-backs of cancelled callers reach Redis first
         await self.conn.aclose()
 
 
