@@ -5,7 +5,7 @@ export VENV ?= $(TARS_CACHE)/venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup lock images demo bench bench-coldwarm test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status
+.PHONY: help setup lock images demo bench bench-coldwarm bench-keda test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -25,6 +25,11 @@ bench: setup ## the limiter benchmark: naive retry vs shared limiter vs local li
 
 bench-coldwarm: cluster-up ## cold vs warm agents on the local cluster's real node (~2 min; ARGS=--rounds N)
 	$(PY) bench/coldwarm.py $(ARGS)
+
+# Only this target builds KEDA (first time ~15-30 min on 2 cores) and its images.
+bench-keda: cluster-up ## scale reaction: an AgentPool vs real KEDA v2.21 on the local cluster (~15 min; ARGS=--contenders ...)
+	bash hack/build-keda.sh
+	$(PY) bench/keda_vs_operator.py $(ARGS)
 
 helm-lint: cluster-build ## helm lint --strict the chart
 	$(TARS_CACHE)/bin/helm lint --strict helm/tars-operator --kube-version 1.37.0
