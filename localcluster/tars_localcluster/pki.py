@@ -109,7 +109,9 @@ class Pki:
         if not self.ca_cert.exists():
             self._make_ca(self.ca_cert, self.ca_key, "tars-localcluster-ca")
         if front_proxy_clients and not self.front_proxy_ca_cert.exists():
-            self._make_ca(self.front_proxy_ca_cert, self.front_proxy_ca_key, "tars-localcluster-front-proxy-ca")
+            self._make_ca(
+                self.front_proxy_ca_cert, self.front_proxy_ca_key, "tars-localcluster-front-proxy-ca"
+            )
         if not self.sa_key.exists():
             sa = ec.generate_private_key(ec.SECP256R1())
             _write_key(self.sa_key, sa)
