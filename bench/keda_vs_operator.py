@@ -54,7 +54,7 @@ from redis.exceptions import ResponseError
 
 import keda_install
 from tars_agent.client import TaskClient
-from tars_agent.queue import GROUP, PoolKeys
+from tars_agent.queue import GROUP, PoolKeys, QueueFull
 from tars_contract import contract
 from tars_localcluster.config import ClusterConfig
 from tars_localcluster.kubectl import Kubectl
@@ -126,6 +126,7 @@ class Run:
     tasks: int = 0
     redelivered: int = 0
     lost: int = 0
+    refused: int = 0  # trickle submissions the full queue refused
 
 
 # ---- pure: the contenders' objects ------------------------------------------------------------
@@ -284,6 +285,9 @@ def table(runs: Sequence[Run]) -> str:
             f"{run.contender:<14}{_s(r.decision):>11}{_s(r.first_ready):>12}{_s(r.drained):>10}"
             f"{r.peak_desired:>6}{r.deleted:>8}{r.busy_killed:>12}{run.redelivered:>12}{run.lost:>6}{run.tasks:>7}"
         )
+    for run in runs:
+        if run.refused:
+            lines.append(f"{run.contender}: the full queue refused {run.refused} trickle submissions")
     ours = reactions.get("operator")
     if ours and ours.decision:
         lines.append("")
@@ -478,7 +482,10 @@ async def measure(
 
         async def trickle() -> None:
             while not stop.is_set():
-                submitted.append(await tasks.submit_payload(TASK))
+                try:
+                    submitted.append(await tasks.submit_payload(TASK))
+                except QueueFull:  # backpressure: this one is not submitted, and so not counted
+                    run.refused += 1
                 await asyncio.sleep(1 / cfg.trickle)
 
         trickler = asyncio.create_task(trickle())
@@ -646,7 +653,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
         "--contenders", default=",".join(DEFAULT_CONTENDERS), help=f"of {', '.join(CONTENDERS)}"
     )
     parser.add_argument("--burst", type=int, default=400)
-    parser.add_argument("--trickle", type=float, default=2.0, help="tasks/s after the burst")
+    parser.add_argument("--trickle", type=float, default=1.5, help="tasks/s after the burst")
     parser.add_argument("--latency", type=float, default=1.5, help="the mock LLM's seconds per answer")
     parser.add_argument(
         "--settle", type=float, default=75.0, help="seconds observed after the backlog drained"
