@@ -54,7 +54,7 @@ from redis.exceptions import ResponseError
 
 import keda_install
 from tars_agent.client import TaskClient
-from tars_agent.queue import GROUP, PoolKeys, QueueFull
+from tars_agent.queue import GROUP, PoolKeys, QueueFull, Submitted
 from tars_contract import contract
 from tars_localcluster.config import ClusterConfig
 from tars_localcluster.kubectl import Kubectl
@@ -66,6 +66,7 @@ TASK = {"messages": [{"role": "user", "content": "work"}], "max_tokens": 4}
 RELEASE, RELEASE_NAMESPACE = "tars-operator-bench-keda", "bench-keda-system"
 THRESHOLD, FLOOR, CEILING = 50, 3, 10
 SAMPLE_S = 0.5
+SUBMITTERS = 32
 JSON = dict[str, Any]
 
 
@@ -478,7 +479,19 @@ async def measure(
             f"[{c.name}] {FLOOR} agents Ready; burst of {cfg.burst} tasks, then {cfg.trickle}/s", flush=True
         )
         run.burst_at = time.time()
-        submitted = list(await asyncio.gather(*(tasks.submit_payload(TASK) for _ in range(cfg.burst))))
+        # At once, over at most SUBMITTERS connections (the Redis client's pool is bounded).
+        gate = asyncio.Semaphore(SUBMITTERS)
+
+        async def submit() -> Submitted:
+            async with gate:
+                return await tasks.submit_payload(TASK)
+
+        try:
+            submitted = list(await asyncio.gather(*(submit() for _ in range(cfg.burst))))
+        except BaseException:
+            stop.set()
+            await sampling
+            raise
 
         async def trickle() -> None:
             while not stop.is_set():
