@@ -55,6 +55,7 @@ from redis.exceptions import ResponseError
 import keda_install
 from tars_agent.client import TaskClient
 from tars_agent.queue import GROUP, PoolKeys, QueueFull, Submitted
+from tars_agent.tasks import TaskResult
 from tars_contract import contract
 from tars_localcluster.config import ClusterConfig
 from tars_localcluster.kubectl import Kubectl
@@ -486,6 +487,14 @@ async def measure(
             async with gate:
                 return await tasks.submit_payload(TASK)
 
+        async def result(task_id: str) -> TaskResult | None:
+            async with gate:
+                return await tasks.result(task_id)
+
+        async def chunks(task_id: str) -> Any:
+            async with gate:
+                return await client.xrange(keys.chunks(task_id))
+
         try:
             submitted = list(await asyncio.gather(*(submit() for _ in range(cfg.burst))))
         except BaseException:
@@ -530,17 +539,17 @@ async def measure(
         ids = [t.task_id for t in submitted]
 
         async def all_finished() -> bool:
-            results = await asyncio.gather(*(tasks.result(i) for i in ids))
+            results = await asyncio.gather(*(result(i) for i in ids))
             return all(r is not None and r.status in ("done", "dead") for r in results)
 
         try:
             await until(all_finished, 120, f"{c.name}: every task to finish")
         except SystemExit as exc:
             print(f"[{c.name}] {exc}", flush=True)
-        results = await asyncio.gather(*(tasks.result(i) for i in ids))
+        results = await asyncio.gather(*(result(i) for i in ids))
         run.tasks = len(ids)
         run.lost = sum(1 for r in results if r is None or r.status != "done")
-        starts = await asyncio.gather(*(client.xrange(keys.chunks(i)) for i in ids))
+        starts = await asyncio.gather(*(chunks(i) for i in ids))
         run.redelivered = sum(1 for entries in starts if attempts_begun(entries) > 1)
     return run
 
