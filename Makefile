@@ -7,7 +7,7 @@ BENCH_VENV ?= $(TARS_CACHE)/venv-bench
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup lock images demo bench bench-limiters bench-coldwarm test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status bench-memory bench-pickup bench-scale
+.PHONY: help setup lock images demo bench bench-limiters bench-coldwarm test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status bench-memory bench-pickup bench-scale bench-keda
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -40,6 +40,11 @@ bench-pickup: cluster-up ## warm pickup at 45 tasks/s, a 300-task burst, cold pa
 
 bench-scale: cluster-build ## the operator at 100 pools x 20 agents on kwok, in a network namespace of its own (~12 min; ARGS=--quick)
 	$(PY) bench/operator_scale.py $(ARGS)
+
+# Only this target builds KEDA (first time ~15-30 min on 2 cores) and its images.
+bench-keda: cluster-up ## scale reaction: an AgentPool vs real KEDA v2.21 on the local cluster (~15 min; ARGS=--contenders ...)
+	bash hack/build-keda.sh
+	$(PY) bench/keda_vs_operator.py $(ARGS)
 
 helm-lint: cluster-build ## helm lint --strict the chart
 	$(TARS_CACHE)/bin/helm lint --strict helm/tars-operator --kube-version 1.37.0

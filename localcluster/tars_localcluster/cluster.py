@@ -51,6 +51,9 @@ KUBE_PROXY = ClientIdentity("kube-proxy", "system:kube-proxy")
 # The API server's identity towards kubelets (logs, exec, port-forward); bound to
 # system:kubelet-api-admin by addons/node-rbac.yaml.
 APISERVER_KUBELET_CLIENT = ClientIdentity("apiserver-kubelet-client", "kube-apiserver-kubelet-client")
+# The API server's identity towards aggregated API servers (an APIService's backend, e.g. a
+# metrics adapter); signed by the front-proxy CA, which those servers trust for user headers.
+FRONT_PROXY_CLIENT = ClientIdentity("front-proxy-client", "front-proxy-client")
 ADDONS_DIR = LOCALCLUSTER_DIR / "addons"
 
 DAEMONS = (
@@ -99,6 +102,23 @@ def write_kubeconfig(path: Path, server: str, pki: Pki, stem: str, user: str) ->
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     path.chmod(0o600)
+
+
+def aggregation_flags(pki: Pki) -> list[str]:
+    """The aggregation layer: the API server proxies an APIService's group to its Service with the
+    front-proxy client certificate and the user in X-Remote-* headers, which the backend trusts
+    only from certificates of the front-proxy CA whose CN is on the allowed list (it reads the CA
+    from the kube-system/extension-apiserver-authentication ConfigMap). No
+    --enable-aggregator-routing: kube-proxy runs on the host, so the API server reaches Service IPs."""
+    return [
+        f"--requestheader-client-ca-file={pki.front_proxy_ca_cert}",
+        f"--requestheader-allowed-names={FRONT_PROXY_CLIENT.common_name}",
+        "--requestheader-username-headers=X-Remote-User",
+        "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={pki.cert(FRONT_PROXY_CLIENT.file_stem)}",
+        f"--proxy-client-key-file={pki.key(FRONT_PROXY_CLIENT.file_stem)}",
+    ]
 
 
 def pod_security_config() -> dict[str, object]:
@@ -289,7 +309,7 @@ class Cluster:
             ),
             ServingIdentity("kubelet-serving", cfg.node_name, ips=(cfg.gateway_ip,), names=(cfg.node_name,)),
         ]
-        self.pki.ensure(servers, clients)
+        self.pki.ensure(servers, clients, [FRONT_PROXY_CLIENT])
         write_kubeconfig(cfg.admin_kubeconfig, cfg.apiserver_url, self.pki, ADMIN.file_stem, "admin")
         for ident in (CONTROLLER_MANAGER, SCHEDULER, kubelet_identity(cfg.node_name), KUBE_PROXY):
             write_kubeconfig(
@@ -341,6 +361,7 @@ class Cluster:
                 f"--kubelet-client-certificate={pki.cert(APISERVER_KUBELET_CLIENT.file_stem)}",
                 f"--kubelet-client-key={pki.key(APISERVER_KUBELET_CLIENT.file_stem)}",
                 "--kubelet-preferred-address-types=InternalIP",
+                *aggregation_flags(pki),
                 f"--service-account-issuer={issuer}",
                 f"--api-audiences={issuer}",
                 f"--service-account-key-file={pki.sa_pub}",

@@ -16,6 +16,9 @@ not have yet, under the refs of the table. Three kinds of image:
   umoci: pause (compiled from Kubernetes' pause.c), Redis (Debian's redis-server from this machine),
   and the Go programs `make cluster-build` puts into $TARS_CACHE/bin.
 
+Images marked `on_demand` (KEDA's, for `make bench-keda`) are built and imported only when named:
+`build()` and `import_into()` without names, and so `make cluster-up`, leave them out.
+
 CLI: `python -m tars_localcluster.images build [NAME...] [--force]`,
 `... import --address SOCKET [--namespace k8s.io] [NAME...]`, `... list`.
 """
@@ -99,11 +102,12 @@ class DockerfileImage:
 
 @dataclass(frozen=True)
 class CacheBinary:
-    """$TARS_CACHE/bin/NAME, built by `make cluster-build`; when build.sh wrote bin/.NAME.version, it
-    must say VERSION."""
+    """$TARS_CACHE/bin/NAME, built by BUILT_BY; when that wrote bin/.NAME.version, it must say
+    VERSION."""
 
     name: str
     version: str | None = None
+    built_by: str = "`make cluster-build`"
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,7 @@ class StaticImage:
     workdir: str = "/"
     ports: tuple[str, ...] = ()
     runtime: bool = True
+    on_demand: bool = False  # built and imported only when named (see the module's docstring)
 
 
 Image: TypeAlias = DebianImage | DockerfileImage | StaticImage
@@ -184,6 +189,9 @@ _PINS = read_versions()
 COREDNS_VERSION = _PINS.get("COREDNS_VERSION", "v1.15.0")
 PROMETHEUS_VERSION = _PINS.get("PROMETHEUS_VERSION", "v3.16.0")
 PROMETHEUS_OPERATOR_VERSION = _PINS.get("PROMETHEUS_OPERATOR_VERSION", "v0.93.1")
+# hack/build-keda.sh's default: the KEDA the scale-reaction benchmark runs against.
+KEDA_VERSION = "v2.21.0"
+KEDA_BUILD = "`hack/build-keda.sh` (`make bench-keda` runs it)"
 
 # The config a Prometheus started without one reads (the prometheus-operator passes its own).
 PROMETHEUS_YML = """\
@@ -308,6 +316,29 @@ IMAGES: tuple[Image, ...] = (
         entrypoint=("/bin/operator",),
         ports=("8080/tcp",),
     ),
+    # As upstream's images (distroless/static:nonroot): the program at the same path, uid 65532.
+    # The operator runs on a read-only root; the adapter (an aggregated API server) too, with an
+    # emptyDir at /tmp for what it writes there.
+    StaticImage(
+        "keda-operator",
+        f"localhost/tars/keda:{KEDA_VERSION}",
+        files=(File("/keda", CacheBinary("keda-operator", KEDA_VERSION, KEDA_BUILD)),),
+        users=((65532, "nonroot", "/home/nonroot"),),
+        user="65532:65532",
+        entrypoint=("/keda",),
+        ports=("8080/tcp", "8081/tcp", "9666/tcp"),
+        on_demand=True,
+    ),
+    StaticImage(
+        "keda-adapter",
+        f"localhost/tars/keda-metrics-apiserver:{KEDA_VERSION}",
+        files=(File("/keda-adapter", CacheBinary("keda-adapter", KEDA_VERSION, KEDA_BUILD)),),
+        users=((65532, "nonroot", "/home/nonroot"),),
+        user="65532:65532",
+        entrypoint=("/keda-adapter",),
+        ports=("6443/tcp", "8080/tcp"),
+        on_demand=True,
+    ),
 )
 BY_NAME: dict[str, Image] = {image.name: image for image in IMAGES}
 
@@ -348,9 +379,14 @@ def read_stamp(name: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def on_demand(image: Image) -> bool:
+    return isinstance(image, StaticImage) and image.on_demand
+
+
 def select(names: Iterable[str] | None, *, with_bases: bool = True) -> list[Image]:
-    """The images NAMES (all when None), with the images they are built FROM, in table order."""
-    wanted = set(BY_NAME) if names is None else set(names)
+    """The images NAMES (when None: all but the on-demand ones), with the images they are built
+    FROM, in table order."""
+    wanted = {i.name for i in IMAGES if not on_demand(i)} if names is None else set(names)
     unknown = sorted(wanted - set(BY_NAME))
     if unknown:
         raise ImageError(f"unknown image(s) {', '.join(unknown)}; the images are: {', '.join(BY_NAME)}")
@@ -549,7 +585,7 @@ def _check_binary_version(binary: CacheBinary, path: Path) -> None:
     if built.lstrip("v") != binary.version.lstrip("v"):
         raise ImageError(
             f"{path} is version {built}, the image table (tars_localcluster/images.py) says"
-            f" {binary.version}: make them agree (update the table's tag or run `make cluster-build`)"
+            f" {binary.version}: make them agree (update the table's tag or run {binary.built_by})"
         )
 
 
@@ -617,7 +653,7 @@ def static_entries(image: StaticImage) -> tuple[list[Entry], dict[str, str]]:
                 path = cache_dir() / "bin" / source.name
                 if not path.exists():
                     raise ImageError(
-                        f"{image.name}: {path} is not built yet; run `make cluster-build`, which builds it"
+                        f"{image.name}: {path} is not built yet; run {source.built_by}, which builds it"
                     )
                 _check_binary_version(source, path)
             else:
@@ -1123,11 +1159,12 @@ def _build_one(image: Image, buildah: Buildah, force: bool, log: Log) -> Built:
 
 
 def build(names: Iterable[str] | None = None, *, force: bool = False, log: Log = print) -> dict[str, Built]:
-    """Build the images NAMES (default: all) and the bases they are built FROM, each only when it is
-    missing or its inputs changed (FORCE: the named ones anyway). Keeps going past a failure and then
-    raises ImageError naming every image that failed and why."""
-    wanted = set(BY_NAME) if names is None else set(names)
-    images = select(wanted)
+    """Build the images NAMES (default: all but the on-demand ones) and the bases they are built
+    FROM, each only when it is missing or its inputs changed (FORCE: the named ones anyway). Keeps
+    going past a failure and then raises ImageError naming every image that failed and why."""
+    named = None if names is None else set(names)
+    images = select(named)
+    wanted = {i.name for i in images} if named is None else named
     buildah = Buildah(images_dir() / "buildah")
     built: dict[str, Built] = {}
     failed: dict[str, str] = {}

@@ -1,11 +1,13 @@
 """The cluster's certificates and keys: one CA, the serving certificates of the
 API server and the kubelet, a client certificate per component, and the service-account
-signing key. Made once per cluster folder and reused."""
+signing key; for the aggregation layer, a separate front-proxy CA and the client certificate
+the API server presents to aggregated API servers. Made once per cluster folder and reused."""
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +74,14 @@ class Pki:
         return self.dir / "ca.key"
 
     @property
+    def front_proxy_ca_cert(self) -> Path:
+        return self.dir / "front-proxy-ca.crt"
+
+    @property
+    def front_proxy_ca_key(self) -> Path:
+        return self.dir / "front-proxy-ca.key"
+
+    @property
     def sa_key(self) -> Path:
         return self.dir / "sa.key"
 
@@ -85,11 +95,23 @@ class Pki:
     def key(self, stem: str) -> Path:
         return self.dir / f"{stem}.key"
 
-    def ensure(self, servers: list[ServingIdentity], clients: list[ClientIdentity]) -> None:
+    def ensure(
+        self,
+        servers: list[ServingIdentity],
+        clients: list[ClientIdentity],
+        front_proxy_clients: Sequence[ClientIdentity] = (),
+    ) -> None:
+        """Issue what is missing. FRONT_PROXY_CLIENTS are signed by the front-proxy CA: an
+        aggregated API server trusts the user headers of a request only from them, so that CA must
+        not be the one every other client certificate comes from."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o700)
         if not self.ca_cert.exists():
-            self._make_ca()
+            self._make_ca(self.ca_cert, self.ca_key, "tars-localcluster-ca")
+        if front_proxy_clients and not self.front_proxy_ca_cert.exists():
+            self._make_ca(
+                self.front_proxy_ca_cert, self.front_proxy_ca_key, "tars-localcluster-front-proxy-ca"
+            )
         if not self.sa_key.exists():
             sa = ec.generate_private_key(ec.SECP256R1())
             _write_key(self.sa_key, sa)
@@ -110,11 +132,19 @@ class Pki:
         for client in clients:
             if not self.cert(client.file_stem).exists():
                 self._issue(client.file_stem, _name(client.common_name, client.organizations), server=False)
+        for client in front_proxy_clients:
+            if not self.cert(client.file_stem).exists():
+                self._issue(
+                    client.file_stem,
+                    _name(client.common_name, client.organizations),
+                    server=False,
+                    ca=(self.front_proxy_ca_cert, self.front_proxy_ca_key),
+                )
 
-    def _make_ca(self) -> None:
+    def _make_ca(self, cert_path: Path, key_path: Path, common_name: str) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
-        name = _name("tars-localcluster-ca")
+        name = _name(common_name)
         cert = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -140,8 +170,8 @@ class Pki:
             )
             .sign(key, hashes.SHA256())
         )
-        _write_key(self.ca_key, key)
-        self.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(key_path, key)
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
     def _issue(
         self,
@@ -151,9 +181,11 @@ class Pki:
         server: bool,
         ips: list[str] | None = None,
         dns: list[str] | None = None,
+        ca: tuple[Path, Path] | None = None,
     ) -> None:
-        ca_key = _load_key(self.ca_key)
-        ca_cert = x509.load_pem_x509_certificate(self.ca_cert.read_bytes())
+        ca_cert_path, ca_key_path = ca or (self.ca_cert, self.ca_key)
+        ca_key = _load_key(ca_key_path)
+        ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH

@@ -43,6 +43,8 @@ def test_the_refs() -> None:
         "prometheus": f"localhost/tars/prometheus:{images.PROMETHEUS_VERSION}",
         "prometheus-config-reloader": f"localhost/tars/prometheus-config-reloader:{operator_version}",
         "prometheus-operator": f"localhost/tars/prometheus-operator:{operator_version}",
+        "keda-operator": f"localhost/tars/keda:{images.KEDA_VERSION}",
+        "keda-adapter": f"localhost/tars/keda-metrics-apiserver:{images.KEDA_VERSION}",
     }
     # The Go programs' tags are versions.env's pins (the add-on manifests name them from there).
     pins = read_versions()
@@ -54,6 +56,13 @@ def test_the_refs() -> None:
         assert getattr(images, key) == pins.get(key, default)
     # The base is only built FROM; the node runs the others.
     assert [i.name for i in images.IMAGES if not i.runtime] == ["python"]
+
+
+def test_keda_images_are_built_only_when_named() -> None:
+    """`make cluster-up` builds every image but KEDA's, which only `make bench-keda` needs."""
+    keda = {"keda-operator", "keda-adapter"}
+    assert keda.isdisjoint(i.name for i in images.select(None))
+    assert {i.name for i in images.select(sorted(keda))} == keda
 
 
 def test_the_chart_and_examples_name_the_images_we_build() -> None:
@@ -281,6 +290,9 @@ def test_go_images_say_how_to_get_their_binaries(tmp_path: Path, monkeypatch: py
         images.build(["coredns"], log=logged.append)
     assert "coredns" in str(failure.value) and "make cluster-build" in str(failure.value)
     assert any(line.startswith("[images] coredns: FAILED: ") for line in logged)
+    with pytest.raises(ImageError) as failure:
+        images.build(["keda-adapter"], log=logged.append)
+    assert "hack/build-keda.sh" in str(failure.value)
 
 
 def test_go_module_dir_escapes_capitals_as_the_module_cache_does(
