@@ -33,8 +33,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
-import platform
 import secrets
 import subprocess
 import sys
@@ -53,6 +51,7 @@ import yaml
 from redis.exceptions import ResponseError
 
 import keda_install
+from coldwarm import machine
 from tars_agent.client import TaskClient
 from tars_agent.queue import GROUP, PoolKeys, QueueFull, Submitted
 from tars_agent.tasks import TaskResult
@@ -659,14 +658,6 @@ def plot(path: Path, runs: Sequence[Run], title: str) -> None:
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), platform.processor()
-    )
-    return f"{os.cpu_count()} cores (shared), {cpu}, {platform.system()} {platform.release()}"
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
