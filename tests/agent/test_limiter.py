@@ -208,18 +208,29 @@ async def test_a_cancelled_wait_ends_even_when_redis_reports_the_cancel_as_a_tim
             client, Budget.from_rates(f"cancel-{uuid.uuid4().hex}", requests_per_minute=60)
         )
 
+        swallowed = 0
+
         async def cancel_swallowed_by_redis(**_kwargs: Any) -> Any:
             # As redis-py can on a busy loop: the cancellation arrives mid-call and comes out
             # as redis' TimeoutError, the CancelledError itself consumed.
+            nonlocal swallowed
             asyncio.current_task().cancel()  # type: ignore[union-attr]
             try:
                 await asyncio.sleep(0)
             except asyncio.CancelledError:
+                swallowed += 1
                 raise RedisTimeoutError("Timeout reading from socket") from None
 
         limiter._batch_script = cancel_swallowed_by_redis  # type: ignore[assignment]
         waiting = asyncio.create_task(limiter.acquire("normal", 1, timeout_s=5))
-        await asyncio.sleep(0.05)
+
+        def flusher_ended_by_the_swallowed_cancel() -> bool:
+            flusher = limiter._flusher
+            return swallowed >= 1 and flusher is not None and flusher.done()
+
+        await async_eventually(
+            flusher_ended_by_the_swallowed_cancel, 2, "the limiter's call cancelled mid-call"
+        )
         assert not limiter.degraded  # a cancel is not an outage
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
