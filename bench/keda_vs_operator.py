@@ -57,6 +57,7 @@ from tars_agent.queue import GROUP, PoolKeys, QueueFull, Submitted
 from tars_agent.tasks import TaskResult
 from tars_contract import contract
 from tars_localcluster.config import ClusterConfig
+from tars_localcluster.demo import helm_upgrade_install
 from tars_localcluster.kubectl import Kubectl
 from tars_operator import builders, models, queries
 
@@ -594,29 +595,7 @@ def infrastructure(cfg: Config) -> list[JSON]:
 def helm_install(cfg: Config, cluster: ClusterConfig, namespace: str) -> tuple[str, str, str]:
     """The operator by helm (as `make demo` does), watching only the bench's namespace; returns its
     Redis URL, the Redis password and its Prometheus URL."""
-    values = REPO / "localcluster" / "helm-values.yaml"
-    subprocess.run(
-        [
-            str(cluster.bin_dir / "helm"),
-            f"--kubeconfig={cluster.admin_kubeconfig}",
-            "upgrade",
-            "--install",
-            RELEASE,
-            str(REPO / "helm" / "tars-operator"),
-            "--namespace",
-            RELEASE_NAMESPACE,
-            "--create-namespace",
-            "-f",
-            str(values),
-            "--set-json",
-            f'watchNamespaces=["{namespace}"]',
-            "--wait",
-            "--timeout=5m",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    helm_upgrade_install(cluster, RELEASE, RELEASE_NAMESPACE, namespace)
     deployment = kubectl_json(cfg.kubectl, "get", "deployment", RELEASE, "-n", RELEASE_NAMESPACE)
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     flags = dict(a.removeprefix("--").split("=", 1) for a in args if a.startswith("--") and "=" in a)

@@ -40,31 +40,26 @@ def pool_line(cluster: Cluster) -> str:
     return cluster.run_kubectl("get", "agentpool", POOL, "-n", NAMESPACE, "--no-headers").strip()
 
 
-def install(cluster: Cluster) -> None:
-    """The operator by `helm upgrade --install`; it watches only the demo's namespace, so the
-    e2e suite's own pools on the same cluster are not its business."""
-    cluster.run_kubectl(
-        "apply",
-        "-f",
-        "-",
-        stdin=json.dumps({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}),
-    )
-    started = time.monotonic()
+def helm_upgrade_install(
+    cfg: ClusterConfig, release: str, release_namespace: str, watch_namespace: str
+) -> None:
+    """The chart by `helm upgrade --install` with the local cluster's values, its operator watching
+    only `watch_namespace` (so the e2e suite's own pools on the same cluster are not its business)."""
     proc = run(
         [
-            str(cluster.cfg.bin_dir / "helm"),
-            f"--kubeconfig={cluster.cfg.admin_kubeconfig}",
+            str(cfg.bin_dir / "helm"),
+            f"--kubeconfig={cfg.admin_kubeconfig}",
             "upgrade",
             "--install",
-            RELEASE,
+            release,
             str(REPO / "helm" / "tars-operator"),
             "--namespace",
-            RELEASE_NAMESPACE,
+            release_namespace,
             "--create-namespace",
             "-f",
             str(LOCALCLUSTER_DIR / "helm-values.yaml"),
             "--set-json",
-            f'watchNamespaces=["{NAMESPACE}"]',
+            f'watchNamespaces=["{watch_namespace}"]',
             "--wait",
             "--timeout=5m",
         ],
@@ -73,6 +68,18 @@ def install(cluster: Cluster) -> None:
     )
     if proc.returncode != 0:
         raise ClusterError(f"helm install of the operator failed: {proc.stderr.strip()}")
+
+
+def install(cluster: Cluster) -> None:
+    """The demo's namespace, and the operator watching it."""
+    cluster.run_kubectl(
+        "apply",
+        "-f",
+        "-",
+        stdin=json.dumps({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}),
+    )
+    started = time.monotonic()
+    helm_upgrade_install(cluster.cfg, RELEASE, RELEASE_NAMESPACE, NAMESPACE)
     took = time.monotonic() - started
     log(f"operator installed by helm (release {RELEASE_NAMESPACE}/{RELEASE}, {took:.0f}s)")
 
