@@ -88,16 +88,6 @@ def histogram_quantile(q: float, buckets: Buckets) -> float | None:
     return bounds[-1]
 
 
-def counter_total(exposition: str, name: str) -> float:
-    """The sum of a counter (or gauge) over all its series."""
-    total = 0.0
-    for family in text_string_to_metric_families(exposition):
-        for sample in family.samples:
-            if sample.name in (name, f"{name}_total"):
-                total += sample.value
-    return total
-
-
 @dataclass(frozen=True)
 class AuditCount:
     """Requests of one client to the API server, from its audit log (one JSON event per line)."""
