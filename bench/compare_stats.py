@@ -79,3 +79,33 @@ def pacing_interval_s(callers: int, budget_per_s: float, offered_factor: float) 
 def pct(part: float, whole: float) -> float | None:
     """part / whole in %, None (n/a) when whole is zero."""
     return 100 * part / whole if whole else None
+
+
+def priority_rows(
+    mix: Sequence[tuple[str, int, float]],
+    processes: int,
+    duration_s: float,
+    done: Sequence[tuple[str, int]],
+    waits_ms: Sequence[tuple[str, float]],
+) -> list[dict[str, object]]:
+    """Per class of the priorities phase: callers, what they offered (None: as fast as let),
+    admissions per second and the wait p50/p99/max in ms.
+
+    `mix` is one process's (priority, callers, seconds between one caller's starts; 0 = at once
+    again), `done` the admissions per caller, `waits_ms` every admission's wait."""
+    rows: list[dict[str, object]] = []
+    for priority, callers, interval_s in mix:
+        waits = [ms for p, ms in waits_ms if p == priority]
+        admitted = sum(n for p, n in done if p == priority)
+        rows.append(
+            {
+                "priority": priority,
+                "callers": callers * processes,
+                "offered_per_s": callers * processes / interval_s if interval_s else None,
+                "admitted_per_s": admitted / duration_s,
+                "wait_p50_ms": percentile(waits, 50),
+                "wait_p99_ms": percentile(waits, 99),
+                "wait_max_ms": max(waits) if waits else None,
+            }
+        )
+    return rows

@@ -81,7 +81,7 @@ class BenchConfig:
     latency_s: float
     max_tokens: int
     tokens_bind: bool  # tokens per minute binds (at half the request rate) instead of requests
-    burst_fraction: float  # the limiter's burst, as TARS_BURST_FRACTION
+    burst_fraction: float | None  # the limiter's burst, as TARS_BURST_FRACTION (None: the agent's default)
     local_pool_size: int  # what each process divides the budget by in local-limiter
     warmup_s: float
     measure_s: float
@@ -617,7 +617,9 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     parser.add_argument(
         "--tokens", action="store_true", help="tokens per minute binds (half the request rate)"
     )
-    parser.add_argument("--burst-fraction", type=float, default=0.05, help="as TARS_BURST_FRACTION")
+    parser.add_argument(
+        "--burst-fraction", type=float, help="as TARS_BURST_FRACTION (default: the agent's default)"
+    )
     parser.add_argument(
         "--local-pool-size",
         type=int,
@@ -633,7 +635,11 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     if unknown or not scenarios:
         parser.error(f"--scenarios: choose from {', '.join(SCENARIOS)}")
     warmup, measure = PROFILES["quick" if args.quick else "full" if args.full else "default"]
-    limiter_burst = min(max(math.floor(args.rate * 60 * args.burst_fraction), 1), args.rate * 60 - 1)
+    limiter_burst = (
+        Budget.from_rates("bench", requests_per_minute=args.rate * 60, burst_fraction=args.burst_fraction)
+        .limits[0]
+        .burst
+    )
     return BenchConfig(
         processes=args.processes,
         concurrency=args.concurrency,

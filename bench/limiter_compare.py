@@ -66,6 +66,7 @@ from compare_stats import (
     p99,
     pacing_interval_s,
     pct,
+    priority_rows,
     split_evenly,
     worst_window_ratio,
 )
@@ -86,6 +87,17 @@ AMPLE_RPM = 30_000_000  # the largest per-minute budget the GCRA takes (1 unit p
 OFFERED_FACTOR = 2.0
 CONTENDED = (8, 50, 600)  # processes, waiters per process, requests per minute
 DECISION_LOAD = (8, 16)  # processes, callers per process
+# The priorities phase, ours only (the others have no classes): per process (priority, callers,
+# seconds between one caller's starts; 0 = again as soon as admitted). Over 8 processes critical
+# offers 1/s, high and normal 3/s each, and low's 80 callers take whatever is left of the 10/s.
+PRIORITY_MIX: tuple[tuple[str, int, float], ...] = (
+    ("critical", 1, 8.0),
+    ("high", 2, 16 / 3),
+    ("normal", 2, 16 / 3),
+    ("low", 10, 0.0),
+)
+PRIORITY_LOAD = (8, 600)  # processes, requests per minute
+PHASES = ("grid", "contended", "decisions", "uncontended", "priorities")
 READY_TIMEOUT_S = 300.0  # 64 LiteLLM routers take a while to build on 2 busy cores
 START_MARGIN_S = 0.5
 STOP_GRACE_S = 5.0
@@ -101,11 +113,12 @@ class Profile:
     contended_s: float
     decisions_s: float
     uncontended_s: float
+    priorities_s: float
 
 
 PROFILES = {
-    "quick": Profile((1, 16), 32, 6.0, 4.0, 2.0, 2.0),
-    "full": Profile((1, 4, 16, 64), 64, 20.0, 20.0, 5.0, 3.0),
+    "quick": Profile((1, 16), 32, 6.0, 4.0, 2.0, 2.0, 10.0),
+    "full": Profile((1, 4, 16, 64), 64, 20.0, 20.0, 5.0, 3.0, 30.0),
 }
 
 
@@ -137,6 +150,7 @@ class WorkerSpec:
     redis_port: int
     out_path: str
     record_latency: bool
+    mix: tuple[tuple[str, int, float], ...] = ()  # the priorities phase: its callers (PRIORITY_MIX)
 
 
 SLOT_US: contextvars.ContextVar[int | None] = contextvars.ContextVar("slot_us", default=None)
@@ -190,7 +204,8 @@ class Contender:
     async def call(self, caller: int, seq: int) -> None:
         raise NotImplementedError
 
-    async def acquire(self) -> None:
+    async def acquire(self, priority: str) -> None:
+        """Wait for one admission; `priority` counts only where the limiter has classes (ours)."""
         raise NotImplementedError(f"{self.spec.contender} has no limiter to ask")
 
     async def close(self) -> None:
@@ -231,11 +246,11 @@ class AioLimiter(OpenAIClient):
         await super().setup()
         self.limiter = AsyncLimiter(self.spec.rpm / self.spec.processes, 60)
 
-    async def acquire(self) -> None:
+    async def acquire(self, priority: str) -> None:
         await self.limiter.acquire()
 
     async def call(self, caller: int, seq: int) -> None:
-        await self.acquire()
+        await self.acquire(PRIORITY)
         await self.create(caller, seq)
 
 
@@ -253,13 +268,13 @@ class LimitsMovingWindow(OpenAIClient):
         self.item = RateLimitItemPerMinute(self.spec.rpm)
         await self.storage.check()
 
-    async def acquire(self) -> None:
+    async def acquire(self, priority: str) -> None:
         while not await self.limiter.hit(self.item, "bench"):
             stats = await self.limiter.get_window_stats(self.item, "bench")
             await asyncio.sleep(max(stats.reset_time - time.time(), 0.001))
 
     async def call(self, caller: int, seq: int) -> None:
-        await self.acquire()
+        await self.acquire(PRIORITY)
         await self.create(caller, seq)
 
 
@@ -314,7 +329,7 @@ class LiteLLMRouter(Contender):
     async def call(self, caller: int, seq: int) -> None:
         await self.routed(caller, seq, mock=False)
 
-    async def acquire(self) -> None:
+    async def acquire(self, priority: str) -> None:
         await self.routed(0, 0, mock=True)  # the routing decision and its counters, no HTTP
 
 
@@ -365,8 +380,8 @@ class Tars(Contender):
 
         await self.client.complete(spec, PRIORITY, discard, time.monotonic() + 300)
 
-    async def acquire(self) -> None:
-        reservation = await self.limiter.acquire(PRIORITY, 0, 3600)
+    async def acquire(self, priority: str) -> None:
+        reservation = await self.limiter.acquire(priority, 0, 3600)
         self.slots.append((time.time_ns() // 1000, reservation.slot_us))
 
     async def close(self) -> None:
@@ -388,25 +403,51 @@ async def sleep_until(wall: float) -> None:
     await asyncio.sleep(max(wall - time.time(), 0.0))
 
 
+@dataclass(frozen=True)
+class Caller:
+    priority: str
+    interval_s: float  # between its starts; 0 = again at once
+    offset_s: float  # its first start after the common instant
+
+
+def callers_of(spec: WorkerSpec) -> list[Caller]:
+    """This process's callers: the phase's mix, or `spec.callers` alike. The callers of one class
+    are spread over its interval across all processes, so that they do not start together."""
+    if not spec.mix:
+        return [Caller(PRIORITY, spec.interval_s, 0.0) for _ in range(spec.callers)]
+    out = []
+    for priority, n, interval_s in spec.mix:
+        for k in range(n):
+            out.append(
+                Caller(
+                    priority,
+                    interval_s,
+                    interval_s * (k * spec.processes + spec.index) / (n * spec.processes),
+                )
+            )
+    return out
+
+
 async def caller_loop(
     contender: Contender,
     caller: int,
+    who: Caller,
     spec: WorkerSpec,
     t0: float,
     end: float,
     done: list[int],
-    latencies: list[float],
+    latencies: list[tuple[str, float]],
     errors: Counter[str],
 ) -> None:
     """One caller: a request (or an admission) at a time until cancelled."""
-    next_start = t0
+    next_start = t0 + who.offset_s
     seq = 0
     while True:
         await sleep_until(next_start)
         started = time.time()
         began = time.perf_counter()
         if spec.mode == "acquire":
-            await contender.acquire()
+            await contender.acquire(who.priority)
         else:
             while True:
                 try:
@@ -417,9 +458,9 @@ async def caller_loop(
         if time.time() < end:
             done[caller] += 1
             if spec.record_latency:
-                latencies.append((time.perf_counter() - began) * 1000)
+                latencies.append((who.priority, (time.perf_counter() - began) * 1000))
         seq += 1
-        next_start = started + spec.interval_s
+        next_start = started + who.interval_s
 
 
 async def run_worker(spec: WorkerSpec, ready: Queue[int], start: Queue[tuple[float, float]]) -> None:
@@ -427,13 +468,14 @@ async def run_worker(spec: WorkerSpec, ready: Queue[int], start: Queue[tuple[flo
     await contender.setup()
     ready.put(spec.index)
     t0, end = await asyncio.to_thread(start.get, True, READY_TIMEOUT_S)
-    done = [0] * spec.callers
-    latencies: list[float] = []
+    callers = callers_of(spec)
+    done = [0] * len(callers)
+    latencies: list[tuple[str, float]] = []
     errors: Counter[str] = Counter()
     await sleep_until(t0)
     tasks = [
-        asyncio.create_task(caller_loop(contender, i, spec, t0, end, done, latencies, errors))
-        for i in range(spec.callers)
+        asyncio.create_task(caller_loop(contender, i, who, spec, t0, end, done, latencies, errors))
+        for i, who in enumerate(callers)
     ]
     finished, _ = await asyncio.wait(tasks, timeout=max(end - time.time(), 0.0))
     for task in finished:
@@ -445,6 +487,7 @@ async def run_worker(spec: WorkerSpec, ready: Queue[int], start: Queue[tuple[flo
         await asyncio.wait_for(contender.close(), STOP_GRACE_S)
     result = {
         "done": done,
+        "priorities": [who.priority for who in callers],
         "latencies_ms": latencies,
         "slots": contender.slots,
         "errors": dict(errors),
@@ -513,6 +556,7 @@ def run_processes(
     rpm: int,
     duration_s: float,
     record_latency: bool = False,
+    mix: tuple[tuple[str, int, float], ...] = (),
 ) -> dict[str, Any]:
     """Fork the workers, start them at one instant once all are ready, collect what they saw."""
     ctx = mp.get_context("fork")  # the libraries are imported once, here, not in every worker
@@ -532,6 +576,7 @@ def run_processes(
             redis_port=infra.redis_port,
             out_path=str(infra.tmp / f"{tag}-{i}.json"),
             record_latency=record_latency,
+            mix=mix,
         )
         for i, n in enumerate(split_evenly(callers, processes))
     ]
@@ -580,7 +625,11 @@ def run_processes(
         "duration_s": duration_s,
         "setup_s": setup_s,
         "done": done,
-        "latencies_ms": [x for r in results for x in r["latencies_ms"]],
+        "done_by_priority": [
+            (p, n) for r in results for p, n in zip(r["priorities"], r["done"], strict=True)
+        ],
+        "latencies_ms": [ms for r in results for _p, ms in r["latencies_ms"]],
+        "waits_by_priority": [(p, ms) for r in results for p, ms in r["latencies_ms"]],
         "slots": [tuple(s) for r in results for s in r["slots"]],
         "errors": dict(errors),
         "stuck": sum(r["stuck"] for r in results),
@@ -693,7 +742,29 @@ def phases_table(phases: dict[str, dict[str, dict[str, Any]]]) -> str:
     return render_table(header, body)
 
 
-def plot(path: Path, rows: Sequence[dict[str, Any]], phases: dict[str, dict[str, dict[str, Any]]]) -> bool:
+def priorities_table(rows: Sequence[dict[str, Any]]) -> str:
+    header = ["priority", "callers", "offered/s", "admitted/s", "wait p50 ms", "p99 ms", "max ms"]
+    body = [
+        [
+            r["priority"],
+            str(r["callers"]),
+            fmt(r["offered_per_s"], 2) if r["offered_per_s"] is not None else "saturating",
+            fmt(r["admitted_per_s"], 2),
+            fmt(r["wait_p50_ms"]),
+            fmt(r["wait_p99_ms"]),
+            fmt(r["wait_max_ms"]),
+        ]
+        for r in rows
+    ]
+    return render_table(header, body)
+
+
+def plot(
+    path: Path,
+    rows: Sequence[dict[str, Any]],
+    phases: dict[str, dict[str, dict[str, Any]]],
+    priorities: Sequence[dict[str, Any]] = (),
+) -> bool:
     try:  # optional: the tables and the JSON do not need it
         import matplotlib
     except ImportError:
@@ -701,7 +772,7 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], phases: dict[str, dict[str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
     panels = [
         ("rate_429_pct", "upstream 429s, % of requests sent", "linear"),
         ("goodput_pct", "goodput, % of the budget", "linear"),
@@ -730,13 +801,33 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], phases: dict[str, dict[str,
         ("decisions", "per_s", "decisions/s, 8 processes, ample budget"),
         ("contended", "commands_per_admitted", "contended (8 x 50 waiters): commands/admitted"),
     ]
-    for ax, (phase, key, title) in zip(axes.flat[4:], bars, strict=True):
+    for ax, (phase, key, title) in zip(axes.flat[4:6], bars, strict=True):
         items = [(n, phases[phase][n][key]) for n in names if n in phases[phase]]
         items = [(n, v) for n, v in items if v]
         if items:
             ax.bar([n for n, _ in items], [v for _, v in items], color="tab:gray")
         ax.set_yscale("log")
         ax.set_title(title, fontsize="medium")
+        ax.grid(alpha=0.3, axis="y")
+    ax_wait, ax_rate = axes.flat[6], axes.flat[7]
+    if priorities:
+        classes = [r["priority"] for r in priorities]
+        ax_wait.bar(classes, [r["wait_p99_ms"] or 0 for r in priorities], color="tab:gray")
+        ax_wait.axhline(1000, color="black", linestyle="--", linewidth=0.8)  # issue 9: critical <= 1 s
+        ax_rate.bar(classes, [r["admitted_per_s"] for r in priorities], color="C4", label="admitted")
+        ax_rate.scatter(
+            [c for c, r in zip(classes, priorities, strict=True) if r["offered_per_s"] is not None],
+            [r["offered_per_s"] for r in priorities if r["offered_per_s"] is not None],
+            color="black",
+            marker="_",
+            s=400,
+            label="offered",
+        )
+        ax_rate.legend(fontsize="small")
+    ax_wait.set_yscale("log")
+    ax_wait.set_title("ours, low saturating: wait p99 ms per class", fontsize="medium")
+    ax_rate.set_title("ours, low saturating: admitted/s per class (10/s budget)", fontsize="medium")
+    for ax in (ax_wait, ax_rate):
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -779,7 +870,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="refused requests do not use the upstream's limit (default: they do, like OpenAI)",
     )
-    parser.add_argument("--phases", default="grid,contended,decisions,uncontended", help="comma-separated")
+    parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     parser.add_argument(
         "--from-json", type=Path, help="print the tables and draw the PNG of an earlier (or cut) run's JSON"
@@ -789,19 +880,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not args.contenders or set(args.contenders) - set(CONTENDERS):
         parser.error(f"--contenders: choose from {', '.join(CONTENDERS)}")
     args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    if set(args.phases) - {"grid", "contended", "decisions", "uncontended"}:
-        parser.error("--phases: choose from grid, contended, decisions, uncontended")
+    if set(args.phases) - set(PHASES):
+        parser.error(f"--phases: choose from {', '.join(PHASES)}")
     return args
 
 
-def render(rows: Sequence[dict[str, Any]], phases: dict[str, dict[str, dict[str, Any]]], png: Path) -> None:
+def render(
+    rows: Sequence[dict[str, Any]],
+    phases: dict[str, dict[str, dict[str, Any]]],
+    priorities: Sequence[dict[str, Any]],
+    png: Path,
+) -> None:
     print()
     if rows:
         print(grid_table(rows))
         print()
     if any(phases.values()):
         print(phases_table(phases))
-    print(f"plot: {png}" if plot(png, rows, phases) else "plot: skipped (no matplotlib)")
+        print()
+    if priorities:
+        print(priorities_table(priorities))
+    print(f"plot: {png}" if plot(png, rows, phases, priorities) else "plot: skipped (no matplotlib)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -809,7 +908,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
         print(f"command: {saved['command']}\nfinished: {saved['finished']}, wall {saved['wall_s']:.0f} s")
-        render(saved["grid"], saved["phases"], args.from_json.with_suffix(".png"))
+        render(
+            saved["grid"], saved["phases"], saved.get("priorities", []), args.from_json.with_suffix(".png")
+        )
         return
     profile = PROFILES["quick" if args.quick else "full"]
     counts = tuple(int(n) for n in args.processes.split(",")) if args.processes else profile.process_counts
@@ -841,6 +942,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     phases: dict[str, dict[str, dict[str, Any]]] = {"contended": {}, "decisions": {}, "uncontended": {}}
+    priorities: list[dict[str, Any]] = []
     report: dict[str, Any] = {
         "command": command,
         "machine": info,
@@ -848,6 +950,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "profile": asdict(profile) | {"process_counts": counts},
         "grid": rows,
         "phases": phases,
+        "priorities": priorities,
     }
     json_path = out_dir / "limiter_compare.json"
 
@@ -878,6 +981,34 @@ def main(argv: Sequence[str] | None = None) -> None:
                     phases[phase][name] = phase_row(name, run)
                     save()
                     print(f"  {phase:11} {name:10} {fmt(phases[phase][name]['per_s'], 1)}/s", flush=True)
+            if "priorities" in args.phases and "tars" in args.contenders:
+                p_procs, p_rpm = PRIORITY_LOAD
+                per_process = sum(n for _p, n, _i in PRIORITY_MIX)
+                run = run_processes(
+                    infra,
+                    "tars",
+                    p_procs,
+                    p_procs * per_process,
+                    "acquire",
+                    0.0,
+                    p_rpm,
+                    profile.priorities_s,
+                    record_latency=True,
+                    mix=PRIORITY_MIX,
+                )
+                priorities[:] = priority_rows(
+                    PRIORITY_MIX,
+                    p_procs,
+                    run["duration_s"],
+                    run["done_by_priority"],
+                    run["waits_by_priority"],
+                )
+                save()
+                print(
+                    "  priorities tars "
+                    + ", ".join(f"{r['priority']} p99 {fmt(r['wait_p99_ms'])} ms" for r in priorities),
+                    flush=True,
+                )
             if "grid" in args.phases:
                 for processes in counts:
                     for name in args.contenders:
@@ -894,7 +1025,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                             flush=True,
                         )
     save()
-    render(rows, phases, json_path.with_suffix(".png"))
+    render(rows, phases, priorities, json_path.with_suffix(".png"))
     print(f"wall: {report['wall_s']:.0f} s\njson: {json_path}")
 
 

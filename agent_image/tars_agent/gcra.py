@@ -102,6 +102,13 @@ def tolerance_us(
     return math.ceil(usable * float(window_us) / float(limit - burst))
 
 
+# The default burst of request limits, as a fraction of the limit: one second of a per-minute
+# limit. Providers may enforce a minute's limit per second (OpenAI: "60,000 requests/minute may
+# be enforced as 1,000 requests/second"), and refuse a larger burst however the minute adds up.
+REQUEST_BURST_FRACTION = 1 / 60
+# Token limits keep a larger burst: one request's prompt + max_tokens must fit in it.
+TOKEN_BURST_FRACTION = 0.05
+
 # How far ahead of now each class may reserve (None: only its deadline bounds it). A class
 # can delay the classes above it by at most its own horizon, because a reservation is never
 # moved once given: with low saturating the budget, the head of the bucket stays within

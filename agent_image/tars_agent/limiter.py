@@ -82,16 +82,19 @@ class Budget:
         requests_per_minute: int | None = None,
         requests_per_hour: int | None = None,
         tokens_per_minute: int | None = None,
-        burst_fraction: float = 0.05,
+        burst_fraction: float | None = None,
     ) -> Budget:
-        """Limits per minute/hour; burst is a fraction of each limit (the rest refills evenly)."""
+        """Limits per minute/hour; burst is a fraction of each limit (the rest refills evenly):
+        `burst_fraction`, or by default gcra.REQUEST_BURST_FRACTION / TOKEN_BURST_FRACTION."""
         limits = []
+        requests_fraction = burst_fraction or gcra.REQUEST_BURST_FRACTION
         for lname, limit, window_s in (("rpm", requests_per_minute, 60), ("rph", requests_per_hour, 3600)):
             if limit:
-                burst = min(max(math.floor(limit * burst_fraction), 1), limit - 1)
+                burst = min(max(math.floor(limit * requests_fraction), 1), limit - 1)
                 limits.append(LimitParams(lname, limit, window_s * 1_000_000, burst))
         if tokens_per_minute:
-            limits.append(LimitParams.scaled("tpm", tokens_per_minute, 60_000_000, burst_fraction))
+            tokens_fraction = burst_fraction or gcra.TOKEN_BURST_FRACTION
+            limits.append(LimitParams.scaled("tpm", tokens_per_minute, 60_000_000, tokens_fraction))
         return Budget(name, tuple(limits))
 
 

@@ -51,7 +51,8 @@ class AgentSettings(BaseModel):
     result_ttl_seconds: int = Field(86_400, ge=1)
     task_timeout_seconds: float = Field(300.0, gt=0)
     reserve_fraction: float = Field(0.1, ge=0, lt=1)
-    burst_fraction: float = Field(0.05, gt=0, lt=1)
+    # None: one second of a minute's requests, 5 % of its tokens (limiter.Budget.from_rates)
+    burst_fraction: float | None = Field(None, gt=0, lt=1)
     circuit_failures: int = Field(5, ge=1)
     circuit_open_seconds: float = Field(30.0, gt=0)
     log_level: str = "INFO"

@@ -225,8 +225,9 @@ def agent_env(settings: AgentSettings) -> dict[str, str]:
         c.ENV_MAX_ATTEMPTS: str(s.max_attempts),
         "TARS_TASK_TIMEOUT_SECONDS": str(s.task_timeout_seconds),
         c.ENV_BUDGET: s.budget,
-        "TARS_BURST_FRACTION": str(s.burst_fraction),
     }
+    if s.burst_fraction is not None:
+        env["TARS_BURST_FRACTION"] = str(s.burst_fraction)
     if s.requests_per_minute:
         env[c.ENV_REQUESTS_PER_MINUTE] = str(s.requests_per_minute)
     if s.tokens_per_minute:

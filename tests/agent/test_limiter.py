@@ -19,9 +19,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tars_agent import gcra
 from tars_agent.gcra import LimitParams
 from tars_agent.limiter import Budget, LimiterTimeout, RequestTooLarge, SharedLimiter, budget_keys, tat_key
 from tars_agent.metrics import AgentMetrics
+from tars_agent.settings import AgentSettings
 from tars_contract import metric_names
 
 from .conftest import RedisServer
@@ -35,6 +37,41 @@ def fast_redis(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(
         url, socket_timeout=0.25, socket_connect_timeout=0.25, retry=Retry(NoBackoff(), 0)
     )
+
+
+def conforms_to_strict_bucket(slots_us: list[int], capacity: float, per_s: float) -> bool:
+    """Would a strict token bucket (full at first, `capacity` requests, refilling at `per_s`)
+    admit a request at every one of these times?"""
+    level, last = capacity, slots_us[0]
+    for t in slots_us:
+        level = min(capacity, level + (t - last) / 1_000_000 * per_s)
+        last = t
+        if level < 1 - 1e-9:
+            return False
+        level -= 1
+    return True
+
+
+@pytest.mark.parametrize("rpm", [60, 600, 6_000, 90_000])
+@pytest.mark.parametrize("priority", ["critical", "normal"])
+def test_the_default_burst_fits_an_upstream_that_enforces_its_minute_per_second(
+    rpm: int, priority: str
+) -> None:
+    """OpenAI: rate limits "can be quantized, meaning they are enforced over shorter periods of
+    time (e.g. 60,000 requests/minute may be enforced as 1,000 requests/second)". Saturating demand
+    on a budget unused for long (a full bucket): with the agent's default burst, every slot passes
+    a strict bucket of one second's worth of the limit, so a quantizing upstream refuses nothing."""
+    budget = Budget.from_rates(
+        "quantized", requests_per_minute=rpm, burst_fraction=AgentSettings().burst_fraction
+    )
+    limits = gcra.Limits(budget.limits, (None,), AgentSettings().reserve_fraction)
+    now, tats, slots = 100_000_000, (0,), []
+    for _ in range(3 * rpm // 60 + 20):  # a few seconds of demand at once
+        verdict = gcra.reserve(tats, now, (1,), limits, priority == "critical", 10**12)
+        assert verdict.admitted
+        tats = verdict.tats
+        slots.append(verdict.slot_us)
+    assert conforms_to_strict_bucket(slots, rpm / 60, rpm / 60), (budget.limits, slots[:40])
 
 
 def test_many_processes_never_exceed_the_budget_in_any_window(

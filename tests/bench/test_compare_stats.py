@@ -15,6 +15,7 @@ from compare_stats import (
     lateness_ms,
     pacing_interval_s,
     pct,
+    priority_rows,
     split_evenly,
     worst_window_ratio,
 )
@@ -105,3 +106,36 @@ def test_pacing_offers_the_factor_of_the_budget() -> None:
 def test_pct() -> None:
     assert pct(1, 4) == 25.0
     assert pct(3, 0) is None
+
+
+def test_priority_rows_sum_each_class_over_all_processes() -> None:
+    mix = (("critical", 1, 8.0), ("low", 2, 0.0))
+    done = [("critical", 3), ("low", 10), ("low", 0), ("critical", 1), ("low", 5), ("low", 5)]
+    waits = [("critical", 100.0), ("critical", 300.0), ("low", 2000.0), ("critical", 200.0), ("low", 50.0)]
+    rows = priority_rows(mix, 2, 10.0, done, waits)
+    assert rows == [
+        {
+            "priority": "critical",
+            "callers": 2,
+            "offered_per_s": 0.25,  # 2 callers, one start each every 8 s
+            "admitted_per_s": 0.4,
+            "wait_p50_ms": 200.0,
+            "wait_p99_ms": 300.0,
+            "wait_max_ms": 300.0,
+        },
+        {
+            "priority": "low",
+            "callers": 4,
+            "offered_per_s": None,  # as fast as let: saturating
+            "admitted_per_s": 2.0,
+            "wait_p50_ms": 50.0,
+            "wait_p99_ms": 2000.0,
+            "wait_max_ms": 2000.0,
+        },
+    ]
+
+
+def test_priority_rows_report_a_class_that_got_nothing() -> None:
+    rows = priority_rows((("low", 3, 0.0),), 1, 5.0, [("low", 0)] * 3, [])
+    assert rows[0]["admitted_per_s"] == 0.0
+    assert rows[0]["wait_p99_ms"] is None and rows[0]["wait_max_ms"] is None
