@@ -53,7 +53,7 @@ from redis.exceptions import ResponseError
 import keda_install
 from coldwarm import machine
 from tars_agent.client import TaskClient
-from tars_agent.queue import GROUP, PoolKeys, QueueFull, Submitted
+from tars_agent.queue import PoolKeys, QueueFull, Submitted
 from tars_agent.tasks import TaskResult
 from tars_contract import contract
 from tars_localcluster.config import ClusterConfig
@@ -369,7 +369,11 @@ class PodWatch:
         for stream in keys.streams:
             # No such stream or group yet: nothing pending there.
             with contextlib.suppress(ResponseError):
-                count += len(self.redis.xpending_range(stream, GROUP, "-", "+", 100, consumername=consumer))
+                count += len(
+                    self.redis.xpending_range(
+                        stream, contract.QUEUE_GROUP, "-", "+", 100, consumername=consumer
+                    )
+                )
         return count
 
 
@@ -385,7 +389,7 @@ async def queue_depth(client: aioredis.Redis, keys: PoolKeys) -> int:
         pending = 0
         if length:
             try:
-                pending = int((await client.xpending(stream, GROUP))["pending"])
+                pending = int((await client.xpending(stream, contract.QUEUE_GROUP))["pending"])
             except ResponseError:  # the agents have not created their group yet
                 pending = 0
         depth += length - pending

@@ -46,9 +46,8 @@ from redis.exceptions import ResponseError
 
 from tars_agent.priority import PrioritySelector
 from tars_agent.tasks import PRIORITIES, InvalidTask, Priority, Task, TaskResult, TaskSpec, parse_task
-from tars_contract.contract import DEFAULT_QUEUE_MAX_DEPTH, pool_key_prefix
+from tars_contract.contract import DEFAULT_QUEUE_MAX_DEPTH, QUEUE_GROUP, pool_key_prefix, queue_stream_key
 
-GROUP = "agents"
 DEAD_LETTER_MAXLEN = 10_000
 CHUNKS_MAXLEN = 2_000
 POOL_IDLE_TTL_S = 7 * 86_400
@@ -69,7 +68,7 @@ class PoolKeys:
         return pool_key_prefix(self.namespace, self.pool)
 
     def stream(self, priority: str) -> str:
-        return f"{self._prefix}:q:{priority}"
+        return queue_stream_key(self.namespace, self.pool, priority)
 
     @property
     def streams(self) -> list[str]:
@@ -584,7 +583,7 @@ class Consumer:
         chosen = self._selector.choose(waiting)
         if chosen is not None:
             reply: Any = await self.redis.xreadgroup(
-                GROUP, self.name, {self.keys.stream(chosen): ">"}, count=1
+                QUEUE_GROUP, self.name, {self.keys.stream(chosen): ">"}, count=1
             )
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
@@ -698,7 +697,7 @@ class Consumer:
             while len(out) < count:
                 try:
                     claimed: Any = await self.redis.xautoclaim(
-                        stream, GROUP, self.name, self.claim_idle_ms, cursor, count=count - len(out)
+                        stream, QUEUE_GROUP, self.name, self.claim_idle_ms, cursor, count=count - len(out)
                     )
                 except ResponseError as exc:
                     if "NOGROUP" not in str(exc):
@@ -734,6 +733,6 @@ def _group_field(groups: Any, name: str) -> Any:
         return None
     for group in groups:
         g = {_s(k): v for k, v in group.items()}
-        if _s(g.get("name", "")) == GROUP:
+        if _s(g.get("name", "")) == QUEUE_GROUP:
             return g.get(name)
     return None

@@ -76,6 +76,17 @@ def pool_key_prefix(namespace: str, pool: str) -> str:
     return f"tars:{{{namespace}/{pool}}}"
 
 
+# The task queue: one Redis stream per priority, read by the consumer group QUEUE_GROUP. Tasks
+# waiting (not yet taken) = XLEN - the group's pending count (acknowledged entries are deleted):
+# the agents export it as tars_queue_depth, and the operator reads it from the default Redis.
+QUEUE_PRIORITIES = ("critical", "high", "normal", "low")
+QUEUE_GROUP = "agents"
+
+
+def queue_stream_key(namespace: str, pool: str, priority: str) -> str:
+    return f"{pool_key_prefix(namespace, pool)}:q:{priority}"
+
+
 # Agents publish what GET /status answers ({"inflight": int, "draining": bool}, JSON) to the pool's
 # Redis under this key, on every change and every AGENT_STATE_REFRESH_SECONDS, expiring after
 # AGENT_STATE_TTL_SECONDS: the operator reads a pool's agents in one round trip (MGET) instead of

@@ -1,7 +1,9 @@
 """The thin shell around `policy.plan`: observe one pool, plan, apply the plan.
 
 One cycle: read the pool's pods (from the kopf index), ask each ready agent
-for its in-flight count, read Prometheus (every `scaling.interval`), call the
+for its in-flight count, read Prometheus (every `scaling.interval`) and, for a
+pool with the default query on the default Redis, the queue depth from Redis
+(every second: a crossing of the threshold starts a cycle at once), call the
 pure `plan(...)`, then apply it: creates, drains, deletes, one status patch,
 events. Everything the cycle learns about failures goes into status and
 Events; nothing here decides anything.
@@ -91,6 +93,8 @@ class PoolController:
     # The agents' state as they publish it in Redis (one round trip for the pool); None: every
     # agent is asked over HTTP (GET /status), as for a pool with a Redis of its own.
     agent_states: AgentStateReader | None = None
+    # The queue depth read from Redis that the last cycle planned with (None: none was read).
+    cycle_queue_depth: float | None = None
 
     async def observe(self, indexed: Sequence[AgentPod]) -> tuple[list[PodState], dict[str, AgentPod]]:
         """The pool's own pods (controller owner = this pool), with the agents' in-flight counts.
@@ -159,15 +163,34 @@ class PoolController:
             self.checked_spec = (generation, check(body.get("spec") or {}))
         return self.checked_spec[1]
 
+    async def queue_depth_now(self, spec: models.AgentPoolSpec | None) -> Sample | None:
+        """The pool's queue depth from Redis, where that is what its query measures: the default
+        query (every agent's tars_queue_depth) on the default Redis. None otherwise, or when Redis
+        did not answer (Prometheus' value stands)."""
+        if spec is None or spec.scaling.queue_depth.query is not None or self.agent_states is None:
+            return None
+        return await self.agent_states.queue_depth(self.namespace, self.name)
+
+    def queue_crossed(self, spec: models.AgentPoolSpec | None, depth: Sample | None) -> bool:
+        """Whether the queue went above the threshold, or back to it, since the last cycle: the
+        scale decision need not wait for the next interval (and Prometheus' next scrape)."""
+        if spec is None or depth is None:
+            return False
+        threshold = spec.scaling.queue_depth.threshold
+        was_above = self.cycle_queue_depth is not None and self.cycle_queue_depth > threshold
+        return (depth.value > threshold) != was_above
+
     async def cycle(
         self,
         body: Mapping[str, Any],
         pods: Sequence[PodState],
         by_name: Mapping[str, AgentPod],
         observed_at: float | None = None,
+        queue_depth: Sample | None = None,
     ) -> Plan:
         """One reconcile of `pods`; `observed_at` (time.monotonic()) is when their observation
-        began, the start of the decision latency (default: now)."""
+        began, the start of the decision latency (default: now). `queue_depth` (queue_depth_now)
+        stands for Prometheus' value unless the Prometheus read failed, which stays visible."""
         started = time.monotonic()
         observed_at = started if observed_at is None else observed_at
         checked = self.checked(body)
@@ -177,6 +200,9 @@ class PoolController:
             if time.monotonic() - self.metrics_read_at >= interval:
                 self.metrics = await self.read_metrics(parsed)
                 self.metrics_read_at = time.monotonic()
+            if queue_depth is not None and self.metrics.queue_depth_error is None:
+                self.metrics = replace(self.metrics, queue_depth=queue_depth)
+        self.cycle_queue_depth = queue_depth.value if queue_depth is not None else None
         pool = builders.PoolRef(
             self.name, self.namespace, self.uid, int(body["metadata"].get("generation", 1))
         )

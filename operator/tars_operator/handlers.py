@@ -2,9 +2,10 @@
 
 As kopf's docs recommend for this shape: the pods are only indexed (small
 records, no handlers on them, so kopf never writes onto agent pods); each pool
-gets a loop that wakes every second to refresh its agents' busy state,
-reconciles at once when the pool or its pods or busy agents change, and in any
-case every `scaling.interval`.
+gets a loop that wakes every second to refresh its agents' busy state (and the
+queue depth, from Redis where it can), reconciles at once when the pool or its
+pods or busy agents change or the queue crosses its threshold, and in any case
+every `scaling.interval`.
 """
 
 from __future__ import annotations
@@ -216,14 +217,15 @@ async def _run_pool(
         wake.clear()
         observed_at = time.monotonic()
         pods, by_name = await controller.observe(list(agent_pods.get(key, [])))
+        depth = await controller.queue_depth_now(parsed)
         due = loop.time() - last_cycle >= interval
-        if controller.busy_changed(pods) or woken or due:
+        if controller.busy_changed(pods) or woken or due or controller.queue_crossed(parsed, depth):
             last_cycle = loop.time()
             # Before the cycle: the pods it creates read their token (and Redis password) from it.
             for error in await access.ensure(parsed) if FENCE.holds() else []:
                 log.warning("pool %s/%s: %s", namespace, name, error)
                 await controller.event("Warning", "AccessFailed", error)
-            await controller.cycle(body, pods, by_name, observed_at)
+            await controller.cycle(body, pods, by_name, observed_at, depth)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), POLL_SECONDS)
 

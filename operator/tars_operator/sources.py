@@ -157,7 +157,8 @@ def parse_agent_state(raw: bytes | str | None) -> AgentState | None:
 
 
 class AgentStateReader:
-    """The agents' published state, read from the default Redis: one MGET per pool and cycle."""
+    """The agents' published state, read from the default Redis: one MGET per pool and cycle;
+    and the pool's queue depth, counted there as the agents count it."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
@@ -179,3 +180,40 @@ class AgentStateReader:
         return {
             pod: state for pod, raw in zip(pods, values, strict=True) if (state := parse_agent_state(raw))
         }
+
+    async def queue_depth(self, namespace: str, pool: str) -> Sample | None:
+        """Tasks waiting (not yet taken) in the pool's queue now, as the agents export it in
+        tars_queue_depth (contract.QUEUE_GROUP); None when Redis did not answer. One pipeline of
+        XLEN and XINFO GROUPS per priority: a second old at most, where Prometheus holds the
+        agents' value as of their last scrape."""
+        streams = [contract.queue_stream_key(namespace, pool, p) for p in contract.QUEUE_PRIORITIES]
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for stream in streams:
+                    pipe.xlen(stream)
+                    pipe.xinfo_groups(stream)
+                # a missing stream answers XINFO GROUPS with an error: nothing waits there
+                replies = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError):
+            return None
+        waiting = 0
+        for length, groups in zip(replies[::2], replies[1::2], strict=True):
+            if isinstance(length, BaseException):
+                return None
+            waiting += max(int(length) - _pending(groups), 0)
+        return Sample(float(waiting), dt.datetime.now(dt.UTC))
+
+
+def _pending(groups: object) -> int:
+    """The pending count of the agents' group in an XINFO GROUPS reply (0 without one)."""
+    if not isinstance(groups, list):
+        return 0
+    for group in groups:
+        fields = {_text(k): v for k, v in group.items()}
+        if _text(fields.get("name", b"")) == contract.QUEUE_GROUP:
+            return int(fields.get("pending") or 0)
+    return 0
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

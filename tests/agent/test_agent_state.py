@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import uuid
 
 import httpx
 import redis.asyncio as aioredis
@@ -10,6 +12,7 @@ from e2e.harness import async_eventually
 
 from tars_agent.client import TaskClient
 from tars_agent.mockllm import MockLLM
+from tars_agent.queue import Consumer, TaskStore
 from tars_contract import contract
 from tars_operator.sources import AgentState, AgentStateReader
 
@@ -68,5 +71,39 @@ async def test_the_operator_reads_what_the_agents_published_in_one_round_trip(
             states = await async_eventually(read, 5, "the agent's published state")
             # The pod that never published is absent: the operator asks it over HTTP instead.
             assert states == {settings.pod_name: AgentState(inflight=0, draining=False)}
+    finally:
+        await reader.close()
+
+
+async def test_the_operator_counts_the_waiting_tasks_in_redis_as_the_agents_export_them(
+    redis_client: aioredis.Redis, redis_url: str
+) -> None:
+    """The operator's queue depth (read each second, for reaction within a second of a crossing)
+    is the number the agents put in tars_queue_depth: submitted and not yet taken, every priority,
+    a task in an agent's hands not counted; nothing at all for a pool that never had a task."""
+    namespace, pool = "ns", f"depth-{uuid.uuid4().hex[:8]}"
+    reader = AgentStateReader(aioredis.Redis.from_url(redis_url))
+    try:
+        empty = await reader.queue_depth(namespace, pool)
+        assert empty is not None and empty.value == 0  # no stream yet: nothing waits
+        client = TaskClient(redis_client, namespace, pool)
+        for priority, n in (("critical", 1), ("high", 2), ("normal", 3), ("low", 4)):
+            for _ in range(n):
+                await client.submit_payload({"messages": [{"role": "user", "content": "hi"}]}, priority)
+        agent = Consumer(redis_client, namespace, pool, "agent")
+        taken = await async_eventually(lambda: agent.take(block_ms=10), 5, "a task to take")  # in flight
+        store = TaskStore(redis_client, namespace, pool)
+        depth = await reader.queue_depth(namespace, pool)
+        assert depth is not None
+        assert depth.value == sum((await store.waiting()).values()) == 9, taken
+        assert abs((depth.at - dt.datetime.now(dt.UTC)).total_seconds()) < 5  # sampled now
+    finally:
+        await reader.close()
+
+
+async def test_the_operators_queue_depth_is_unknown_not_zero_when_redis_does_not_answer() -> None:
+    reader = AgentStateReader(aioredis.Redis(port=1, socket_connect_timeout=0.5))  # nothing listens
+    try:
+        assert await reader.queue_depth("ns", "p") is None
     finally:
         await reader.close()

@@ -292,12 +292,18 @@ class FakeAgentStates:
     states: dict[str, AgentState] = field(default_factory=dict)
     reads: list[list[str]] = field(default_factory=list)
     fail: bool = False
+    depth: Sample | None = None  # the pool's queue depth in Redis
+    depth_reads: int = 0
 
     async def read(self, namespace: str, pool: str, pods: Sequence[str]) -> dict[str, AgentState] | None:
         self.reads.append(list(pods))
         if self.fail:
             return None
         return {p: self.states[p] for p in pods if p in self.states}
+
+    async def queue_depth(self, namespace: str, pool: str) -> Sample | None:
+        self.depth_reads += 1
+        return None if self.fail else self.depth
 
 
 def test_published_states_replace_the_status_polls_and_only_agents_without_one_are_asked() -> None:
@@ -341,3 +347,50 @@ def test_when_the_published_states_cannot_be_read_every_count_is_unknown_without
     assert [p.inflight for p in observed] == [None, None]  # unknown: never read as idle
     asyncio.run(cycle(s, s.custom.stored, pods))
     assert not [c for c in s.core.calls if c[0] in ("patch", "delete")]  # nothing scaled in on it
+
+
+@dataclass
+class FailingPrometheus(FakePrometheus):
+    async def query(self, promql: str) -> QueryResult:
+        return QueryResult(None, "query failed: connection refused")
+
+
+def test_a_queue_crossing_seen_in_redis_is_planned_at_once_with_the_redis_value() -> None:
+    """Prometheus still says 0 (its last scrape), Redis says 400: the crossing is seen, and the
+    cycle it starts plans with 400, not with the stale 0."""
+    s = make(raw_spec(warm={"min": 1}, replicas={"min": 1, "max": 10}))  # threshold 50, interval 10 s
+    states = FakeAgentStates(depth=Sample(400.0, dt.datetime.now(dt.UTC)))
+    s.controller.agent_states = states  # type: ignore[assignment]
+    parsed = s.controller.checked(s.custom.stored)[0]
+    depth = asyncio.run(s.controller.queue_depth_now(parsed))
+    assert depth is not None and depth.value == 400
+    assert s.controller.queue_crossed(parsed, depth)
+    pods, by_name = asyncio.run(s.controller.observe([]))
+    asyncio.run(s.controller.cycle(s.custom.stored, pods, by_name, queue_depth=depth))
+    status = s.custom.writes[-1]
+    assert status["queueDepth"] == 400
+    assert status["desiredReplicas"] > 1
+    assert not s.controller.queue_crossed(parsed, depth)  # planned with it: no new crossing
+    assert s.controller.queue_crossed(parsed, Sample(10.0, dt.datetime.now(dt.UTC)))  # back under
+
+
+def test_the_queue_depth_comes_from_redis_only_where_that_is_what_the_pools_query_measures() -> None:
+    s = make(raw_spec(scaling={"queueDepth": {"query": "sum(my_queue)"}}))
+    states = FakeAgentStates(depth=Sample(400.0, dt.datetime.now(dt.UTC)))
+    s.controller.agent_states = states  # type: ignore[assignment]
+    parsed = s.controller.checked(s.custom.stored)[0]
+    assert asyncio.run(s.controller.queue_depth_now(parsed)) is None  # its own query: Prometheus
+    assert states.depth_reads == 0
+    s.controller.agent_states = None  # a pool on a Redis of its own (agent_state_source)
+    assert asyncio.run(s.controller.queue_depth_now(parsed)) is None
+
+
+def test_a_failing_prometheus_stays_visible_although_redis_knows_the_queue() -> None:
+    s = make(raw_spec(warm={"min": 1}, replicas={"min": 1, "max": 10}))
+    s.controller.prometheus = FailingPrometheus()  # type: ignore[assignment]
+    depth = Sample(400.0, dt.datetime.now(dt.UTC))
+    pods, by_name = asyncio.run(s.controller.observe([]))
+    asyncio.run(s.controller.cycle(s.custom.stored, pods, by_name, queue_depth=depth))
+    status = s.custom.writes[-1]
+    assert "queueDepth" not in status or status["queueDepth"] != 400
+    assert any("connection refused" in c.get("message", "") for c in status.get("conditions", [])), status
