@@ -34,6 +34,7 @@ import base64
 import contextlib
 import json
 import secrets
+import statistics
 import subprocess
 import sys
 import threading
@@ -120,6 +121,7 @@ class Killed:
 @dataclass
 class Run:
     contender: str
+    round: int = 1
     samples: list[Sample] = field(default_factory=list)
     ready_at: dict[str, float] = field(default_factory=dict)  # pod -> first seen Ready
     initial_pods: set[str] = field(default_factory=set)
@@ -274,32 +276,45 @@ def _s(value: float | None) -> str:
     return "   -" if value is None else f"{value:6.1f}"
 
 
+def median_of(values: Sequence[float | None]) -> float | None:
+    """The median of the values measured (None: not reached in that run)."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 def table(runs: Sequence[Run]) -> str:
     head = (
-        f"{'contender':<14}{'decision s':>11}{'1st Ready s':>12}{'drained s':>10}{'peak':>6}"
+        f"{'contender':<14}{'round':>6}{'decision s':>11}{'1st Ready s':>12}{'drained s':>10}{'peak':>6}"
         f"{'deleted':>8}{'busy killed':>12}{'redelivered':>12}{'lost':>6}{'tasks':>7}"
     )
     lines = [head]
-    reactions = {run.contender: reaction(run) for run in runs}
     for run in runs:
-        r = reactions[run.contender]
+        r = reaction(run)
         lines.append(
-            f"{run.contender:<14}{_s(r.decision):>11}{_s(r.first_ready):>12}{_s(r.drained):>10}"
+            f"{run.contender:<14}{run.round:>6}{_s(r.decision):>11}{_s(r.first_ready):>12}{_s(r.drained):>10}"
             f"{r.peak_desired:>6}{r.deleted:>8}{r.busy_killed:>12}{run.redelivered:>12}{run.lost:>6}{run.tasks:>7}"
         )
     for run in runs:
         if run.refused:
             lines.append(f"{run.contender}: the full queue refused {run.refused} trickle submissions")
-    ours = reactions.get("operator")
-    if ours and ours.decision:
+    by_contender: dict[str, list[Reaction]] = {}
+    for run in runs:
+        by_contender.setdefault(run.contender, []).append(reaction(run))
+    medians = {
+        name: (median_of([r.decision for r in rs]), median_of([r.first_ready for r in rs]), len(rs))
+        for name, rs in by_contender.items()
+    }
+    ours_decision, ours_ready, rounds = medians.get("operator", (None, None, 0))
+    if ours_decision:
         lines.append("")
-        for name, r in reactions.items():
-            if r.decision and name.startswith("keda"):
+        of = f" (medians of {rounds} rounds)" if rounds > 1 else ""
+        for name, (decision, first_ready, _n) in medians.items():
+            if decision and name.startswith("keda"):
                 lines.append(
-                    f"operator decides {r.decision / ours.decision:.1f}x sooner than {name}"
+                    f"operator decides {decision / ours_decision:.1f}x sooner than {name}{of}"
                     + (
-                        f"; first new agent Ready {r.first_ready / ours.first_ready:.1f}x sooner"
-                        if r.first_ready and ours.first_ready
+                        f"; first new agent Ready {first_ready / ours_ready:.1f}x sooner"
+                        if first_ready and ours_ready
                         else ""
                     )
                 )
@@ -320,6 +335,7 @@ class Config:
     settle_s: float
     timeout_s: float
     out: Path
+    rounds: int = 1
 
 
 class PodWatch:
@@ -571,8 +587,8 @@ async def run_all(
     """The contenders one after the other; each one's pods are gone before the next starts."""
     client = aioredis.Redis(port=redis_port, password=password)
     kubectl = cfg.kubectl
-    for c in cfg.contenders:
-        run = Run(c.name)
+    for c in [c for _ in range(cfg.rounds) for c in cfg.contenders]:
+        run = Run(c.name, round=1 + sum(1 for r in runs if r.contender == c.name))
         watch.run = run  # before the pods exist: their first Ready is seen
         kubectl.run("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump_all(pool_objects[c.name]))
         runs.append(await measure(cfg, c, api, client, run, namespace))
@@ -634,7 +650,7 @@ def plot(path: Path, runs: Sequence[Run], title: str) -> None:
             if value is not None:
                 ax.axvline(value, color="tab:red", linestyle="--", linewidth=0.7)
                 ax.text(value, ax.get_ylim()[1] * 0.9, f" {name} {value:.1f}s", fontsize=7, color="tab:red")
-        ax.set_title(f"{run.contender}: {CONTENDERS[run.contender].label}", fontsize=9)
+        ax.set_title(f"{run.contender} (round {run.round}): {CONTENDERS[run.contender].label}", fontsize=9)
         lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
         ax.legend(lines, [str(x.get_label()) for x in lines], loc="upper right", fontsize=7)
     axes[-1, 0].set_xlabel("seconds after the queue crossed the threshold (x = a busy agent's pod deleted)")
@@ -657,6 +673,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     parser.add_argument("--timeout", type=float, default=420.0, help="seconds per contender at most")
     parser.add_argument("--agent-image", default="ghcr.io/tars-dev/tars-agent:0.1.0")
     parser.add_argument("--keep-keda", action="store_true", help="leave KEDA installed afterwards")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run the contenders this many times over (medians)"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     unknown = [n for n in args.contenders.split(",") if n not in CONTENDERS]
@@ -675,6 +694,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
         args.settle,
         args.timeout,
         args.out,
+        max(args.rounds, 1),
     )
     return cfg, args.keep_keda
 

@@ -4,6 +4,7 @@ match the address the adapter dials, and the reaction times come out of a timeli
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import keda_install
-from keda_vs_operator import CONTENDERS, THRESHOLD, Config, Killed, Run, Sample, keda_objects, reaction
+from keda_vs_operator import CONTENDERS, THRESHOLD, Config, Killed, Run, Sample, keda_objects, reaction, table
 from tars_localcluster.kubectl import Kubectl
 from tars_operator import builders, models, queries
 
@@ -115,3 +116,27 @@ def test_reaction_measures_from_the_crossing() -> None:
     assert r.crossing == 119.0
     assert (r.decision, r.first_ready, r.drained) == (20.0, 26.0, 40.0)
     assert (r.peak_desired, r.deleted, r.busy_killed) == (8, 2, 1)
+
+
+def _run(name: str, round_no: int, decision_after_s: float) -> Run:
+    """A run whose queue crosses at t=110 and whose desired count rises `decision_after_s` later."""
+    run = Run(name, round=round_no, burst_at=100.0)
+    run.samples = [Sample(100.0, 0, 3, 3, 3), Sample(110.0, 400, 3, 3, 3)]
+    run.samples.append(Sample(110.0 + decision_after_s, 400, 8, 3, 3))
+    return run
+
+
+def test_the_table_lists_every_round_and_compares_medians() -> None:
+    runs = [
+        _run("operator", 1, 1.0),
+        _run("keda-default", 1, 12.0),
+        _run("operator", 2, 3.0),
+        _run("keda-default", 2, 4.0),
+        _run("operator", 3, 2.0),
+        _run("keda-default", 3, 8.0),
+    ]
+    text = table(runs)
+    rows = [line.split()[:3] for line in text.splitlines() if re.match(r"(operator|keda-default) +\d", line)]
+    assert rows[:2] == [["operator", "1", "1.0"], ["keda-default", "1", "12.0"]] and len(rows) == 6
+    # medians 2.0 s and 8.0 s: not the ratio of any one pair of rounds
+    assert "operator decides 4.0x sooner than keda-default (medians of 3 rounds)" in text
