@@ -382,9 +382,23 @@ def module_rbac(module_dir: Path) -> list[JSON]:
     return [d for d in docs if d and d.get("kind") in ("ClusterRole", "Role")]
 
 
-def apiservice_available(apiservice: Mapping[str, Any]) -> bool:
-    conditions = apiservice.get("status", {}).get("conditions", [])
-    return any(c.get("type") == "Available" and c.get("status") == "True" for c in conditions)
+def condition_true(obj: Mapping[str, Any], kind: str) -> bool:
+    """Whether the object's status has condition `kind` True (a fresh object has no status yet)."""
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == kind and c.get("status") == "True" for c in conditions)
+
+
+def wait_for_condition(kubectl: Kubectl, obj: str, kind: str, timeout_s: float, hint: str = "") -> None:
+    """Poll `obj` (kind/name) until its condition `kind` is True. Not `kubectl wait`: it fails at
+    once on an object created a moment ago, whose status has no conditions yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = kubectl.run("get", obj, "-o", "json", check=False)
+        if got.returncode == 0 and condition_true(json.loads(got.stdout), kind):
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{obj} is not {kind} after {timeout_s:.0f} s: {got.stdout[-800:]}{hint}")
+        time.sleep(1)  # polling the condition with a deadline
 
 
 def install(kubectl: Kubectl, module_dir: Path, images: Images, timeout_s: float = 180) -> float:
@@ -393,7 +407,7 @@ def install(kubectl: Kubectl, module_dir: Path, images: Images, timeout_s: float
     Returns the seconds it took."""
     started = time.monotonic()
     kubectl.run("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=crds(module_dir))
-    kubectl.run("wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=60s")
+    wait_for_condition(kubectl, "crd/scaledobjects.keda.sh", "Established", 60)
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
     objects = [namespace, *rbac(module_rbac(module_dir)), *workloads(images, certificates(service_names()))]
     kubectl.run("apply", "-f", "-", stdin=yaml.safe_dump_all(objects))
@@ -401,17 +415,9 @@ def install(kubectl: Kubectl, module_dir: Path, images: Images, timeout_s: float
         kubectl.run(
             "rollout", "status", "-n", NAMESPACE, f"deployment/{name}", f"--timeout={int(timeout_s)}s"
         )
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = kubectl.run("get", "apiservice", APISERVICE, "-o", "json", check=False)
-        if got.returncode == 0 and apiservice_available(json.loads(got.stdout)):
-            return time.monotonic() - started
-        if time.monotonic() > deadline:
-            raise SystemExit(
-                f"APIService {APISERVICE} is not Available after {timeout_s:.0f} s: {got.stdout[-800:]}\n"
-                f"check the adapter: kubectl logs -n {NAMESPACE} deploy/{ADAPTER}"
-            )
-        time.sleep(1)  # polling the APIService's condition with a deadline
+    hint = f"\ncheck the adapter: kubectl logs -n {NAMESPACE} deploy/{ADAPTER}"
+    wait_for_condition(kubectl, f"apiservice/{APISERVICE}", "Available", timeout_s, hint)
+    return time.monotonic() - started
 
 
 def uninstall(kubectl: Kubectl) -> None:

@@ -140,3 +140,14 @@ def test_the_table_lists_every_round_and_compares_medians() -> None:
     assert rows[:2] == [["operator", "1", "1.0"], ["keda-default", "1", "12.0"]] and len(rows) == 6
     # medians 2.0 s and 8.0 s: not the ratio of any one pair of rounds
     assert "operator decides 4.0x sooner than keda-default (medians of 3 rounds)" in text
+
+
+def test_a_condition_counts_only_when_true_and_a_fresh_object_has_none() -> None:
+    established = {"status": {"conditions": [{"type": "Established", "status": "True"}]}}
+    assert keda_install.condition_true(established, "Established")
+    assert not keda_install.condition_true(established, "Available")
+    assert not keda_install.condition_true(
+        {"status": {"conditions": [{"type": "Available", "status": "False"}]}}, "Available"
+    )
+    assert not keda_install.condition_true({"metadata": {"name": "just-created"}}, "Established")
+    assert not keda_install.condition_true({"status": {"conditions": None}}, "Established")
