@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tars_agent import gcra, limiter_lua
@@ -159,6 +163,57 @@ class _Request:
     order: tuple[int, int] = (0, 0)  # reservations: (priority rank, arrival); others go first
 
 
+class _BatchScript:
+    """EVALSHA of one script on a connection of its own from `redis`'s pool, packed here.
+
+    The batch is this process's only frequent Redis call and its args are plain str and int:
+    redis-py's generic path (per-argument encoders, the pool's lock and observability hooks per
+    command) cost several times the script's own server time. Timeouts, errors, reconnects and
+    retries stay redis-py's: the connection's send_packed_command, read_response and Retry.
+    One call at a time (the limiter's flusher)."""
+
+    def __init__(self, redis: aioredis.Redis, script: str) -> None:
+        self._redis = redis
+        self._script = script
+        self._sha = hashlib.sha1(script.encode()).hexdigest()
+        self._conn: AbstractConnection | None = None
+
+    async def __call__(self, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
+        packed = _pack(("EVALSHA", self._sha, len(keys), *keys, *args))
+        if self._conn is None:
+            self._conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        conn = self._conn
+
+        async def failed(error: Exception) -> None:  # as redis-py's execute_command
+            await conn.disconnect(error=error)
+
+        try:
+            return await conn.retry.call_with_retry(lambda: self._send(conn, packed), failed)
+        except NoScriptError:  # a Redis restarted or flushed: load it once, then as before
+            await self._redis.script_load(self._script)
+            return await conn.retry.call_with_retry(lambda: self._send(conn, packed), failed)
+
+    @staticmethod
+    async def _send(conn: AbstractConnection, packed: bytes) -> Any:
+        await conn.send_packed_command(packed)
+        return await conn.read_response()
+
+    async def release(self) -> None:
+        """Give the connection back to the pool (the limiter is done with it)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._redis.connection_pool.release(conn)
+
+
+def _pack(parts: Sequence[str | int | float]) -> bytes:
+    """A command in RESP, as redis-py's packer would write it (ints and floats as their str)."""
+    text = "".join(f"${len(s)}\r\n{s}\r\n" for s in map(str, parts))
+    if text.isascii():  # lengths in characters are lengths in bytes
+        return f"*{len(parts)}\r\n{text}".encode()
+    encoded = [str(p).encode() for p in parts]
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(e), e) for e in encoded)
+
+
 def local_share(budget: Budget, expected_pool_size: int) -> tuple[LimitParams, ...]:
     """Each process gets limit/pool_size, so the pool as a whole stays within the budget."""
     n = max(expected_pool_size, 1)
@@ -215,7 +270,7 @@ class SharedLimiter:
         self._params_args: list[str | int] = []
         for p in budget.limits:
             self._params_args += [p.name, p.limit, p.window_us, p.burst]
-        self._batch_script = redis.register_script(limiter_lua.BATCH)
+        self._batch_script = _BatchScript(redis, limiter_lua.BATCH)
         self._reconcile = redis.register_script(limiter_lua.RECONCILE)
         self._agent_id = agent_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._next_heartbeat = 0.0  # monotonic
@@ -384,14 +439,18 @@ class SharedLimiter:
     ) -> tuple[gcra.OpResult, int, float]:
         """Run `op` in the next batch; wait for its answer until `deadline` (asyncio.TimeoutError)."""
         request = self._submit(op, wait=True, order=order)
-        assert request.future is not None
+        future = request.future
+        assert future is not None
+        # The future is this caller's alone, so it is awaited directly (no wait_for, no shield, no
+        # task per call): a cancel cancels it, and _dispatch gives back what a done future missed.
+        timer = asyncio.get_running_loop().call_later(max(deadline - self._monotonic(), 0.0), _expire, future)
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(request.future), max(deadline - self._monotonic(), 0.0)
-            )
+            return await future
         except BaseException:
             request.abandoned = True
             raise
+        finally:
+            timer.cancel()
 
     async def aclose(self, timeout_s: float = 1.0) -> None:
         """Let the ops already submitted (give-backs of cancelled callers) reach Redis before its
@@ -400,6 +459,8 @@ class SharedLimiter:
         if flusher is not None and not flusher.done():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(flusher), timeout_s)
+        if flusher is None or flusher.done():
+            await self._batch_script.release()
 
     # -- acquire ---------------------------------------------------------------------------------
 
@@ -465,7 +526,9 @@ class SharedLimiter:
                 continue
             reservation = Reservation(priority, tokens, now, False, result.value, result.tats, costs)
             try:
-                await self._sleep(max(ahead_s - (self._monotonic() - received), 0.0))
+                delay = ahead_s - (self._monotonic() - received)
+                if delay > 0:  # an immediate slot goes on without a trip through the loop
+                    await self._sleep(delay)
                 if result.value - now >= gcra.CONFIRM_AFTER_US and not await self._confirmed(
                     reservation, deadline
                 ):
@@ -607,6 +670,12 @@ class SharedLimiter:
             log.info("limiter: could not store the upstream's tighter limits: Redis unavailable")
         if any(empty):
             self._submit(gcra.Empty(tuple(empty)), wait=False)
+
+
+def _expire(future: asyncio.Future[tuple[gcra.OpResult, int, float]]) -> None:
+    """_call's deadline: the caller stops waiting (its op may still run; see _dispatch)."""
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 def _op_args(op: gcra.Op, n: int) -> list[str | int]:
