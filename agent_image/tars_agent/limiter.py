@@ -37,6 +37,7 @@ from tars_agent.tasks import PRIORITIES
 
 log = logging.getLogger(__name__)
 
+_RANK = {p: 1 + i for i, p in enumerate(PRIORITIES)}  # a reservation's class in its batch's order
 # Priorities that may use the local fallback bucket while Redis is down (fail-open within a
 # local share of the budget); the others wait for Redis until their deadline (fail-closed).
 DEGRADED_LOCAL = frozenset({"critical", "high"})
@@ -161,6 +162,7 @@ class _Request:
     future: asyncio.Future[tuple[gcra.OpResult, int, float]] | None  # None: nobody waits
     abandoned: bool = False  # the caller left (deadline, cancel): give an admission back
     order: tuple[int, int] = (0, 0)  # reservations: (priority rank, arrival); others go first
+    deadline: float = math.inf  # monotonic: the caller stops waiting for the answer then
 
 
 class _BatchScript:
@@ -207,7 +209,7 @@ class _BatchScript:
 
 def _pack(parts: Sequence[str | int | float]) -> bytes:
     """A command in RESP, as redis-py's packer would write it (ints and floats as their str)."""
-    text = "".join(f"${len(s)}\r\n{s}\r\n" for s in map(str, parts))
+    text = "".join([f"${len(s)}\r\n{s}\r\n" for s in map(str, parts)])
     if text.isascii():  # lengths in characters are lengths in bytes
         return f"*{len(parts)}\r\n{text}".encode()
     encoded = [str(p).encode() for p in parts]
@@ -276,6 +278,15 @@ class SharedLimiter:
         self._next_heartbeat = 0.0  # monotonic
         self.agents: int | None = None  # live agents of the budget at the last contact
         self._pending: list[_Request] = []
+        self._in_flight: list[_Request] = []  # the batch whose script call is under way
+        # One timer for the deadlines of all waiting callers, at the nearest (a timer per call
+        # cost more than the rest of an uncontended acquire)
+        self._watch: asyncio.TimerHandle | None = None
+        self._watch_at = math.inf
+        self._watch_loop: asyncio.AbstractEventLoop | None = None  # a limiter may outlive a loop
+        self._unit_costs = (
+            tuple(1 for _ in budget.limits) if all(p.unit != "tokens" for p in budget.limits) else None
+        )
         self._arrivals = 0  # acquires so far: their order within a batch
         self._flusher: asyncio.Task[None] | None = None
         self._timeouts = 0  # consecutive Redis timeouts
@@ -307,13 +318,17 @@ class SharedLimiter:
         return lambda: self.utilization(i)
 
     def _costs(self, tokens: int) -> tuple[int, ...]:
+        if self._unit_costs is not None:
+            return self._unit_costs
         return tuple(p.units(tokens) if p.unit == "tokens" else 1 for p in self.budget.limits)
 
     # -- the batch: every op of this process that arrived since the last call, in one EVALSHA ----
 
-    def _submit(self, op: gcra.Op, wait: bool, order: tuple[int, int] = (0, 0)) -> _Request:
+    def _submit(
+        self, op: gcra.Op, wait: bool, order: tuple[int, int] = (0, 0), deadline: float = math.inf
+    ) -> _Request:
         future = asyncio.get_running_loop().create_future() if wait else None
-        request = _Request(op, future, order=order)
+        request = _Request(op, future, order=order, deadline=deadline)
         self._pending.append(request)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
@@ -342,6 +357,7 @@ class SharedLimiter:
                 # back from an outage: what was admitted locally is charged to the shared buckets
                 batch.insert(0, _Request(gcra.Charge(tuple(self._local.owed)), None))
                 self._local.owed = [0 for _ in self.budget.limits]
+            self._in_flight = batch
             try:
                 reply = await self._run(batch)
             except RedisTimeoutError as exc:
@@ -363,6 +379,8 @@ class SharedLimiter:
                 ] + self._pending
                 self._mark_redis_down(exc)
                 continue
+            finally:
+                self._in_flight = []
             self._timeouts = 0
             self._redis_down_until = 0.0
             self._local = None
@@ -390,12 +408,16 @@ class SharedLimiter:
         for i in range(n):
             self._used[i] = (float(reply[3 + i]), now, received)
         at = 3 + 2 * n
+        width = 3 + n
         for request in batch:
-            status, value, limiting = int(reply[at]), int(reply[at + 1]), int(reply[at + 2])
-            result = gcra.OpResult(status, value, limiting, tuple(int(x) for x in reply[at + 3 : at + 3 + n]))
-            at += 3 + n
             if request.future is None:
+                at += width
                 continue
+            status = int(reply[at])
+            result = gcra.OpResult(
+                status, int(reply[at + 1]), int(reply[at + 2]), tuple(map(int, reply[at + 3 : at + width]))
+            )
+            at += width
             if request.abandoned or request.future.done():
                 # the caller left while its op was in flight: hand back what it was given
                 if isinstance(request.op, gcra.Reserve) and status == 1:
@@ -438,19 +460,44 @@ class SharedLimiter:
         self, op: gcra.Op, deadline: float, order: tuple[int, int] = (0, 0)
     ) -> tuple[gcra.OpResult, int, float]:
         """Run `op` in the next batch; wait for its answer until `deadline` (asyncio.TimeoutError)."""
-        request = self._submit(op, wait=True, order=order)
+        request = self._submit(op, wait=True, order=order, deadline=deadline)
         future = request.future
         assert future is not None
+        if deadline < self._watch_at or self._watch_loop is not asyncio.get_running_loop():
+            self._watch_until(deadline)
         # The future is this caller's alone, so it is awaited directly (no wait_for, no shield, no
         # task per call): a cancel cancels it, and _dispatch gives back what a done future missed.
-        timer = asyncio.get_running_loop().call_later(max(deadline - self._monotonic(), 0.0), _expire, future)
         try:
             return await future
         except BaseException:
             request.abandoned = True
             raise
-        finally:
-            timer.cancel()
+
+    def _watch_until(self, deadline: float) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        self._watch_at = deadline
+        self._watch_loop = asyncio.get_running_loop()
+        self._watch = self._watch_loop.call_later(
+            max(deadline - self._monotonic(), 0.0), self._expire_waiting
+        )
+
+    def _expire_waiting(self) -> None:
+        """The nearest deadline came: its callers stop waiting (their ops may still run, see
+        _dispatch); the timer moves on to the next deadline of a caller still waiting."""
+        self._watch, self._watch_at = None, math.inf
+        now = self._monotonic()
+        nearest = math.inf
+        for request in (*self._pending, *self._in_flight):
+            future = request.future
+            if future is None or future.done():
+                continue
+            if request.deadline <= now:
+                future.set_exception(TimeoutError())
+            else:
+                nearest = min(nearest, request.deadline)
+        if nearest < math.inf:
+            self._watch_until(nearest)
 
     async def aclose(self, timeout_s: float = 1.0) -> None:
         """Let the ops already submitted (give-backs of cancelled callers) reach Redis before its
@@ -481,13 +528,13 @@ class SharedLimiter:
         deadline = start + timeout_s
         costs = self._costs(tokens)
         self._arrivals += 1
-        order = (1 + PRIORITIES.index(priority), self._arrivals)
+        order = (_RANK[priority], self._arrivals)
         returning = False  # refused for its horizon before: holds a ticket
         while True:
             if (
-                self.degraded
+                self._local is not None
+                and self.degraded
                 and priority in DEGRADED_LOCAL
-                and self._local is not None
                 and self._local.limits.params
             ):
                 return await self._acquire_local(priority, tokens, costs, start, deadline)
@@ -670,12 +717,6 @@ class SharedLimiter:
             log.info("limiter: could not store the upstream's tighter limits: Redis unavailable")
         if any(empty):
             self._submit(gcra.Empty(tuple(empty)), wait=False)
-
-
-def _expire(future: asyncio.Future[tuple[gcra.OpResult, int, float]]) -> None:
-    """_call's deadline: the caller stops waiting (its op may still run; see _dispatch)."""
-    if not future.done():
-        future.set_exception(TimeoutError())
 
 
 def _op_args(op: gcra.Op, n: int) -> list[str | int]:

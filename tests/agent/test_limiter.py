@@ -276,6 +276,35 @@ async def test_a_cancelled_wait_ends_even_when_redis_reports_the_cancel_as_a_tim
         await client.aclose()
 
 
+async def test_callers_stop_waiting_at_their_deadlines_while_the_script_call_hangs(
+    redis_server: RedisServer,
+) -> None:
+    """One timer serves every waiting caller's deadline: the nearest first, then the next, for
+    callers in the batch under way and in the next one alike."""
+    client = fast_redis(redis_server.url)
+    try:
+        limiter = SharedLimiter(client, Budget.from_rates(f"hang-{uuid.uuid4().hex}", requests_per_minute=60))
+        hung = asyncio.Event()
+
+        async def hang(*_args: Any) -> Any:
+            hung.set()
+            await asyncio.Event().wait()
+
+        limiter._batch_script._send = hang  # type: ignore[method-assign]
+        in_flight = asyncio.create_task(limiter.acquire("normal", 1, timeout_s=0.3))
+        await asyncio.wait_for(hung.wait(), 5)
+        later = asyncio.create_task(limiter.acquire("normal", 1, timeout_s=0.6))  # the next batch
+        sooner = asyncio.create_task(limiter.acquire("normal", 1, timeout_s=0.1))
+        for task in (sooner, in_flight, later):
+            with pytest.raises(LimiterTimeout):
+                await asyncio.wait_for(task, 5)
+        assert not limiter.degraded  # the call is still under way: no Redis error yet
+        assert limiter._flusher is not None
+        limiter._flusher.cancel()
+    finally:
+        await client.aclose()
+
+
 async def evalsha_calls(client: aioredis.Redis) -> int:
     stats = await client.info("commandstats")
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
