@@ -50,6 +50,7 @@ _TIMEOUTS_BEFORE_DEGRADED = 3
 # for AGENT_TTL is no longer counted in the local share.
 HEARTBEAT_INTERVAL_S = 1.0
 AGENT_TTL_S = 10.0
+_AGENT_TTL_US = int(AGENT_TTL_S * 1_000_000)
 
 
 class LimiterTimeout(Exception):
@@ -156,7 +157,7 @@ class _LocalBuckets:
     owed: list[int]  # units admitted locally, charged to the shared buckets when Redis returns
 
 
-@dataclass
+@dataclass(slots=True)
 class _Request:
     op: gcra.Op
     future: asyncio.Future[tuple[gcra.OpResult, int, float]] | None  # None: nobody waits
@@ -174,14 +175,20 @@ class _BatchScript:
     retries stay redis-py's: the connection's send_packed_command, read_response and Retry.
     One call at a time (the limiter's flusher)."""
 
-    def __init__(self, redis: aioredis.Redis, script: str) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, script: str, keys: Sequence[str], head: Sequence[str | int | float]
+    ) -> None:
         self._redis = redis
         self._script = script
-        self._sha = hashlib.sha1(script.encode()).hexdigest()
+        sha = hashlib.sha1(script.encode()).hexdigest()
+        # the keys and the args that never change (`head`) are packed once
+        self._head = _resp(("EVALSHA", sha, len(keys), *keys, *head))
+        self._head_parts = 3 + len(keys) + len(head)
         self._conn: AbstractConnection | None = None
 
-    async def __call__(self, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
-        packed = _pack(("EVALSHA", self._sha, len(keys), *keys, *args))
+    async def __call__(self, args: Sequence[str | int | float]) -> Any:
+        """EVALSHA with the keys and head args, then `args`."""
+        packed = b"*%d\r\n%s%s" % (self._head_parts + len(args), self._head, _resp(args))
         if self._conn is None:
             self._conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         conn = self._conn
@@ -207,13 +214,14 @@ class _BatchScript:
             await self._redis.connection_pool.release(conn)
 
 
-def _pack(parts: Sequence[str | int | float]) -> bytes:
-    """A command in RESP, as redis-py's packer would write it (ints and floats as their str)."""
+def _resp(parts: Sequence[str | int | float]) -> bytes:
+    """Command arguments as RESP bulk strings, as redis-py's packer writes them (numbers as their
+    str); the array header is the caller's."""
     text = "".join([f"${len(s)}\r\n{s}\r\n" for s in map(str, parts)])
     if text.isascii():  # lengths in characters are lengths in bytes
-        return f"*{len(parts)}\r\n{text}".encode()
+        return text.encode()
     encoded = [str(p).encode() for p in parts]
-    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(e), e) for e in encoded)
+    return b"".join(b"$%d\r\n%s\r\n" % (len(e), e) for e in encoded)
 
 
 def local_share(budget: Budget, expected_pool_size: int) -> tuple[LimitParams, ...]:
@@ -266,13 +274,13 @@ class SharedLimiter:
         self._monotonic = monotonic
         self._pause_key, self._overrides_key = budget_keys(budget.name)
         self._tat_keys = [tat_key(budget.name, p.name) for p in budget.limits]
-        self._keys = [self._pause_key, self._overrides_key, used_key(budget.name), agents_key(budget.name)]
-        self._keys.append(queue_key(budget.name))
-        self._keys += self._tat_keys
-        self._params_args: list[str | int] = []
+        keys = [self._pause_key, self._overrides_key, used_key(budget.name), agents_key(budget.name)]
+        keys.append(queue_key(budget.name))
+        keys += self._tat_keys
+        head: list[str | int | float] = [repr(reserve_fraction), len(budget.limits)]
         for p in budget.limits:
-            self._params_args += [p.name, p.limit, p.window_us, p.burst]
-        self._batch_script = _BatchScript(redis, limiter_lua.BATCH)
+            head += [p.name, p.limit, p.window_us, p.burst]
+        self._batch_script = _BatchScript(redis, limiter_lua.BATCH, keys, head)
         self._reconcile = redis.register_script(limiter_lua.RECONCILE)
         self._agent_id = agent_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._next_heartbeat = 0.0  # monotonic
@@ -324,15 +332,11 @@ class SharedLimiter:
 
     # -- the batch: every op of this process that arrived since the last call, in one EVALSHA ----
 
-    def _submit(
-        self, op: gcra.Op, wait: bool, order: tuple[int, int] = (0, 0), deadline: float = math.inf
-    ) -> _Request:
-        future = asyncio.get_running_loop().create_future() if wait else None
-        request = _Request(op, future, order=order, deadline=deadline)
-        self._pending.append(request)
+    def _submit(self, op: gcra.Op) -> None:
+        """An op nobody waits for (give-backs, charges, empties) in the next batch."""
+        self._pending.append(_Request(op, None))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        return request
 
     async def _flush(self) -> None:
         while self._pending:
@@ -393,11 +397,11 @@ class SharedLimiter:
         if self._monotonic() >= self._next_heartbeat:
             member = self._agent_id
             self._next_heartbeat = self._monotonic() + HEARTBEAT_INTERVAL_S
-        args: list[str | int | float] = [repr(self._reserve), len(self.budget.limits), *self._params_args]
-        args += [member, int(AGENT_TTL_S * 1_000_000), len(batch)]
+        n = len(self.budget.limits)
+        args: list[str | int] = [member, _AGENT_TTL_US, len(batch)]
         for request in batch:
-            args += _op_args(request.op, len(self.budget.limits))
-        return list(await self._batch_script(keys=self._keys, args=args))
+            args += _op_args(request.op, n)
+        return list(await self._batch_script(args))
 
     def _dispatch(self, batch: list[_Request], reply: list[str | int | bytes]) -> None:
         received = self._monotonic()
@@ -409,23 +413,25 @@ class SharedLimiter:
             self._used[i] = (float(reply[3 + i]), now, received)
         at = 3 + 2 * n
         width = 3 + n
+        op_result = gcra.OpResult
         for request in batch:
-            if request.future is None:
+            future = request.future
+            if future is None:
                 at += width
                 continue
             status = int(reply[at])
-            result = gcra.OpResult(
+            result = op_result(
                 status, int(reply[at + 1]), int(reply[at + 2]), tuple(map(int, reply[at + 3 : at + width]))
             )
             at += width
-            if request.abandoned or request.future.done():
+            if request.abandoned or future.done():
                 # the caller left while its op was in flight: hand back what it was given
                 if isinstance(request.op, gcra.Reserve) and status == 1:
-                    self._submit(gcra.GiveBack(result.tats, request.op.costs), wait=False)
+                    self._submit(gcra.GiveBack(result.tats, request.op.costs))
                 elif isinstance(request.op, gcra.Confirm) and status == 1:
-                    self._submit(gcra.GiveBack(request.op.reserved, request.op.costs), wait=False)
+                    self._submit(gcra.GiveBack(request.op.reserved, request.op.costs))
                 continue
-            request.future.set_result((result, now, received))
+            future.set_result((result, now, received))
 
     def _fail_pending(self) -> None:
         pending, self._pending = self._pending, []
@@ -460,10 +466,13 @@ class SharedLimiter:
         self, op: gcra.Op, deadline: float, order: tuple[int, int] = (0, 0)
     ) -> tuple[gcra.OpResult, int, float]:
         """Run `op` in the next batch; wait for its answer until `deadline` (asyncio.TimeoutError)."""
-        request = self._submit(op, wait=True, order=order, deadline=deadline)
-        future = request.future
-        assert future is not None
-        if deadline < self._watch_at or self._watch_loop is not asyncio.get_running_loop():
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[gcra.OpResult, int, float]] = loop.create_future()
+        request = _Request(op, future, False, order, deadline)
+        self._pending.append(request)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush())
+        if deadline < self._watch_at or self._watch_loop is not loop:
             self._watch_until(deadline)
         # The future is this caller's alone, so it is awaited directly (no wait_for, no shield, no
         # task per call): a cancel cancels it, and _dispatch gives back what a done future missed.
@@ -581,7 +590,7 @@ class SharedLimiter:
                 ):
                     continue  # the budget was paused while it slept: its slot went back; reserve again
             except asyncio.CancelledError:
-                self._submit(gcra.GiveBack(result.tats, costs), wait=False)
+                self._submit(gcra.GiveBack(result.tats, costs))
                 raise
             if self._metrics:
                 self._metrics.limiter_admitted.labels(priority).inc()
@@ -716,7 +725,7 @@ class SharedLimiter:
             _raise_if_cancelled()
             log.info("limiter: could not store the upstream's tighter limits: Redis unavailable")
         if any(empty):
-            self._submit(gcra.Empty(tuple(empty)), wait=False)
+            self._submit(gcra.Empty(tuple(empty)))
 
 
 def _op_args(op: gcra.Op, n: int) -> list[str | int]:
