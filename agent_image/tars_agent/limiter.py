@@ -185,13 +185,17 @@ class _BatchScript:
         self._head = _resp(("EVALSHA", sha, len(keys), *keys, *head))
         self._head_parts = 3 + len(keys) + len(head)
         self._conn: AbstractConnection | None = None
+        self._timeout: float | None = None  # the connection's socket_timeout, for the whole call
 
     async def __call__(self, args: Sequence[str | int | float]) -> Any:
         """EVALSHA with the keys and head args, then `args`."""
         packed = b"*%d\r\n%s%s" % (self._head_parts + len(args), self._head, _resp(args))
-        if self._conn is None:
-            self._conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         conn = self._conn
+        if conn is None:
+            conn = self._conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            # one timeout around send and read (see _send) instead of redis-py's own for each:
+            # its send timeout runs the write in a task of its own, every call
+            self._timeout, conn.socket_timeout = conn.socket_timeout, None
 
         async def failed(error: Exception) -> None:  # as redis-py's execute_command
             await conn.disconnect(error=error)
@@ -202,15 +206,20 @@ class _BatchScript:
             await self._redis.script_load(self._script)
             return await conn.retry.call_with_retry(lambda: self._send(conn, packed), failed)
 
-    @staticmethod
-    async def _send(conn: AbstractConnection, packed: bytes) -> Any:
-        await conn.send_packed_command(packed)
-        return await conn.read_response()
+    async def _send(self, conn: AbstractConnection, packed: bytes) -> Any:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await conn.send_packed_command(packed)
+                return await conn.read_response()
+        except TimeoutError:
+            # redis-py closed the connection when the timeout interrupted it; as its own timeouts
+            raise RedisTimeoutError("Timeout reading from socket") from None
 
     async def release(self) -> None:
         """Give the connection back to the pool (the limiter is done with it)."""
         conn, self._conn = self._conn, None
         if conn is not None:
+            conn.socket_timeout = self._timeout
             await self._redis.connection_pool.release(conn)
 
 
