@@ -180,8 +180,9 @@ class _BatchScript:
 
     The batch is this process's only frequent Redis call and its args are plain str and int:
     redis-py's generic path (per-argument encoders, the pool's lock and observability hooks per
-    command) cost several times the script's own server time. Timeouts, errors, reconnects and
-    retries stay redis-py's: the connection's send_packed_command, read_response and Retry.
+    command) cost several times the script's own server time. Errors, reconnects and retries stay
+    redis-py's (the connection's send_packed_command, read_response, connect and Retry); its
+    socket_timeout bounds the handshake of a reconnect, and send and read together (see _send).
     One call at a time (the limiter's flusher)."""
 
     def __init__(
@@ -203,7 +204,8 @@ class _BatchScript:
         if conn is None:
             conn = self._conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
             # one timeout around send and read (see _send) instead of redis-py's own for each:
-            # its send timeout runs the write in a task of its own, every call
+            # its send timeout runs the write in a task of its own, every call; a send only
+            # fills the socket's buffer, so the read has about the whole timeout, as before
             self._timeout, conn.socket_timeout = conn.socket_timeout, None
 
         async def failed(error: Exception) -> None:  # as redis-py's execute_command
@@ -217,6 +219,9 @@ class _BatchScript:
 
     async def _send(self, conn: AbstractConnection, packed: bytes) -> Any:
         try:
+            if not conn.is_connected:  # a reconnect's handshake gets a timeout of its own, as before
+                async with asyncio.timeout(self._timeout):
+                    await conn.connect()  # type: ignore[no-untyped-call]
             async with asyncio.timeout(self._timeout):
                 await conn.send_packed_command(packed)
                 return await conn.read_response()

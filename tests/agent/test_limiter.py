@@ -305,6 +305,20 @@ async def test_callers_stop_waiting_at_their_deadlines_while_the_script_call_han
         await client.aclose()
 
 
+async def test_the_batch_script_is_loaded_again_when_redis_lost_it(redis_server: RedisServer) -> None:
+    client = fast_redis(redis_server.url)
+    try:
+        limiter = SharedLimiter(
+            client, Budget.from_rates(f"noscript-{uuid.uuid4().hex}", requests_per_minute=6000)
+        )
+        await limiter.acquire("critical", 0, timeout_s=1)
+        await client.script_flush()  # as a restarted Redis
+        reservation = await limiter.acquire("critical", 0, timeout_s=1)
+        assert not reservation.local and not limiter.degraded
+    finally:
+        await client.aclose()
+
+
 async def evalsha_calls(client: aioredis.Redis) -> int:
     stats = await client.info("commandstats")
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
