@@ -366,6 +366,11 @@ class SharedLimiter:
             self._flusher = asyncio.create_task(self._flush())
 
     async def _flush(self) -> None:
+        if self._in_flight:
+            # the last flusher ended in its script call (cancelled): its callers still wait, and
+            # their ops go again, as after a timeout (a reservation may be charged twice)
+            self._pending = [r for r in self._in_flight if r.future is not None] + self._pending
+            self._in_flight = []
         while self._pending:
             if self.degraded:
                 self._fail_pending()
@@ -388,6 +393,7 @@ class SharedLimiter:
                 # back from an outage: what was admitted locally is charged to the shared buckets
                 batch.insert(0, _Request(gcra.Charge(tuple(self._local.owed)), None))
                 self._local.owed = [0 for _ in self.budget.limits]
+            # the deadline timer sees these callers; left set if this flusher ends in the call
             self._in_flight = batch
             try:
                 reply = await self._run(batch)
@@ -395,6 +401,7 @@ class SharedLimiter:
                 # The batch may have run and its reply been lost: sent again, a reservation may be
                 # charged twice (never too little). A cancelled flusher is not an outage.
                 _raise_if_cancelled()
+                self._in_flight = []
                 self._timeouts += 1
                 self._pending = [
                     r for r in batch if r.future is not None or isinstance(r.op, gcra.Charge)
@@ -405,13 +412,13 @@ class SharedLimiter:
                 continue
             except _UNREACHABLE_ERRORS as exc:
                 _raise_if_cancelled()
+                self._in_flight = []
                 self._pending = [
                     r for r in batch if r.future is not None or isinstance(r.op, gcra.Charge)
                 ] + self._pending
                 self._mark_redis_down(exc)
                 continue
-            finally:
-                self._in_flight = []
+            self._in_flight = []
             self._timeouts = 0
             self._redis_down_until = 0.0
             self._local = None

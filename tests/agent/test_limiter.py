@@ -305,6 +305,26 @@ async def test_callers_stop_waiting_at_their_deadlines_while_the_script_call_han
         await client.aclose()
 
 
+async def test_a_caller_whose_script_call_was_cancelled_under_it_still_stops_at_its_deadline(
+    redis_server: RedisServer,
+) -> None:
+    client = fast_redis(redis_server.url)
+    try:
+        limiter = SharedLimiter(
+            client, Budget.from_rates(f"orphan-{uuid.uuid4().hex}", requests_per_minute=60)
+        )
+
+        async def cancelled_mid_call(*_args: Any) -> Any:
+            asyncio.current_task().cancel()  # type: ignore[union-attr]
+            await asyncio.sleep(0)
+
+        limiter._batch_script._send = cancelled_mid_call  # type: ignore[method-assign]
+        with pytest.raises(LimiterTimeout):
+            await asyncio.wait_for(limiter.acquire("normal", 1, timeout_s=0.3), 5)
+    finally:
+        await client.aclose()
+
+
 async def test_the_batch_script_is_loaded_again_when_redis_lost_it(redis_server: RedisServer) -> None:
     client = fast_redis(redis_server.url)
     try:
