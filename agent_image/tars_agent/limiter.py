@@ -37,7 +37,6 @@ from tars_agent.tasks import PRIORITIES
 
 log = logging.getLogger(__name__)
 
-_RANK = {p: 1 + i for i, p in enumerate(PRIORITIES)}  # a reservation's class in its batch's order
 # Priorities that may use the local fallback bucket while Redis is down (fail-open within a
 # local share of the budget); the others wait for Redis until their deadline (fail-closed).
 DEGRADED_LOCAL = frozenset({"critical", "high"})
@@ -359,11 +358,15 @@ class SharedLimiter:
 
     # -- the batch: every op of this process that arrived since the last call, in one EVALSHA ----
 
-    def _submit(self, op: gcra.Op) -> None:
-        """An op nobody waits for (give-backs, charges, empties) in the next batch."""
-        self._pending.append(_Request(op, None))
+    def _submit(
+        self, op: gcra.Op, wait: bool, order: tuple[int, int] = (0, 0), deadline: float = math.inf
+    ) -> _Request:
+        future = asyncio.get_running_loop().create_future() if wait else None
+        request = _Request(op, future, order=order, deadline=deadline)
+        self._pending.append(request)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
+        return request
 
     async def _flush(self) -> None:
         if self._in_flight:
@@ -460,9 +463,9 @@ class SharedLimiter:
             if request.abandoned or future.done():
                 # the caller left while its op was in flight: hand back what it was given
                 if isinstance(request.op, gcra.Reserve) and status == 1:
-                    self._submit(gcra.GiveBack(result.tats, request.op.costs))
+                    self._submit(gcra.GiveBack(result.tats, request.op.costs), wait=False)
                 elif isinstance(request.op, gcra.Confirm) and status == 1:
-                    self._submit(gcra.GiveBack(request.op.reserved, request.op.costs))
+                    self._submit(gcra.GiveBack(request.op.reserved, request.op.costs), wait=False)
                 continue
             future.set_result((result, now, received))
 
@@ -499,13 +502,10 @@ class SharedLimiter:
         self, op: gcra.Op, deadline: float, order: tuple[int, int] = (0, 0)
     ) -> tuple[_Answer, int, float]:
         """Run `op` in the next batch; wait for its answer until `deadline` (asyncio.TimeoutError)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[_Answer, int, float]] = loop.create_future()
-        request = _Request(op, future, False, order, deadline)
-        self._pending.append(request)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = loop.create_task(self._flush())
-        if deadline < self._watch_at or self._watch_loop is not loop:
+        request = self._submit(op, wait=True, order=order, deadline=deadline)
+        future = request.future
+        assert future is not None
+        if deadline < self._watch_at or self._watch_loop is not asyncio.get_running_loop():
             self._watch_until(deadline)
         # The future is this caller's alone, so it is awaited directly (no wait_for, no shield, no
         # task per call): a cancel cancels it, and _dispatch gives back what a done future missed.
@@ -570,7 +570,7 @@ class SharedLimiter:
         deadline = start + timeout_s
         costs = self._costs(tokens)
         self._arrivals += 1
-        order = (_RANK[priority], self._arrivals)
+        order = (1 + PRIORITIES.index(priority), self._arrivals)
         returning = False  # refused for its horizon before: holds a ticket
         while True:
             if (
@@ -623,7 +623,7 @@ class SharedLimiter:
                 ):
                     continue  # the budget was paused while it slept: its slot went back; reserve again
             except asyncio.CancelledError:
-                self._submit(gcra.GiveBack(result.tats, costs))
+                self._submit(gcra.GiveBack(result.tats, costs), wait=False)
                 raise
             if self._metrics:
                 self._metrics.limiter_admitted.labels(priority).inc()
@@ -758,7 +758,7 @@ class SharedLimiter:
             _raise_if_cancelled()
             log.info("limiter: could not store the upstream's tighter limits: Redis unavailable")
         if any(empty):
-            self._submit(gcra.Empty(tuple(empty)))
+            self._submit(gcra.Empty(tuple(empty)), wait=False)
 
 
 def _op_args(op: gcra.Op, n: int) -> list[str | int]:
