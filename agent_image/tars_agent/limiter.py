@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tars_agent import gcra, limiter_lua
@@ -45,6 +49,7 @@ _TIMEOUTS_BEFORE_DEGRADED = 3
 # for AGENT_TTL is no longer counted in the local share.
 HEARTBEAT_INTERVAL_S = 1.0
 AGENT_TTL_S = 10.0
+_AGENT_TTL_US = int(AGENT_TTL_S * 1_000_000)
 
 
 class LimiterTimeout(Exception):
@@ -151,12 +156,98 @@ class _LocalBuckets:
     owed: list[int]  # units admitted locally, charged to the shared buckets when Redis returns
 
 
-@dataclass
+class _Answer(NamedTuple):
+    """An op's answer in its batch's reply (gcra.OpResult's fields; a tuple is cheaper to build)."""
+
+    status: int
+    value: int
+    limiting: int
+    tats: tuple[int, ...]
+
+
+@dataclass(slots=True)
 class _Request:
     op: gcra.Op
-    future: asyncio.Future[tuple[gcra.OpResult, int, float]] | None  # None: nobody waits
+    future: asyncio.Future[tuple[_Answer, int, float]] | None  # None: nobody waits
     abandoned: bool = False  # the caller left (deadline, cancel): give an admission back
     order: tuple[int, int] = (0, 0)  # reservations: (priority rank, arrival); others go first
+    deadline: float = math.inf  # monotonic: the caller stops waiting for the answer then
+
+
+class _BatchScript:
+    """EVALSHA of one script on a connection of its own from `redis`'s pool, packed here.
+
+    The batch is this process's only frequent Redis call and its args are plain str and int:
+    redis-py's generic path (per-argument encoders, the pool's lock and observability hooks per
+    command) cost several times the script's own server time. Errors, reconnects and retries stay
+    redis-py's (the connection's send_packed_command, read_response, connect and Retry); its
+    socket_timeout bounds the handshake of a reconnect, and send and read together (see _send).
+    One call at a time (the limiter's flusher)."""
+
+    def __init__(
+        self, redis: aioredis.Redis, script: str, keys: Sequence[str], head: Sequence[str | int | float]
+    ) -> None:
+        self._redis = redis
+        self._script = script
+        sha = hashlib.sha1(script.encode()).hexdigest()
+        # the keys and the args that never change (`head`) are packed once
+        self._head = _resp(("EVALSHA", sha, len(keys), *keys, *head))
+        self._head_parts = 3 + len(keys) + len(head)
+        self._conn: AbstractConnection | None = None
+        self._timeout: float | None = None  # the connection's socket_timeout, for the whole call
+
+    async def __call__(self, args: Sequence[str | int | float]) -> Any:
+        """EVALSHA with the keys and head args, then `args`."""
+        packed = b"*%d\r\n%s%s" % (self._head_parts + len(args), self._head, _resp(args))
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            # one timeout around send and read (see _send) instead of redis-py's own for each:
+            # its send timeout runs the write in a task of its own, every call; a send only
+            # fills the socket's buffer, so the read has about the whole timeout, as before
+            self._timeout, conn.socket_timeout = conn.socket_timeout, None
+
+        async def failed(error: Exception) -> None:  # as redis-py's execute_command
+            await conn.disconnect(error=error)
+
+        try:
+            return await conn.retry.call_with_retry(lambda: self._send(conn, packed), failed)
+        except NoScriptError:  # a Redis restarted or flushed: load it once, then as before
+            await self._redis.script_load(self._script)
+            return await conn.retry.call_with_retry(lambda: self._send(conn, packed), failed)
+
+    async def _send(self, conn: AbstractConnection, packed: bytes) -> Any:
+        try:
+            if not conn.is_connected:  # a reconnect's handshake gets a timeout of its own, as before
+                async with asyncio.timeout(self._timeout):
+                    await conn.connect()  # type: ignore[no-untyped-call]
+            async with asyncio.timeout(self._timeout):
+                await conn.send_packed_command(packed)
+                return await conn.read_response()
+        except TimeoutError:
+            # redis-py closed the connection when the timeout interrupted it; as its own timeouts
+            raise RedisTimeoutError("Timeout reading from socket") from None
+
+    async def release(self) -> None:
+        """Give the connection back to the pool (the limiter is done with it)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.socket_timeout = self._timeout
+            await self._redis.connection_pool.release(conn)
+
+
+def _resp(parts: Sequence[str | int | float]) -> bytes:
+    """Command arguments as RESP bulk strings, as redis-py's packer writes them (numbers as their
+    str); the array header is the caller's."""
+    fields = []
+    for part in parts:  # a plain loop: faster here than a comprehension over map(str, ...)
+        s = str(part)
+        fields.append(f"${len(s)}\r\n{s}\r\n")
+    text = "".join(fields)
+    if text.isascii():  # lengths in characters are lengths in bytes
+        return text.encode()
+    encoded = [str(p).encode() for p in parts]
+    return b"".join(b"$%d\r\n%s\r\n" % (len(e), e) for e in encoded)
 
 
 def local_share(budget: Budget, expected_pool_size: int) -> tuple[LimitParams, ...]:
@@ -209,18 +300,27 @@ class SharedLimiter:
         self._monotonic = monotonic
         self._pause_key, self._overrides_key = budget_keys(budget.name)
         self._tat_keys = [tat_key(budget.name, p.name) for p in budget.limits]
-        self._keys = [self._pause_key, self._overrides_key, used_key(budget.name), agents_key(budget.name)]
-        self._keys.append(queue_key(budget.name))
-        self._keys += self._tat_keys
-        self._params_args: list[str | int] = []
+        keys = [self._pause_key, self._overrides_key, used_key(budget.name), agents_key(budget.name)]
+        keys.append(queue_key(budget.name))
+        keys += self._tat_keys
+        head: list[str | int | float] = [repr(reserve_fraction), len(budget.limits)]
         for p in budget.limits:
-            self._params_args += [p.name, p.limit, p.window_us, p.burst]
-        self._batch_script = redis.register_script(limiter_lua.BATCH)
+            head += [p.name, p.limit, p.window_us, p.burst]
+        self._batch_script = _BatchScript(redis, limiter_lua.BATCH, keys, head)
         self._reconcile = redis.register_script(limiter_lua.RECONCILE)
         self._agent_id = agent_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._next_heartbeat = 0.0  # monotonic
         self.agents: int | None = None  # live agents of the budget at the last contact
         self._pending: list[_Request] = []
+        self._in_flight: list[_Request] = []  # the batch whose script call is under way
+        # One timer for the deadlines of all waiting callers, at the nearest (a timer per call
+        # cost more than the rest of an uncontended acquire)
+        self._watch: asyncio.TimerHandle | None = None
+        self._watch_at = math.inf
+        self._watch_loop: asyncio.AbstractEventLoop | None = None  # a limiter may outlive a loop
+        self._unit_costs = (
+            tuple(1 for _ in budget.limits) if all(p.unit != "tokens" for p in budget.limits) else None
+        )
         self._arrivals = 0  # acquires so far: their order within a batch
         self._flusher: asyncio.Task[None] | None = None
         self._timeouts = 0  # consecutive Redis timeouts
@@ -252,19 +352,28 @@ class SharedLimiter:
         return lambda: self.utilization(i)
 
     def _costs(self, tokens: int) -> tuple[int, ...]:
+        if self._unit_costs is not None:
+            return self._unit_costs
         return tuple(p.units(tokens) if p.unit == "tokens" else 1 for p in self.budget.limits)
 
     # -- the batch: every op of this process that arrived since the last call, in one EVALSHA ----
 
-    def _submit(self, op: gcra.Op, wait: bool, order: tuple[int, int] = (0, 0)) -> _Request:
+    def _submit(
+        self, op: gcra.Op, wait: bool, order: tuple[int, int] = (0, 0), deadline: float = math.inf
+    ) -> _Request:
         future = asyncio.get_running_loop().create_future() if wait else None
-        request = _Request(op, future, order=order)
+        request = _Request(op, future, order=order, deadline=deadline)
         self._pending.append(request)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return request
 
     async def _flush(self) -> None:
+        if self._in_flight:
+            # the last flusher ended in its script call (cancelled): its callers still wait, and
+            # their ops go again, as after a timeout (a reservation may be charged twice)
+            self._pending = [r for r in self._in_flight if r.future is not None] + self._pending
+            self._in_flight = []
         while self._pending:
             if self.degraded:
                 self._fail_pending()
@@ -287,12 +396,15 @@ class SharedLimiter:
                 # back from an outage: what was admitted locally is charged to the shared buckets
                 batch.insert(0, _Request(gcra.Charge(tuple(self._local.owed)), None))
                 self._local.owed = [0 for _ in self.budget.limits]
+            # the deadline timer sees these callers; left set if this flusher ends in the call
+            self._in_flight = batch
             try:
                 reply = await self._run(batch)
             except RedisTimeoutError as exc:
                 # The batch may have run and its reply been lost: sent again, a reservation may be
                 # charged twice (never too little). A cancelled flusher is not an outage.
                 _raise_if_cancelled()
+                self._in_flight = []
                 self._timeouts += 1
                 self._pending = [
                     r for r in batch if r.future is not None or isinstance(r.op, gcra.Charge)
@@ -303,11 +415,13 @@ class SharedLimiter:
                 continue
             except _UNREACHABLE_ERRORS as exc:
                 _raise_if_cancelled()
+                self._in_flight = []
                 self._pending = [
                     r for r in batch if r.future is not None or isinstance(r.op, gcra.Charge)
                 ] + self._pending
                 self._mark_redis_down(exc)
                 continue
+            self._in_flight = []
             self._timeouts = 0
             self._redis_down_until = 0.0
             self._local = None
@@ -320,11 +434,11 @@ class SharedLimiter:
         if self._monotonic() >= self._next_heartbeat:
             member = self._agent_id
             self._next_heartbeat = self._monotonic() + HEARTBEAT_INTERVAL_S
-        args: list[str | int | float] = [repr(self._reserve), len(self.budget.limits), *self._params_args]
-        args += [member, int(AGENT_TTL_S * 1_000_000), len(batch)]
+        n = len(self.budget.limits)
+        args: list[str | int] = [member, _AGENT_TTL_US, len(batch)]
         for request in batch:
-            args += _op_args(request.op, len(self.budget.limits))
-        return list(await self._batch_script(keys=self._keys, args=args))
+            args += _op_args(request.op, n)
+        return list(await self._batch_script(args))
 
     def _dispatch(self, batch: list[_Request], reply: list[str | int | bytes]) -> None:
         received = self._monotonic()
@@ -335,20 +449,25 @@ class SharedLimiter:
         for i in range(n):
             self._used[i] = (float(reply[3 + i]), now, received)
         at = 3 + 2 * n
+        width = 3 + n
         for request in batch:
-            status, value, limiting = int(reply[at]), int(reply[at + 1]), int(reply[at + 2])
-            result = gcra.OpResult(status, value, limiting, tuple(int(x) for x in reply[at + 3 : at + 3 + n]))
-            at += 3 + n
-            if request.future is None:
+            future = request.future
+            if future is None:
+                at += width
                 continue
-            if request.abandoned or request.future.done():
+            status = int(reply[at])
+            result = _Answer(
+                status, int(reply[at + 1]), int(reply[at + 2]), tuple(map(int, reply[at + 3 : at + width]))
+            )
+            at += width
+            if request.abandoned or future.done():
                 # the caller left while its op was in flight: hand back what it was given
                 if isinstance(request.op, gcra.Reserve) and status == 1:
                     self._submit(gcra.GiveBack(result.tats, request.op.costs), wait=False)
                 elif isinstance(request.op, gcra.Confirm) and status == 1:
                     self._submit(gcra.GiveBack(request.op.reserved, request.op.costs), wait=False)
                 continue
-            request.future.set_result((result, now, received))
+            future.set_result((result, now, received))
 
     def _fail_pending(self) -> None:
         pending, self._pending = self._pending, []
@@ -381,17 +500,46 @@ class SharedLimiter:
 
     async def _call(
         self, op: gcra.Op, deadline: float, order: tuple[int, int] = (0, 0)
-    ) -> tuple[gcra.OpResult, int, float]:
+    ) -> tuple[_Answer, int, float]:
         """Run `op` in the next batch; wait for its answer until `deadline` (asyncio.TimeoutError)."""
-        request = self._submit(op, wait=True, order=order)
-        assert request.future is not None
+        request = self._submit(op, wait=True, order=order, deadline=deadline)
+        future = request.future
+        assert future is not None
+        if deadline < self._watch_at or self._watch_loop is not asyncio.get_running_loop():
+            self._watch_until(deadline)
+        # The future is this caller's alone, so it is awaited directly (no wait_for, no shield, no
+        # task per call): a cancel cancels it, and _dispatch gives back what a done future missed.
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(request.future), max(deadline - self._monotonic(), 0.0)
-            )
+            return await future
         except BaseException:
             request.abandoned = True
             raise
+
+    def _watch_until(self, deadline: float) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        self._watch_at = deadline
+        self._watch_loop = asyncio.get_running_loop()
+        self._watch = self._watch_loop.call_later(
+            max(deadline - self._monotonic(), 0.0), self._expire_waiting
+        )
+
+    def _expire_waiting(self) -> None:
+        """The nearest deadline came: its callers stop waiting (their ops may still run, see
+        _dispatch); the timer moves on to the next deadline of a caller still waiting."""
+        self._watch, self._watch_at = None, math.inf
+        now = self._monotonic()
+        nearest = math.inf
+        for request in (*self._pending, *self._in_flight):
+            future = request.future
+            if future is None or future.done():
+                continue
+            if request.deadline <= now:
+                future.set_exception(TimeoutError())
+            else:
+                nearest = min(nearest, request.deadline)
+        if nearest < math.inf:
+            self._watch_until(nearest)
 
     async def aclose(self, timeout_s: float = 1.0) -> None:
         """Let the ops already submitted (give-backs of cancelled callers) reach Redis before its
@@ -400,6 +548,8 @@ class SharedLimiter:
         if flusher is not None and not flusher.done():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(flusher), timeout_s)
+        if flusher is None or flusher.done():
+            await self._batch_script.release()
 
     # -- acquire ---------------------------------------------------------------------------------
 
@@ -424,9 +574,9 @@ class SharedLimiter:
         returning = False  # refused for its horizon before: holds a ticket
         while True:
             if (
-                self.degraded
+                self._local is not None
+                and self.degraded
                 and priority in DEGRADED_LOCAL
-                and self._local is not None
                 and self._local.limits.params
             ):
                 return await self._acquire_local(priority, tokens, costs, start, deadline)
@@ -465,7 +615,9 @@ class SharedLimiter:
                 continue
             reservation = Reservation(priority, tokens, now, False, result.value, result.tats, costs)
             try:
-                await self._sleep(max(ahead_s - (self._monotonic() - received), 0.0))
+                delay = ahead_s - (self._monotonic() - received)
+                if delay > 0:  # an immediate slot goes on without a trip through the loop
+                    await self._sleep(delay)
                 if result.value - now >= gcra.CONFIRM_AFTER_US and not await self._confirmed(
                     reservation, deadline
                 ):

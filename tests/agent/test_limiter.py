@@ -247,7 +247,7 @@ async def test_a_cancelled_wait_ends_even_when_redis_reports_the_cancel_as_a_tim
 
         swallowed = 0
 
-        async def cancel_swallowed_by_redis(**_kwargs: Any) -> Any:
+        async def cancel_swallowed_by_redis(*_args: Any) -> Any:
             # As redis-py can on a busy loop: the cancellation arrives mid-call and comes out
             # as redis' TimeoutError, the CancelledError itself consumed.
             nonlocal swallowed
@@ -258,7 +258,7 @@ async def test_a_cancelled_wait_ends_even_when_redis_reports_the_cancel_as_a_tim
                 swallowed += 1
                 raise RedisTimeoutError("Timeout reading from socket") from None
 
-        limiter._batch_script = cancel_swallowed_by_redis  # type: ignore[assignment]
+        limiter._batch_script._send = cancel_swallowed_by_redis  # type: ignore[method-assign]
         waiting = asyncio.create_task(limiter.acquire("normal", 1, timeout_s=5))
 
         def flusher_ended_by_the_swallowed_cancel() -> bool:
@@ -272,6 +272,69 @@ async def test_a_cancelled_wait_ends_even_when_redis_reports_the_cancel_as_a_tim
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(waiting, 3)
+    finally:
+        await client.aclose()
+
+
+async def test_callers_stop_waiting_at_their_deadlines_while_the_script_call_hangs(
+    redis_server: RedisServer,
+) -> None:
+    """One timer serves every waiting caller's deadline: the nearest first, then the next, for
+    callers in the batch under way and in the next one alike."""
+    client = fast_redis(redis_server.url)
+    try:
+        limiter = SharedLimiter(client, Budget.from_rates(f"hang-{uuid.uuid4().hex}", requests_per_minute=60))
+        hung = asyncio.Event()
+
+        async def hang(*_args: Any) -> Any:
+            hung.set()
+            await asyncio.Event().wait()
+
+        limiter._batch_script._send = hang  # type: ignore[method-assign]
+        in_flight = asyncio.create_task(limiter.acquire("normal", 1, timeout_s=0.3))
+        await asyncio.wait_for(hung.wait(), 5)
+        later = asyncio.create_task(limiter.acquire("normal", 1, timeout_s=0.6))  # the next batch
+        sooner = asyncio.create_task(limiter.acquire("normal", 1, timeout_s=0.1))
+        for task in (sooner, in_flight, later):
+            with pytest.raises(LimiterTimeout):
+                await asyncio.wait_for(task, 5)
+        assert not limiter.degraded  # the call is still under way: no Redis error yet
+        assert limiter._flusher is not None
+        limiter._flusher.cancel()
+    finally:
+        await client.aclose()
+
+
+async def test_a_caller_whose_script_call_was_cancelled_under_it_still_stops_at_its_deadline(
+    redis_server: RedisServer,
+) -> None:
+    client = fast_redis(redis_server.url)
+    try:
+        limiter = SharedLimiter(
+            client, Budget.from_rates(f"orphan-{uuid.uuid4().hex}", requests_per_minute=60)
+        )
+
+        async def cancelled_mid_call(*_args: Any) -> Any:
+            asyncio.current_task().cancel()  # type: ignore[union-attr]
+            await asyncio.sleep(0)
+
+        limiter._batch_script._send = cancelled_mid_call  # type: ignore[method-assign]
+        with pytest.raises(LimiterTimeout):
+            await asyncio.wait_for(limiter.acquire("normal", 1, timeout_s=0.3), 5)
+    finally:
+        await client.aclose()
+
+
+async def test_the_batch_script_is_loaded_again_when_redis_lost_it(redis_server: RedisServer) -> None:
+    client = fast_redis(redis_server.url)
+    try:
+        limiter = SharedLimiter(
+            client, Budget.from_rates(f"noscript-{uuid.uuid4().hex}", requests_per_minute=6000)
+        )
+        await limiter.acquire("critical", 0, timeout_s=1)
+        await client.script_flush()  # as a restarted Redis
+        reservation = await limiter.acquire("critical", 0, timeout_s=1)
+        assert not reservation.local and not limiter.degraded
     finally:
         await client.aclose()
 
