@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tars_agent import gcra, limiter_lua
@@ -42,9 +43,11 @@ DEGRADED_LOCAL = frozenset({"critical", "high"})
 _UNREACHABLE_ERRORS = (RedisConnectionError, OSError)
 _TIMEOUTS_BEFORE_DEGRADED = 3
 # Agents of a budget announce themselves in its sorted set this often; an agent not heard of
-# for AGENT_TTL is no longer counted in the local share.
-HEARTBEAT_INTERVAL_S = 1.0
-AGENT_TTL_S = 10.0
+# for AGENT_TTL is no longer counted in the local share. Every PRUNE_EVERY-th heartbeat of an
+# agent also drops those from the set (the count skips them anyway).
+HEARTBEAT_INTERVAL_S = 5.0
+AGENT_TTL_S = 15.0
+PRUNE_EVERY = 6
 
 
 class LimiterTimeout(Exception):
@@ -95,14 +98,10 @@ class Budget:
         return Budget(name, tuple(limits))
 
 
-def budget_keys(name: str) -> tuple[str, str]:
-    """(pause key, overrides key); the {hash tag} keeps a budget's keys in one cluster slot."""
-    return f"tars:budget:{{{name}}}:pause", f"tars:budget:{{{name}}}:overrides"
-
-
-def used_key(name: str) -> str:
-    """Hash limit:u / limit:t -> the exponentially weighted units admitted and when (utilization)."""
-    return f"tars:budget:{{{name}}}:used"
+def state_key(name: str) -> str:
+    """String: the budget's buckets, pause, ticket queues and learned limits (gcra.State); the
+    {hash tag} keeps a budget's keys in one cluster slot."""
+    return f"tars:budget:{{{name}}}:state"
 
 
 def agents_key(name: str) -> str:
@@ -110,13 +109,9 @@ def agents_key(name: str) -> str:
     return f"tars:budget:{{{name}}}:agents"
 
 
-def queue_key(name: str) -> str:
-    """Hash class -> the slot of the last ticket given to a request refused for its horizon."""
-    return f"tars:budget:{{{name}}}:queue"
-
-
-def tat_key(budget: str, limit: str) -> str:
-    return f"tars:budget:{{{budget}}}:tat:{limit}"
+def pause_channel(name: str) -> str:
+    """Pub/sub channel: the pause end (server us) each time a 429 pauses the budget longer."""
+    return f"tars:budget:{{{name}}}:paused"
 
 
 @dataclass
@@ -204,11 +199,9 @@ class SharedLimiter:
         self._refund_unused = refund_unused_tokens
         self._sleep = sleep
         self._monotonic = monotonic
-        self._pause_key, self._overrides_key = budget_keys(budget.name)
-        self._tat_keys = [tat_key(budget.name, p.name) for p in budget.limits]
-        self._keys = [self._pause_key, self._overrides_key, used_key(budget.name), agents_key(budget.name)]
-        self._keys.append(queue_key(budget.name))
-        self._keys += self._tat_keys
+        self._state_key = state_key(budget.name)
+        self._keys = [self._state_key, agents_key(budget.name)]
+        self._channel = pause_channel(budget.name)
         self._params_args: list[str | int] = []
         for p in budget.limits:
             self._params_args += [p.name, p.limit, p.window_us, p.burst]
@@ -216,6 +209,7 @@ class SharedLimiter:
         self._reconcile = redis.register_script(limiter_lua.RECONCILE)
         self._agent_id = agent_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._next_heartbeat = 0.0  # monotonic
+        self._heartbeats = 0
         self.agents: int | None = None  # live agents of the budget at the last contact
         self._pending: list[_Request] = []
         self._arrivals = 0  # acquires so far: their order within a batch
@@ -225,6 +219,12 @@ class SharedLimiter:
         self._local: _LocalBuckets | None = None
         self._local_pause_until = 0.0  # monotonic
         self._written_overrides: dict[str, tuple[int, float]] = {}  # limit -> (value, monotonic)
+        # The pause end (server us) last heard of, in a reply or pushed on the pause channel, and
+        # the subscription that pushes it: its generation while subscribed, None while not.
+        self._pause_until_us = 0
+        self._listener: asyncio.Task[None] | None = None
+        self._generation = 0
+        self._subscribed: int | None = None
         # the last shared state seen: (used, server now us, monotonic when received) per limit
         self._used: list[tuple[float, int, float]] = [(0.0, 0, 0.0) for _ in budget.limits]
         if metrics:
@@ -313,12 +313,14 @@ class SharedLimiter:
             self._dispatch(batch, reply)
 
     async def _run(self, batch: list[_Request]) -> list[str | int | bytes]:
-        member = ""
+        member, prune = "", ""
         if self._monotonic() >= self._next_heartbeat:
             member = self._agent_id
+            prune = "1" if self._heartbeats % PRUNE_EVERY == 0 else ""
+            self._heartbeats += 1
             self._next_heartbeat = self._monotonic() + HEARTBEAT_INTERVAL_S
         args: list[str | int | float] = [repr(self._reserve), len(self.budget.limits), *self._params_args]
-        args += [member, int(AGENT_TTL_S * 1_000_000), len(batch)]
+        args += [member, int(AGENT_TTL_S * 1_000_000), prune, self._channel, len(batch)]
         for request in batch:
             args += _op_args(request.op, len(self.budget.limits))
         return list(await self._batch_script(keys=self._keys, args=args))
@@ -326,7 +328,8 @@ class SharedLimiter:
     def _dispatch(self, batch: list[_Request], reply: list[str | int | bytes]) -> None:
         received = self._monotonic()
         n = len(self.budget.limits)
-        now, _pause_until, agents = int(reply[0]), int(reply[1]), int(reply[2])
+        now, pause_until, agents = int(reply[0]), int(reply[1]), int(reply[2])
+        self._pause_until_us = max(self._pause_until_us, pause_until)
         if agents > 0:
             self.agents = agents
         for i in range(n):
@@ -392,11 +395,42 @@ class SharedLimiter:
 
     async def aclose(self, timeout_s: float = 1.0) -> None:
         """Let the ops already submitted (give-backs of cancelled callers) reach Redis before its
-        connection closes; at most `timeout_s`."""
+        connection closes; at most `timeout_s`. Ends the pause subscription."""
         flusher = self._flusher
         if flusher is not None and not flusher.done():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(flusher), timeout_s)
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+
+    # -- the pause channel: a 429 reaches the callers sleeping on a reservation without a call ---
+
+    async def _listen(self) -> None:
+        """Hold one subscription to the budget's pause channel; subscribe again after a failure."""
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self._channel)
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        self._generation += 1
+                        self._subscribed = self._generation
+                    elif message["type"] == "message":
+                        self._pause_until_us = max(self._pause_until_us, int(message["data"]))
+            except (*_UNREACHABLE_ERRORS, RedisError) as exc:
+                _raise_if_cancelled()
+                log.info("limiter: pause subscription lost (%s); sleeping callers confirm instead", exc)
+            finally:
+                self._subscribed = None
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            await asyncio.sleep(self._retry_interval)
 
     # -- acquire ---------------------------------------------------------------------------------
 
@@ -418,6 +452,8 @@ class SharedLimiter:
         costs = self._costs(tokens)
         self._arrivals += 1
         order = (1 + PRIORITIES.index(priority), self._arrivals)
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen())
         returning = False  # refused for its horizon before: holds a ticket
         while True:
             if (
@@ -431,6 +467,7 @@ class SharedLimiter:
             op = gcra.Reserve(
                 priority, gcra.max_ahead_us(priority, remaining_us), costs, remaining_us, returning
             )
+            watched = self._subscribed  # a subscription live from before the decision to the wake
             try:
                 result, now, received = await self._call(op, deadline, order)
             except TimeoutError:
@@ -463,10 +500,17 @@ class SharedLimiter:
             reservation = Reservation(priority, tokens, now, False, result.value, result.tats, costs)
             try:
                 await self._sleep(max(ahead_s - (self._monotonic() - received), 0.0))
-                if result.value - now >= gcra.CONFIRM_AFTER_US and not await self._confirmed(
-                    reservation, deadline
+                if self._pause_until_us > result.value:
+                    # paused (pushed, or seen in a reply) while it slept: its slot goes back, and
+                    # it reserves again after the pause in the same script call
+                    self._submit(gcra.GiveBack(result.tats, costs), wait=False)
+                    continue
+                if (
+                    result.value - now >= gcra.CONFIRM_AFTER_US
+                    and (watched is None or self._subscribed != watched)
+                    and not await self._confirmed(reservation, deadline)
                 ):
-                    continue  # the budget was paused while it slept: its slot went back; reserve again
+                    continue  # no subscription told it: paused while it slept, its slot went back
             except asyncio.CancelledError:
                 self._submit(gcra.GiveBack(result.tats, costs), wait=False)
                 raise
@@ -537,7 +581,7 @@ class SharedLimiter:
     async def _correct(self, reservation: Reservation, delta: int) -> None:
         if delta == 0:
             return
-        for i, (p, key) in enumerate(zip(self.budget.limits, self._tat_keys, strict=True)):
+        for i, p in enumerate(self.budget.limits):
             if p.unit != "tokens":
                 continue
             # Charges round up, refunds down: the budget stays on the safe side of the blocks.
@@ -548,7 +592,7 @@ class SharedLimiter:
                 continue
             try:
                 await self._reconcile(
-                    keys=[self._overrides_key, key], args=[p.name, p.limit, p.window_us, p.burst, units]
+                    keys=[self._state_key], args=[p.name, p.limit, p.window_us, p.burst, units]
                 )
             except (*_UNREACHABLE_ERRORS, RedisTimeoutError):
                 _raise_if_cancelled()
@@ -575,7 +619,7 @@ class SharedLimiter:
         (requests or tokens): the next request of that kind waits one refill of that bucket.
         """
         limit_names = {p.name for p in self.budget.limits}
-        overrides: dict[str, int] = {}
+        overrides: dict[str, int] = {}  # limit -> the tighter limit, in its units
         empty = [False for _ in self.budget.limits]
         for kind, lname in (("requests", "rpm"), ("tokens", "tpm")):
             limit_raw = headers.get(f"x-ratelimit-limit-{kind}")
@@ -590,18 +634,17 @@ class SharedLimiter:
             if headers.get(f"x-ratelimit-remaining-{kind}") == "0":
                 unit = "tokens" if kind == "tokens" else "requests"
                 empty = [e or p.unit == unit for e, p in zip(empty, self.budget.limits, strict=True)]
-        try:
-            if overrides:
-                async with self._redis.pipeline(transaction=True) as pipe:
-                    for lname, limit in overrides.items():
-                        pipe.hset(self._overrides_key, lname, limit)
-                    pipe.expire(self._overrides_key, self._override_ttl)
-                    await pipe.execute()
+        if overrides:
+            op = gcra.Override(
+                tuple(overrides.get(p.name, 0) for p in self.budget.limits), self._override_ttl * 1_000_000
+            )
+            try:
+                await self._call(op, self._monotonic() + 1.0)
+            except (TimeoutError, _RedisUnavailable):
+                log.info("limiter: could not store the upstream's tighter limits: Redis unavailable")
+            else:
                 for lname, limit in overrides.items():
                     self._written_overrides[lname] = (limit, self._monotonic())
-        except (*_UNREACHABLE_ERRORS, RedisTimeoutError):
-            _raise_if_cancelled()
-            log.info("limiter: could not store the upstream's tighter limits: Redis unavailable")
         if any(empty):
             self._submit(gcra.Empty(tuple(empty)), wait=False)
 
@@ -620,4 +663,6 @@ def _op_args(op: gcra.Op, n: int) -> list[str | int]:
         return ["k", 0, 0, *op.units, *zeros]
     if isinstance(op, gcra.Empty):
         return ["e", 0, 0, *(int(e) for e in op.buckets), *zeros]
+    if isinstance(op, gcra.Override):
+        return ["o", op.ttl_us, 0, *op.limits, *zeros]
     return ["p", op.pause_us, 0, *zeros, *zeros]

@@ -19,8 +19,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tars_agent import gcra
 from tars_agent.gcra import LimitParams
-from tars_agent.limiter import Budget, LimiterTimeout, RequestTooLarge, SharedLimiter, budget_keys, tat_key
+from tars_agent.limiter import Budget, LimiterTimeout, RequestTooLarge, SharedLimiter, state_key
 from tars_agent.metrics import AgentMetrics
 from tars_contract import metric_names
 
@@ -35,6 +36,16 @@ def fast_redis(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(
         url, socket_timeout=0.25, socket_connect_timeout=0.25, retry=Retry(NoBackoff(), 0)
     )
+
+
+async def stored(client: aioredis.Redis, budget: str) -> gcra.State:
+    return gcra.decode_state(await client.get(state_key(budget))) or gcra.State()
+
+
+async def stored_tat(client: aioredis.Redis, budget: str, limit: str) -> int:
+    """The bucket's tat in the budget's state (0: none stored)."""
+    bucket = dict((await stored(client, budget)).buckets).get(limit)
+    return 0 if bucket is None else bucket.tat
 
 
 def test_many_processes_never_exceed_the_budget_in_any_window(
@@ -106,8 +117,8 @@ async def test_upstream_headers_tighten_the_budget_and_pause_at_zero(redis_serve
                 "x-ratelimit-reset-requests": "1s",
             }
         )
-        _pause_key, overrides_key = budget_keys(name)
-        assert await client.hgetall(overrides_key) == {b"rpm": b"60"}  # tokens: provider allows more
+        learned = {name: b.override for name, b in (await stored(client, name)).buckets}
+        assert learned == {"rpm": 60, "tpm": 0}  # tokens: provider allows more
         # burst shrinks to 5% of 60 = 3, a fresh bucket holds half of it (one): the 2nd immediate
         # request must wait a refill (~1 s), not 1/600 min
         assert (await limiter.try_acquire("critical", 1)).admitted
@@ -283,7 +294,7 @@ async def test_a_cancelled_reservation_gives_its_slot_back(redis_server: RedisSe
         sleeper = asyncio.create_task(limiter.acquire("critical", 0, timeout_s=5))
 
         async def reserved() -> bool:  # the sleeper's reservation moved the bucket on
-            return int(await client.get(tat_key(name, "rps")) or 0) > first.reserved_tats[0]
+            return await stored_tat(client, name, "rps") > first.reserved_tats[0]
 
         await async_eventually(reserved, 2, "the sleeper's reservation")
         sleeper.cancel()
@@ -308,7 +319,7 @@ async def test_an_upstream_429_stops_callers_already_sleeping_on_a_reservation(
         sleeping = asyncio.create_task(a.acquire("critical", 0, timeout_s=10))
 
         async def reserved() -> bool:  # the sleeper holds its slot, ~1 s ahead
-            return int(await pod_b.get(tat_key(name, "rps")) or 0) > first.reserved_tats[0]
+            return await stored_tat(pod_b, name, "rps") > first.reserved_tats[0]
 
         await async_eventually(reserved, 5, "the sleeper's reservation")
         await b.pause(2.0)  # another pod got a 429
@@ -380,7 +391,7 @@ async def test_redis_paused_10s_degrades_to_the_live_agents_share_and_charges_it
         assert 0 < local <= 30 + 285 * 10 / 60 + 1
         back = await a.acquire("normal", 0, timeout_s=5)
         assert not back.local
-        tat = int(await pod_b.get(tat_key(name, "rpm")) or 0)
+        tat = await stored_tat(pod_b, name, "rpm")
         server_now = back.server_now_us
         # the local admissions were charged: the shared bucket is that far ahead of now
         charged_us = local * 60_000_000 / (600 - 60)
@@ -400,13 +411,13 @@ async def test_aclose_sends_the_give_backs_of_cancelled_callers_first(redis_serv
         sleeper = asyncio.create_task(limiter.acquire("critical", 0, timeout_s=5))
 
         async def reserved() -> bool:
-            return int(await client.get(tat_key(name, "rps")) or 0) > first.reserved_tats[0]
+            return await stored_tat(client, name, "rps") > first.reserved_tats[0]
 
         await async_eventually(reserved, 2, "the sleeper's reservation")
         sleeper.cancel()
         with pytest.raises(asyncio.CancelledError):
             await sleeper
         await limiter.aclose()
-        assert int(await client.get(tat_key(name, "rps")) or 0) == first.reserved_tats[0]
+        assert await stored_tat(client, name, "rps") == first.reserved_tats[0]
     finally:
         await client.aclose()
