@@ -48,6 +48,12 @@ _TIMEOUTS_BEFORE_DEGRADED = 3
 HEARTBEAT_INTERVAL_S = 5.0
 AGENT_TTL_S = 15.0
 PRUNE_EVERY = 6
+# A reservation that will be refused for its class's horizon and take a ticket behind the last
+# one this process took (see _ride_along_s) waits this long at most for the process's next script
+# call and goes with it, instead of a call of its own; it is sent at least MARGIN before that
+# ticket's slot is inside its horizon (timers and calls run late on a busy machine).
+RIDE_ALONG_S = 1.0
+RIDE_ALONG_MARGIN_S = 0.1
 
 
 class LimiterTimeout(Exception):
@@ -212,6 +218,10 @@ class SharedLimiter:
         self._heartbeats = 0
         self.agents: int | None = None  # live agents of the budget at the last contact
         self._pending: list[_Request] = []
+        self._parked: list[_Request] = []  # ops waiting for another op of this process (RIDE_ALONG_S)
+        # the buckets after the last script call: (tats, server now us, monotonic when received)
+        self._seen: tuple[tuple[int, ...], int, float] = ((), 0, 0.0)
+        self._tails: dict[str, int] = {}  # class -> the slot of the last ticket this process took
         self._arrivals = 0  # acquires so far: their order within a batch
         self._flusher: asyncio.Task[None] | None = None
         self._timeouts = 0  # consecutive Redis timeouts
@@ -219,12 +229,15 @@ class SharedLimiter:
         self._local: _LocalBuckets | None = None
         self._local_pause_until = 0.0  # monotonic
         self._written_overrides: dict[str, tuple[int, float]] = {}  # limit -> (value, monotonic)
-        # The pause end (server us) last heard of, in a reply or pushed on the pause channel, and
-        # the subscription that pushes it: its generation while subscribed, None while not.
+        # The pause end (server us) last heard of, in a reply or pushed on the pause channel; the
+        # subscription that pushes it (its generation while subscribed, None while not); and the
+        # generation that was live before a script call whose reply came: from that call on, the
+        # pushes tell every pause.
         self._pause_until_us = 0
         self._listener: asyncio.Task[None] | None = None
         self._generation = 0
         self._subscribed: int | None = None
+        self._covered = 0
         # the last shared state seen: (used, server now us, monotonic when received) per limit
         self._used: list[tuple[float, int, float]] = [(0.0, 0, 0.0) for _ in budget.limits]
         if metrics:
@@ -253,13 +266,32 @@ class SharedLimiter:
 
     # -- the batch: every op of this process that arrived since the last call, in one EVALSHA ----
 
-    def _submit(self, op: gcra.Op, wait: bool, order: tuple[int, int] = (0, 0)) -> _Request:
+    def _submit(
+        self, op: gcra.Op, wait: bool, order: tuple[int, int] = (0, 0), park_s: float = 0.0
+    ) -> _Request:
+        """Queue `op` for the next script call; parked (`park_s`), it waits for another op of this
+        process to go with, at most that long."""
         future = asyncio.get_running_loop().create_future() if wait else None
         request = _Request(op, future, order=order)
+        if park_s > 0:
+            self._parked.append(request)
+            asyncio.get_running_loop().call_later(park_s, self._unpark, request)
+            return request
         self._pending.append(request)
+        self._pending += self._parked
+        self._parked.clear()
+        self._start_flusher()
+        return request
+
+    def _unpark(self, request: _Request) -> None:
+        if request in self._parked:
+            self._parked.remove(request)
+            self._pending.append(request)
+            self._start_flusher()
+
+    def _start_flusher(self) -> None:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        return request
 
     async def _flush(self) -> None:
         while self._pending:
@@ -284,6 +316,7 @@ class SharedLimiter:
                 # back from an outage: what was admitted locally is charged to the shared buckets
                 batch.insert(0, _Request(gcra.Charge(tuple(self._local.owed)), None))
                 self._local.owed = [0 for _ in self.budget.limits]
+            live = self._subscribed  # subscribed before the call was sent: before the batch ran
             try:
                 reply = await self._run(batch)
             except RedisTimeoutError as exc:
@@ -306,6 +339,8 @@ class SharedLimiter:
                 self._mark_redis_down(exc)
                 continue
             self._timeouts = 0
+            if live is not None:
+                self._covered = live
             self._redis_down_until = 0.0
             self._local = None
             if self._metrics:
@@ -334,6 +369,7 @@ class SharedLimiter:
             self.agents = agents
         for i in range(n):
             self._used[i] = (float(reply[3 + i]), now, received)
+        self._seen = (tuple(int(x) for x in reply[3 + n : 3 + 2 * n]), now, received)
         at = 3 + 2 * n
         for request in batch:
             status, value, limiting = int(reply[at]), int(reply[at + 1]), int(reply[at + 2])
@@ -380,10 +416,10 @@ class SharedLimiter:
             self._metrics.limiter_degraded.set(1)
 
     async def _call(
-        self, op: gcra.Op, deadline: float, order: tuple[int, int] = (0, 0)
+        self, op: gcra.Op, deadline: float, order: tuple[int, int] = (0, 0), park_s: float = 0.0
     ) -> tuple[gcra.OpResult, int, float]:
         """Run `op` in the next batch; wait for its answer until `deadline` (asyncio.TimeoutError)."""
-        request = self._submit(op, wait=True, order=order)
+        request = self._submit(op, wait=True, order=order, park_s=park_s)
         assert request.future is not None
         try:
             return await asyncio.wait_for(
@@ -467,9 +503,8 @@ class SharedLimiter:
             op = gcra.Reserve(
                 priority, gcra.max_ahead_us(priority, remaining_us), costs, remaining_us, returning
             )
-            watched = self._subscribed  # a subscription live from before the decision to the wake
             try:
-                result, now, received = await self._call(op, deadline, order)
+                result, now, received = await self._call(op, deadline, order, self._ride_along_s(op))
             except TimeoutError:
                 self._timed_out(priority, start, 0.0)
             except _RedisUnavailable:
@@ -493,6 +528,8 @@ class SharedLimiter:
                 if result.value - now > remaining_us:
                     self._timed_out(priority, start, ahead_s)
                 # beyond its class's horizon: ask again when its ticket's slot is inside it
+                if not op.returning:
+                    self._tails[priority] = max(self._tails.get(priority, 0), result.value)
                 returning = True
                 horizon_s = (gcra.HORIZON_US[priority] or 0) / 1_000_000
                 await self._sleep(ahead_s - horizon_s - (self._monotonic() - received))
@@ -505,9 +542,10 @@ class SharedLimiter:
                     # it reserves again after the pause in the same script call
                     self._submit(gcra.GiveBack(result.tats, costs), wait=False)
                     continue
+                pushed = self._subscribed is not None and self._covered == self._subscribed
                 if (
                     result.value - now >= gcra.CONFIRM_AFTER_US
-                    and (watched is None or self._subscribed != watched)
+                    and not pushed
                     and not await self._confirmed(reservation, deadline)
                 ):
                     continue  # no subscription told it: paused while it slept, its slot went back
@@ -518,6 +556,24 @@ class SharedLimiter:
                 self._metrics.limiter_admitted.labels(priority).inc()
                 self._metrics.limiter_wait.labels(priority).observe(self._monotonic() - start)
             return reservation
+
+    def _ride_along_s(self, op: gcra.Reserve) -> float:
+        """How long a first reservation may wait for another op of this process to go with.
+
+        Only while the buckets seen last refuse it for its horizon and its class's queue holds a
+        ticket of this process well beyond the horizon: it would take a ticket behind that one and
+        sleep at least until that ticket's slot is inside its horizon, so waiting costs it nothing
+        but its place among the tickets other processes take meanwhile."""
+        tats, seen_now, received = self._seen
+        tail = self._tails.get(op.priority, 0)
+        if op.returning or op.critical or not tats:
+            return 0.0
+        now = seen_now + int((self._monotonic() - received) * 1_000_000)
+        limits = gcra.Limits(self.budget.limits, tuple(None for _ in tats), self._reserve)
+        verdict = gcra.reserve(tats, now, op.costs, limits, False, op.max_ahead_us, self._pause_until_us)
+        if verdict.admitted or verdict.too_large or tail - now > op.deadline_us:
+            return 0.0
+        return min((tail - now - op.max_ahead_us) / 1_000_000 - RIDE_ALONG_MARGIN_S, RIDE_ALONG_S)
 
     async def _confirmed(self, reservation: Reservation, deadline: float) -> bool:
         """After a long sleep: may the caller go, or was the budget paused (an upstream 429)?"""
