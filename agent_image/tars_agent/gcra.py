@@ -114,10 +114,23 @@ HORIZON_US: dict[str, int | None] = {"critical": None, "high": 2_000_000, "norma
 CONFIRM_AFTER_US = 100_000
 
 
-def max_ahead_us(priority: str, remaining_us: int) -> int:
-    """How far ahead of now a request of `priority` may be given a slot."""
+# A caller back with its ticket may reserve this share of its horizon beyond it. A newcomer that
+# asks in the instant before a ticket's holder comes back takes the slot the ticket named; without
+# the slack the holder, and after it every later holder, would be refused once and come back
+# (two script calls each while the queue lasts). With it, higher classes wait for a lower class's
+# returning callers at most its horizon x (1 + RETURN_SLACK).
+RETURN_SLACK = 0.2
+
+
+def max_ahead_us(priority: str, remaining_us: int, returning: bool = False) -> int:
+    """How far ahead of now a request of `priority` may be given a slot (`returning`: it holds a
+    ticket)."""
     horizon = HORIZON_US[priority]
-    return remaining_us if horizon is None else min(remaining_us, horizon)
+    if horizon is None:
+        return remaining_us
+    if returning:
+        horizon += int(horizon * RETURN_SLACK)
+    return min(remaining_us, horizon)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -50,10 +51,8 @@ AGENT_TTL_S = 15.0
 PRUNE_EVERY = 6
 # A reservation that will be refused for its class's horizon and take a ticket behind the last
 # one this process took (see _ride_along_s) waits this long at most for the process's next script
-# call and goes with it, instead of a call of its own; it is sent at least MARGIN before that
-# ticket's slot is inside its horizon (timers and calls run late on a busy machine).
+# call and goes with it, instead of a call of its own.
 RIDE_ALONG_S = 1.0
-RIDE_ALONG_MARGIN_S = 0.1
 
 
 class LimiterTimeout(Exception):
@@ -284,9 +283,10 @@ class SharedLimiter:
         return request
 
     def _unpark(self, request: _Request) -> None:
+        """A parked op's time is up: it goes, and every other parked op with it."""
         if request in self._parked:
-            self._parked.remove(request)
-            self._pending.append(request)
+            self._pending += self._parked
+            self._parked.clear()
             self._start_flusher()
 
     def _start_flusher(self) -> None:
@@ -501,10 +501,15 @@ class SharedLimiter:
                 return await self._acquire_local(priority, tokens, costs, start, deadline)
             remaining_us = max(int((deadline - self._monotonic()) * 1_000_000), 0)
             op = gcra.Reserve(
-                priority, gcra.max_ahead_us(priority, remaining_us), costs, remaining_us, returning
+                priority, gcra.max_ahead_us(priority, remaining_us, returning), costs, remaining_us, returning
             )
+            park_s = self._ride_along_s(op)
+            if park_s > 0:
+                # behind the tickets: admitted only if the bucket has room at once, it never
+                # overtakes a ticket's holder who comes back late (every later one would be refused once)
+                op = dataclasses.replace(op, max_ahead_us=0)
             try:
-                result, now, received = await self._call(op, deadline, order, self._ride_along_s(op))
+                result, now, received = await self._call(op, deadline, order, park_s)
             except TimeoutError:
                 self._timed_out(priority, start, 0.0)
             except _RedisUnavailable:
@@ -573,7 +578,7 @@ class SharedLimiter:
         verdict = gcra.reserve(tats, now, op.costs, limits, False, op.max_ahead_us, self._pause_until_us)
         if verdict.admitted or verdict.too_large or tail - now > op.deadline_us:
             return 0.0
-        return min((tail - now - op.max_ahead_us) / 1_000_000 - RIDE_ALONG_MARGIN_S, RIDE_ALONG_S)
+        return min((tail - now - op.max_ahead_us) / 1_000_000, RIDE_ALONG_S)
 
     async def _confirmed(self, reservation: Reservation, deadline: float) -> bool:
         """After a long sleep: may the caller go, or was the budget paused (an upstream 429)?"""
