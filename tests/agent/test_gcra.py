@@ -356,6 +356,58 @@ def test_a_bucket_unused_for_its_keep_starts_afresh_and_expired_parts_are_forgot
     assert dict(cold.state.buckets)["rpm"].override == 0  # the learned limit expired with its ttl
 
 
+def test_lua_reads_expired_parts_of_the_state_as_the_model_does(redis_server: RedisServer) -> None:
+    """A stored state whose pause, tickets, learned limits and one bucket expired before the
+    script runs (and a limit of another agent's configuration): the script and the model answer
+    and store the same."""
+    params = (LimitParams("l0", 600, 60_000_000, 30), LimitParams("l1", 1000, 60_000_000, 100, "tokens"))
+    client = redis.Redis(port=redis_server.port)
+    try:
+        budget = f"expired-{uuid.uuid4().hex}"
+        seconds, micros = client.time()
+        t = seconds * 1_000_000 + micros
+        seed = (
+            f"s1 {t - 1} {t - 1} 0 0 {t + 9_000_000} 0 {t - 1} "
+            f"l0 {t + 5_000_000} {t - 1} 3.5 {t - 2_000_000} 300 "
+            f"l1 {t + 8_000_000} {t + 70_000_000} 12.25 {t - 1_000_000} 0 "
+            f"zz {t + 2_000_000} {t + 80_000_000} 1 {t} 7"
+        )
+        client.set(state_key(budget), seed)
+        ops: tuple[gcra.Op, ...] = (
+            gcra.Reserve("normal", 0, (1, 40), 30_000_000),
+            gcra.Override((200, 0), 5_000_000),
+        )
+        args: list[str | int | float] = ["0.1", 2]
+        for p in params:
+            args += [p.name, p.limit, p.window_us, p.burst]
+        args += ["", 10_000_000, "", f"ch-{budget}", len(ops)]
+        for op in ops:
+            args += _op_args(op, 2)
+        reply = client.register_script(limiter_lua.BATCH)(
+            keys=[state_key(budget), agents_key(budget)], args=args
+        )
+        now = int(reply[0])
+        expected = gcra.run_batch(gcra.decode_state(seed), now, params, 0.1, ops)
+        assert int(reply[1]) == expected.pause_until_us == 0
+        assert tuple(float(x) for x in reply[3:5]) == expected.used
+        assert tuple(int(x) for x in reply[5:7]) == expected.tats
+        assert (int(reply[7]), int(reply[8])) == (expected.results[0].status, expected.results[0].value)
+        assert gcra.decode_state(client.get(state_key(budget))) == expected.state
+        stored = dict(expected.state.buckets)
+        assert stored["zz"].override == 0  # the learned limits had expired: not revived by the new one
+        assert expected.results[0].status == 0
+        assert expected.state.queue[2] == expected.results[0].value  # a new queue, not the old tail
+    finally:
+        client.close()
+
+
+def test_a_returning_caller_may_reserve_a_little_beyond_its_horizon_only() -> None:
+    assert gcra.max_ahead_us("normal", 10**9, returning=True) == 1_200_000
+    assert gcra.max_ahead_us("normal", 10**9) == 1_000_000
+    assert gcra.max_ahead_us("low", 300_000, returning=True) == 300_000  # the deadline still bounds it
+    assert gcra.max_ahead_us("critical", 123, returning=True) == 123
+
+
 def test_a_state_of_another_format_is_no_state() -> None:
     assert gcra.decode_state(None) is None
     assert gcra.decode_state(b"s0 1 2") is None
