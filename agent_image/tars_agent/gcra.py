@@ -109,8 +109,9 @@ def tolerance_us(
 # waits at most about that long. The graded horizons make the limiter a strict priority order
 # under saturation: a class is served from what the classes above it leave (README.md).
 HORIZON_US: dict[str, int | None] = {"critical": None, "high": 2_000_000, "normal": 1_000_000, "low": 500_000}
-# A caller whose slot is this far ahead checks for a budget-wide pause when it wakes
-# (limiter.py): shorter sleeps began after any pause older than this and saw it.
+# A caller whose slot is this far ahead asks Redis for a budget-wide pause when it wakes, unless
+# its limiter's pause subscription covered its sleep (limiter.py): shorter sleeps began after
+# any pause older than this and saw it.
 CONFIRM_AFTER_US = 100_000
 
 
