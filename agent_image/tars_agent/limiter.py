@@ -45,7 +45,7 @@ _UNREACHABLE_ERRORS = (RedisConnectionError, OSError)
 _TIMEOUTS_BEFORE_DEGRADED = 3
 # Agents of a budget announce themselves in its sorted set this often; an agent not heard of
 # for AGENT_TTL is no longer counted in the local share. Every PRUNE_EVERY-th heartbeat of an
-# agent also drops those from the set (the count skips them anyway).
+# agent also drops those from the set (the count skips them anyway) and keeps the set alive.
 HEARTBEAT_INTERVAL_S = 5.0
 AGENT_TTL_S = 15.0
 PRUNE_EVERY = 6
@@ -351,7 +351,7 @@ class SharedLimiter:
         member, prune = "", ""
         if self._monotonic() >= self._next_heartbeat:
             member = self._agent_id
-            prune = "1" if self._heartbeats % PRUNE_EVERY == 0 else ""
+            prune = "1" if self._heartbeats % PRUNE_EVERY == PRUNE_EVERY - 1 else ""
             self._heartbeats += 1
             self._next_heartbeat = self._monotonic() + HEARTBEAT_INTERVAL_S
         args: list[str | int | float] = [repr(self._reserve), len(self.budget.limits), *self._params_args]

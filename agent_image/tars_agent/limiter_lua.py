@@ -109,9 +109,11 @@ local function inc(i, cost) return increment(cost, limit[i], burst[i], window[i]
 local agents = -1
 if ARGV[p + 1] ~= '' then
   local ttl = tonumber(ARGV[p + 2])
-  redis.call('ZADD', KEYS[2], now, ARGV[p + 1])
+  local added = redis.call('ZADD', KEYS[2], now, ARGV[p + 1])
   if ARGV[p + 3] == '1' then
     redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
+  end
+  if added == 1 or ARGV[p + 3] == '1' then  -- a new agent, or now and then: kept a while
     redis.call('PEXPIRE', KEYS[2], math.ceil(ttl / 1000) * 4)
   end
   agents = redis.call('ZCOUNT', KEYS[2], '(' .. fmt(now - ttl), '+inf')

@@ -22,11 +22,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tars_agent import gcra
 from tars_agent.gcra import LimitParams
 from tars_agent.limiter import (
+    AGENT_TTL_S,
     HEARTBEAT_INTERVAL_S,
     Budget,
     LimiterTimeout,
     RequestTooLarge,
     SharedLimiter,
+    agents_key,
     state_key,
 )
 from tars_agent.metrics import AgentMetrics
@@ -448,6 +450,24 @@ async def test_a_reservation_that_will_take_a_ticket_rides_along_with_the_next_c
     finally:
         await limiter.aclose()
         await client.aclose()
+
+
+async def test_the_live_agents_are_counted_and_their_set_expires(redis_server: RedisServer) -> None:
+    name = f"agents-{uuid.uuid4().hex}"
+    budget = Budget.from_rates(name, requests_per_minute=6000)
+    pod_a, pod_b = fast_redis(redis_server.url), fast_redis(redis_server.url)
+    a, b = SharedLimiter(pod_a, budget), SharedLimiter(pod_b, budget)
+    try:
+        await a.acquire("critical", 0, timeout_s=1)
+        await b.acquire("critical", 0, timeout_s=1)
+        assert (a.agents, b.agents) == (1, 2)  # each heartbeat counts the agents heard of
+        ttl = await pod_a.pttl(agents_key(name))
+        assert 0 < ttl <= 4 * AGENT_TTL_S * 1000  # a first heartbeat already bounds the set's life
+    finally:
+        await a.aclose()
+        await b.aclose()
+        await pod_a.aclose()
+        await pod_b.aclose()
 
 
 async def test_utilization_reports_the_share_of_the_budget_used(redis_server: RedisServer) -> None:
