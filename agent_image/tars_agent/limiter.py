@@ -282,9 +282,9 @@ class SharedLimiter:
         self._start_flusher()
         return request
 
-    def _unpark(self, request: _Request) -> None:
-        """A parked op's time is up: it goes, and every other parked op with it."""
-        if request in self._parked:
+    def _unpark(self, request: _Request | None = None) -> None:
+        """A parked op's time is up (None: all of them): it goes, and every other parked op with it."""
+        if self._parked and (request is None or request in self._parked):
             self._pending += self._parked
             self._parked.clear()
             self._start_flusher()
@@ -432,6 +432,7 @@ class SharedLimiter:
     async def aclose(self, timeout_s: float = 1.0) -> None:
         """Let the ops already submitted (give-backs of cancelled callers) reach Redis before its
         connection closes; at most `timeout_s`. Ends the pause subscription."""
+        self._unpark()  # not after the connection closed
         flusher = self._flusher
         if flusher is not None and not flusher.done():
             with contextlib.suppress(asyncio.TimeoutError):
