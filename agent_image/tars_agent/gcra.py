@@ -28,7 +28,7 @@ that both agree bit for bit (tests/agent/test_gcra.py checks it against Redis).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 CRITICAL = "critical"
 
@@ -116,15 +116,29 @@ TOKEN_BURST_FRACTION = 0.05
 # waits at most about that long. The graded horizons make the limiter a strict priority order
 # under saturation: a class is served from what the classes above it leave (README.md).
 HORIZON_US: dict[str, int | None] = {"critical": None, "high": 2_000_000, "normal": 1_000_000, "low": 500_000}
-# A caller whose slot is this far ahead checks for a budget-wide pause when it wakes
-# (limiter.py): shorter sleeps began after any pause older than this and saw it.
+# A caller whose slot is this far ahead asks Redis for a budget-wide pause when it wakes, unless
+# its limiter's pause subscription covered its sleep (limiter.py): shorter sleeps began after
+# any pause older than this and saw it.
 CONFIRM_AFTER_US = 100_000
 
 
-def max_ahead_us(priority: str, remaining_us: int) -> int:
-    """How far ahead of now a request of `priority` may be given a slot."""
+# A caller back with its ticket may reserve this share of its horizon beyond it. A newcomer that
+# asks in the instant before a ticket's holder comes back takes the slot the ticket named; without
+# the slack the holder, and after it every later holder, would be refused once and come back
+# (two script calls each while the queue lasts). With it, higher classes wait for a lower class's
+# returning callers at most its horizon x (1 + RETURN_SLACK).
+RETURN_SLACK = 0.2
+
+
+def max_ahead_us(priority: str, remaining_us: int, returning: bool = False) -> int:
+    """How far ahead of now a request of `priority` may be given a slot (`returning`: it holds a
+    ticket)."""
     horizon = HORIZON_US[priority]
-    return remaining_us if horizon is None else min(remaining_us, horizon)
+    if horizon is None:
+        return remaining_us
+    if returning:
+        horizon += int(horizon * RETURN_SLACK)
+    return min(remaining_us, horizon)
 
 
 @dataclass(frozen=True)
@@ -319,7 +333,68 @@ class Pause:
     pause_us: int
 
 
-Op = Reserve | Confirm | GiveBack | Charge | Empty | Pause
+@dataclass(frozen=True)
+class Override:
+    """Tighter limits learned from the upstream (0 = none for that limit), kept `ttl_us` for the
+    whole budget; the batches after this one decide with them."""
+
+    limits: tuple[int, ...]
+    ttl_us: int
+
+
+Op = Reserve | Confirm | GiveBack | Charge | Empty | Pause | Override
+
+# The classes' ticket queues in the stored state, in this order (limiter_lua's CLASSES).
+CLASSES = ("critical", "high", "normal", "low")
+TICKETS_KEPT_US = 60_000_000  # the queue is forgotten this long after its last ticket
+USED_KEPT_MS = 3_600_000  # the state outlives its last write by at least this (the utilization)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One limit's stored state."""
+
+    tat: int = 0
+    tat_expires_us: int = 0  # from then on the bucket has no state (cold start); 0 = never stored
+    used: float = 0.0  # the weighted units admitted (utilization), as of used_at_us
+    used_at_us: int = 0
+    override: int = 0  # a tighter limit from the upstream (0 = none), until overrides_expire_us
+
+
+@dataclass(frozen=True)
+class State:
+    """Everything one budget stores: one Redis string (limiter_lua's load/store, decode_state)."""
+
+    pause_until_us: int = 0
+    queue_expires_us: int = 0
+    queue: tuple[int, ...] = (0, 0, 0, 0)  # per CLASSES: the slot of its last ticket
+    overrides_expire_us: int = 0
+    buckets: tuple[tuple[str, Bucket], ...] = ()  # by limit name; the calling agent's limits first
+
+
+STATE_FORMAT = "s1"
+
+
+def decode_state(raw: str | bytes | None) -> State | None:
+    """The stored string as the script writes it (None: no state, or another format)."""
+    if raw is None:
+        return None
+    f = (raw.decode() if isinstance(raw, bytes) else raw).split()
+    if not f or f[0] != STATE_FORMAT:
+        return None
+    buckets = tuple(
+        (f[k], Bucket(int(f[k + 1]), int(f[k + 2]), float(f[k + 3]), int(f[k + 4]), int(f[k + 5])))
+        for k in range(8, len(f), 6)
+    )
+    return State(int(f[1]), int(f[2]), tuple(int(x) for x in f[3:7]), int(f[7]), buckets)
+
+
+def keep_ms(state: State, now_us: int) -> int:
+    """How long the stored string lives: until the last of its parts expires, and at least
+    USED_KEPT_MS."""
+    ends = [state.pause_until_us, state.queue_expires_us, state.overrides_expire_us]
+    ends += [b.tat_expires_us for _, b in state.buckets]
+    return max([USED_KEPT_MS] + [math.ceil(float(e - now_us) / 1000.0) for e in ends])
 
 
 @dataclass(frozen=True)
@@ -335,28 +410,39 @@ class BatchResult:
     tats: tuple[int, ...]
     used: tuple[float, ...]
     pause_until_us: int
-    queue: dict[str, int]  # class -> the slot of its last ticket
     results: tuple[OpResult, ...]
+    state: State  # what is stored after the batch
+    written: bool  # the batch stored a new state (nothing changed: no write)
 
 
 def run_batch(
-    stored: tuple[int | None, ...],
-    used: tuple[float, ...],
-    used_at: tuple[int, ...],
-    pause_until_us: int,
+    state: State | None,
     now_us: int,
-    limits: Limits,
+    params: tuple[LimitParams, ...],
+    reserve_fraction: float,
     ops: tuple[Op, ...],
-    queue: dict[str, int] | None = None,
 ) -> BatchResult:
-    """One script call: the ops in order on one state at one server instant."""
-    queue = dict(queue or {})
-    tats = tuple(fresh_tat(limits, i, now_us) if t is None else t for i, t in enumerate(stored))
-    if pause_until_us <= now_us:
-        pause_until_us = 0  # a pause that ended (its key expires with it)
+    """One script call: the ops in order on the stored state at one server instant."""
+    state = state or State()
+    stored = dict(state.buckets)
+    base = [stored.get(p.name) for p in params]
+    overrides_live = now_us < state.overrides_expire_us
+    overrides = [b.override if overrides_live and b is not None else 0 for b in base]
+    limits = Limits(params, tuple(o or None for o in overrides), reserve_fraction)
+    tats = tuple(
+        b.tat if b is not None and now_us < b.tat_expires_us else fresh_tat(limits, i, now_us)
+        for i, b in enumerate(base)
+    )
+    first = tats
+    pause_until_us = state.pause_until_us if state.pause_until_us > now_us else 0  # a pause that ended
+    live_queue = now_us < state.queue_expires_us
+    queue = dict(zip(CLASSES, state.queue if live_queue else (0,) * len(CLASSES), strict=True))
+    queue_expires_us, overrides_expire_us = state.queue_expires_us, state.overrides_expire_us
     weighted = [
-        decay(u, at, now_us, p.window_us) for u, at, p in zip(used, used_at, limits.params, strict=True)
+        0.0 if b is None else decay(b.used, b.used_at_us, now_us, p.window_us)
+        for b, p in zip(base, params, strict=True)
     ]
+    touched = False  # something besides the tats to store
     results: list[OpResult] = []
     for op in ops:
         status, value, limiting = 1, 0, -1
@@ -366,11 +452,13 @@ def run_batch(
             value, limiting, tats = v.slot_us, v.limiting, v.tats
             if status == 0 and not op.returning and op.max_ahead_us < max(op.deadline_us, op.max_ahead_us):
                 spacing = max(limits.increment(i, c) for i, c in enumerate(op.costs))
-                value = max(v.slot_us, queue.get(op.priority, 0) + spacing)
+                value = max(v.slot_us, queue[op.priority] + spacing)
                 if value - now_us <= op.deadline_us:
                     queue[op.priority] = value
+                    queue_expires_us, touched = now_us + TICKETS_KEPT_US, True
             if v.admitted:
                 weighted = [w + float(c) for w, c in zip(weighted, op.costs, strict=True)]
+                touched = True
         elif isinstance(op, Confirm):
             if now_us < pause_until_us:
                 status, value = 0, pause_until_us
@@ -383,13 +471,41 @@ def run_batch(
                 for i, (t, u) in enumerate(zip(tats, op.units, strict=True))
             )
             weighted = [w + float(u) for w, u in zip(weighted, op.units, strict=True)]
+            touched = True
         elif isinstance(op, Empty):
             tats = tuple(
                 empty(t, now_us, limits, i) if e else t
                 for i, (t, e) in enumerate(zip(tats, op.buckets, strict=True))
             )
+        elif isinstance(op, Override):
+            overrides = [v or o for v, o in zip(op.limits, overrides, strict=True)]
+            overrides_expire_us, touched = now_us + op.ttl_us, True
         else:
-            pause_until_us = max(pause_until_us, now_us + op.pause_us)
+            if now_us + op.pause_us > pause_until_us:
+                pause_until_us, touched = now_us + op.pause_us, True
             tats = tuple(empty(t, now_us, limits, i) for i, t in enumerate(tats))
         results.append(OpResult(status, value, limiting, tats))
-    return BatchResult(tats, tuple(weighted), pause_until_us, queue, tuple(results))
+    changed = tats != first
+    if not (changed or touched):
+        return BatchResult(tats, tuple(weighted), pause_until_us, tuple(results), state, False)
+    buckets: list[tuple[str, Bucket]] = []
+    for i, (p, b) in enumerate(zip(params, base, strict=True)):
+        tat, expires = (0, 0) if b is None else (b.tat, b.tat_expires_us)
+        if changed:
+            # kept a window (at least a second) after the bucket is full again: a bucket with no
+            # state is a cold start or a budget unused that long
+            keep = max(math.ceil(float(tats[i] - now_us + p.window_us) / 1000.0), 1000)
+            tat, expires = tats[i], now_us + keep * 1000
+        buckets.append((p.name, Bucket(tat, expires, weighted[i], now_us, overrides[i])))
+    names = {p.name for p in params}
+    for name, b in state.buckets:  # another agent's limits (a configuration being rolled out)
+        if name not in names:
+            buckets.append((name, b if overrides_live else replace(b, override=0)))
+    new = State(
+        pause_until_us,
+        queue_expires_us,
+        tuple(queue[c] for c in CLASSES),
+        overrides_expire_us,
+        tuple(buckets),
+    )
+    return BatchResult(tats, tuple(weighted), pause_until_us, tuple(results), new, True)

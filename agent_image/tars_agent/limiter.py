@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -27,7 +28,7 @@ from typing import Any, NamedTuple
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tars_agent import gcra, limiter_lua
@@ -46,10 +47,16 @@ DEGRADED_LOCAL = frozenset({"critical", "high"})
 _UNREACHABLE_ERRORS = (RedisConnectionError, OSError)
 _TIMEOUTS_BEFORE_DEGRADED = 3
 # Agents of a budget announce themselves in its sorted set this often; an agent not heard of
-# for AGENT_TTL is no longer counted in the local share.
-HEARTBEAT_INTERVAL_S = 1.0
-AGENT_TTL_S = 10.0
+# for AGENT_TTL is no longer counted in the local share. Every PRUNE_EVERY-th heartbeat of an
+# agent also drops those from the set (the count skips them anyway) and keeps the set alive.
+HEARTBEAT_INTERVAL_S = 5.0
+AGENT_TTL_S = 15.0
+PRUNE_EVERY = 6
 _AGENT_TTL_US = int(AGENT_TTL_S * 1_000_000)
+# A reservation that will be refused for its class's horizon and take a ticket behind the last
+# one this process took (see _ride_along_s) waits this long at most for the process's next script
+# call and goes with it, instead of a call of its own.
+RIDE_ALONG_S = 1.0
 
 
 class LimiterTimeout(Exception):
@@ -103,14 +110,10 @@ class Budget:
         return Budget(name, tuple(limits))
 
 
-def budget_keys(name: str) -> tuple[str, str]:
-    """(pause key, overrides key); the {hash tag} keeps a budget's keys in one cluster slot."""
-    return f"tars:budget:{{{name}}}:pause", f"tars:budget:{{{name}}}:overrides"
-
-
-def used_key(name: str) -> str:
-    """Hash limit:u / limit:t -> the exponentially weighted units admitted and when (utilization)."""
-    return f"tars:budget:{{{name}}}:used"
+def state_key(name: str) -> str:
+    """String: the budget's buckets, pause, ticket queues and learned limits (gcra.State); the
+    {hash tag} keeps a budget's keys in one cluster slot."""
+    return f"tars:budget:{{{name}}}:state"
 
 
 def agents_key(name: str) -> str:
@@ -118,13 +121,9 @@ def agents_key(name: str) -> str:
     return f"tars:budget:{{{name}}}:agents"
 
 
-def queue_key(name: str) -> str:
-    """Hash class -> the slot of the last ticket given to a request refused for its horizon."""
-    return f"tars:budget:{{{name}}}:queue"
-
-
-def tat_key(budget: str, limit: str) -> str:
-    return f"tars:budget:{{{budget}}}:tat:{limit}"
+def pause_channel(name: str) -> str:
+    """Pub/sub channel: the pause end (server us) each time a 429 pauses the budget longer."""
+    return f"tars:budget:{{{name}}}:paused"
 
 
 @dataclass
@@ -298,11 +297,9 @@ class SharedLimiter:
         self._refund_unused = refund_unused_tokens
         self._sleep = sleep
         self._monotonic = monotonic
-        self._pause_key, self._overrides_key = budget_keys(budget.name)
-        self._tat_keys = [tat_key(budget.name, p.name) for p in budget.limits]
-        keys = [self._pause_key, self._overrides_key, used_key(budget.name), agents_key(budget.name)]
-        keys.append(queue_key(budget.name))
-        keys += self._tat_keys
+        self._state_key = state_key(budget.name)
+        self._channel = pause_channel(budget.name)
+        keys = [self._state_key, agents_key(budget.name)]
         head: list[str | int | float] = [repr(reserve_fraction), len(budget.limits)]
         for p in budget.limits:
             head += [p.name, p.limit, p.window_us, p.burst]
@@ -310,6 +307,7 @@ class SharedLimiter:
         self._reconcile = redis.register_script(limiter_lua.RECONCILE)
         self._agent_id = agent_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._next_heartbeat = 0.0  # monotonic
+        self._heartbeats = 0
         self.agents: int | None = None  # live agents of the budget at the last contact
         self._pending: list[_Request] = []
         self._in_flight: list[_Request] = []  # the batch whose script call is under way
@@ -321,6 +319,10 @@ class SharedLimiter:
         self._unit_costs = (
             tuple(1 for _ in budget.limits) if all(p.unit != "tokens" for p in budget.limits) else None
         )
+        self._parked: list[_Request] = []  # ops waiting for another op of this process (RIDE_ALONG_S)
+        # the buckets after the last script call: (tats, server now us, monotonic when received)
+        self._seen: tuple[tuple[int, ...], int, float] = ((), 0, 0.0)
+        self._tails: dict[str, int] = {}  # class -> the slot of the last ticket this process took
         self._arrivals = 0  # acquires so far: their order within a batch
         self._flusher: asyncio.Task[None] | None = None
         self._timeouts = 0  # consecutive Redis timeouts
@@ -328,6 +330,15 @@ class SharedLimiter:
         self._local: _LocalBuckets | None = None
         self._local_pause_until = 0.0  # monotonic
         self._written_overrides: dict[str, tuple[int, float]] = {}  # limit -> (value, monotonic)
+        # The pause end (server us) last heard of, in a reply or pushed on the pause channel; the
+        # subscription that pushes it (its generation while subscribed, None while not); and the
+        # generation that was live before a script call whose reply came: from that call on, the
+        # pushes tell every pause.
+        self._pause_until_us = 0
+        self._listener: asyncio.Task[None] | None = None
+        self._generation = 0
+        self._subscribed: int | None = None
+        self._covered = 0
         # the last shared state seen: (used, server now us, monotonic when received) per limit
         self._used: list[tuple[float, int, float]] = [(0.0, 0, 0.0) for _ in budget.limits]
         if metrics:
@@ -359,14 +370,37 @@ class SharedLimiter:
     # -- the batch: every op of this process that arrived since the last call, in one EVALSHA ----
 
     def _submit(
-        self, op: gcra.Op, wait: bool, order: tuple[int, int] = (0, 0), deadline: float = math.inf
+        self,
+        op: gcra.Op,
+        wait: bool,
+        order: tuple[int, int] = (0, 0),
+        deadline: float = math.inf,
+        park_s: float = 0.0,
     ) -> _Request:
+        """Queue `op` for the next script call; parked (`park_s`), it waits for another op of this
+        process to go with, at most that long."""
         future = asyncio.get_running_loop().create_future() if wait else None
         request = _Request(op, future, order=order, deadline=deadline)
+        if park_s > 0:
+            self._parked.append(request)
+            asyncio.get_running_loop().call_later(park_s, self._unpark, request)
+            return request
         self._pending.append(request)
+        self._pending += self._parked
+        self._parked.clear()
+        self._start_flusher()
+        return request
+
+    def _unpark(self, request: _Request | None = None) -> None:
+        """A parked op's time is up (None: all of them): it goes, and every other parked op with it."""
+        if self._parked and (request is None or request in self._parked):
+            self._pending += self._parked
+            self._parked.clear()
+            self._start_flusher()
+
+    def _start_flusher(self) -> None:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        return request
 
     async def _flush(self) -> None:
         if self._in_flight:
@@ -398,6 +432,7 @@ class SharedLimiter:
                 self._local.owed = [0 for _ in self.budget.limits]
             # the deadline timer sees these callers; left set if this flusher ends in the call
             self._in_flight = batch
+            live = self._subscribed  # subscribed before the call was sent: before the batch ran
             try:
                 reply = await self._run(batch)
             except RedisTimeoutError as exc:
@@ -423,6 +458,8 @@ class SharedLimiter:
                 continue
             self._in_flight = []
             self._timeouts = 0
+            if live is not None:
+                self._covered = live
             self._redis_down_until = 0.0
             self._local = None
             if self._metrics:
@@ -430,12 +467,14 @@ class SharedLimiter:
             self._dispatch(batch, reply)
 
     async def _run(self, batch: list[_Request]) -> list[str | int | bytes]:
-        member = ""
+        member, prune = "", ""
         if self._monotonic() >= self._next_heartbeat:
             member = self._agent_id
+            prune = "1" if self._heartbeats % PRUNE_EVERY == PRUNE_EVERY - 1 else ""
+            self._heartbeats += 1
             self._next_heartbeat = self._monotonic() + HEARTBEAT_INTERVAL_S
         n = len(self.budget.limits)
-        args: list[str | int] = [member, _AGENT_TTL_US, len(batch)]
+        args: list[str | int] = [member, _AGENT_TTL_US, prune, self._channel, len(batch)]
         for request in batch:
             args += _op_args(request.op, n)
         return list(await self._batch_script(args))
@@ -443,11 +482,13 @@ class SharedLimiter:
     def _dispatch(self, batch: list[_Request], reply: list[str | int | bytes]) -> None:
         received = self._monotonic()
         n = len(self.budget.limits)
-        now, _pause_until, agents = int(reply[0]), int(reply[1]), int(reply[2])
+        now, pause_until, agents = int(reply[0]), int(reply[1]), int(reply[2])
+        self._pause_until_us = max(self._pause_until_us, pause_until)
         if agents > 0:
             self.agents = agents
         for i in range(n):
             self._used[i] = (float(reply[3 + i]), now, received)
+        self._seen = (tuple(int(x) for x in reply[3 + n : 3 + 2 * n]), now, received)
         at = 3 + 2 * n
         width = 3 + n
         for request in batch:
@@ -499,10 +540,15 @@ class SharedLimiter:
             self._metrics.limiter_degraded.set(1)
 
     async def _call(
-        self, op: gcra.Op, deadline: float, order: tuple[int, int] = (0, 0)
+        self,
+        op: gcra.Op,
+        deadline: float,
+        order: tuple[int, int] = (0, 0),
+        park_s: float = 0.0,
     ) -> tuple[_Answer, int, float]:
-        """Run `op` in the next batch; wait for its answer until `deadline` (asyncio.TimeoutError)."""
-        request = self._submit(op, wait=True, order=order, deadline=deadline)
+        """Run `op` in the next batch (parked: see _submit); wait for its answer until `deadline`
+        (asyncio.TimeoutError)."""
+        request = self._submit(op, wait=True, order=order, deadline=deadline, park_s=park_s)
         future = request.future
         assert future is not None
         if deadline < self._watch_at or self._watch_loop is not asyncio.get_running_loop():
@@ -530,7 +576,7 @@ class SharedLimiter:
         self._watch, self._watch_at = None, math.inf
         now = self._monotonic()
         nearest = math.inf
-        for request in (*self._pending, *self._in_flight):
+        for request in (*self._pending, *self._parked, *self._in_flight):
             future = request.future
             if future is None or future.done():
                 continue
@@ -543,13 +589,45 @@ class SharedLimiter:
 
     async def aclose(self, timeout_s: float = 1.0) -> None:
         """Let the ops already submitted (give-backs of cancelled callers) reach Redis before its
-        connection closes; at most `timeout_s`."""
+        connection closes; at most `timeout_s`. Ends the pause subscription."""
+        self._unpark()  # not after the connection closed
         flusher = self._flusher
         if flusher is not None and not flusher.done():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(flusher), timeout_s)
         if flusher is None or flusher.done():
             await self._batch_script.release()
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+
+    # -- the pause channel: a 429 reaches the callers sleeping on a reservation without a call ---
+
+    async def _listen(self) -> None:
+        """Hold one subscription to the budget's pause channel; subscribe again after a failure."""
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self._channel)
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        self._generation += 1
+                        self._subscribed = self._generation
+                    elif message["type"] == "message":
+                        self._pause_until_us = max(self._pause_until_us, int(message["data"]))
+            except (*_UNREACHABLE_ERRORS, RedisError) as exc:
+                _raise_if_cancelled()
+                log.info("limiter: pause subscription lost (%s); sleeping callers confirm instead", exc)
+            finally:
+                self._subscribed = None
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            await asyncio.sleep(self._retry_interval)
 
     # -- acquire ---------------------------------------------------------------------------------
 
@@ -571,6 +649,8 @@ class SharedLimiter:
         costs = self._costs(tokens)
         self._arrivals += 1
         order = (1 + PRIORITIES.index(priority), self._arrivals)
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen())
         returning = False  # refused for its horizon before: holds a ticket
         while True:
             if (
@@ -582,10 +662,15 @@ class SharedLimiter:
                 return await self._acquire_local(priority, tokens, costs, start, deadline)
             remaining_us = max(int((deadline - self._monotonic()) * 1_000_000), 0)
             op = gcra.Reserve(
-                priority, gcra.max_ahead_us(priority, remaining_us), costs, remaining_us, returning
+                priority, gcra.max_ahead_us(priority, remaining_us, returning), costs, remaining_us, returning
             )
+            park_s = self._ride_along_s(op)
+            if park_s > 0:
+                # behind the tickets: admitted only if the bucket has room at once, it never
+                # overtakes a ticket's holder who comes back late (every later one would be refused once)
+                op = dataclasses.replace(op, max_ahead_us=0)
             try:
-                result, now, received = await self._call(op, deadline, order)
+                result, now, received = await self._call(op, deadline, order, park_s)
             except TimeoutError:
                 self._timed_out(priority, start, 0.0)
             except _RedisUnavailable:
@@ -609,6 +694,8 @@ class SharedLimiter:
                 if result.value - now > remaining_us:
                     self._timed_out(priority, start, ahead_s)
                 # beyond its class's horizon: ask again when its ticket's slot is inside it
+                if not op.returning:
+                    self._tails[priority] = max(self._tails.get(priority, 0), result.value)
                 returning = True
                 horizon_s = (gcra.HORIZON_US[priority] or 0) / 1_000_000
                 await self._sleep(ahead_s - horizon_s - (self._monotonic() - received))
@@ -618,10 +705,18 @@ class SharedLimiter:
                 delay = ahead_s - (self._monotonic() - received)
                 if delay > 0:  # an immediate slot goes on without a trip through the loop
                     await self._sleep(delay)
-                if result.value - now >= gcra.CONFIRM_AFTER_US and not await self._confirmed(
-                    reservation, deadline
+                if self._pause_until_us > result.value:
+                    # paused (pushed, or seen in a reply) while it slept: its slot goes back, and
+                    # it reserves again after the pause in the same script call
+                    self._submit(gcra.GiveBack(result.tats, costs), wait=False)
+                    continue
+                pushed = self._subscribed is not None and self._covered == self._subscribed
+                if (
+                    result.value - now >= gcra.CONFIRM_AFTER_US
+                    and not pushed
+                    and not await self._confirmed(reservation, deadline)
                 ):
-                    continue  # the budget was paused while it slept: its slot went back; reserve again
+                    continue  # no subscription told it: paused while it slept, its slot went back
             except asyncio.CancelledError:
                 self._submit(gcra.GiveBack(result.tats, costs), wait=False)
                 raise
@@ -629,6 +724,24 @@ class SharedLimiter:
                 self._metrics.limiter_admitted.labels(priority).inc()
                 self._metrics.limiter_wait.labels(priority).observe(self._monotonic() - start)
             return reservation
+
+    def _ride_along_s(self, op: gcra.Reserve) -> float:
+        """How long a first reservation may wait for another op of this process to go with.
+
+        Only while the buckets seen last refuse it for its horizon and its class's queue holds a
+        ticket of this process well beyond the horizon: it would take a ticket behind that one and
+        sleep at least until that ticket's slot is inside its horizon, so waiting costs it nothing
+        but its place among the tickets other processes take meanwhile."""
+        tats, seen_now, received = self._seen
+        tail = self._tails.get(op.priority, 0)
+        if op.returning or op.critical or not tats:
+            return 0.0
+        now = seen_now + int((self._monotonic() - received) * 1_000_000)
+        limits = gcra.Limits(self.budget.limits, tuple(None for _ in tats), self._reserve)
+        verdict = gcra.reserve(tats, now, op.costs, limits, False, op.max_ahead_us, self._pause_until_us)
+        if verdict.admitted or verdict.too_large or tail - now > op.deadline_us:
+            return 0.0
+        return min((tail - now - op.max_ahead_us) / 1_000_000, RIDE_ALONG_S)
 
     async def _confirmed(self, reservation: Reservation, deadline: float) -> bool:
         """After a long sleep: may the caller go, or was the budget paused (an upstream 429)?"""
@@ -692,7 +805,7 @@ class SharedLimiter:
     async def _correct(self, reservation: Reservation, delta: int) -> None:
         if delta == 0:
             return
-        for i, (p, key) in enumerate(zip(self.budget.limits, self._tat_keys, strict=True)):
+        for i, p in enumerate(self.budget.limits):
             if p.unit != "tokens":
                 continue
             # Charges round up, refunds down: the budget stays on the safe side of the blocks.
@@ -703,7 +816,7 @@ class SharedLimiter:
                 continue
             try:
                 await self._reconcile(
-                    keys=[self._overrides_key, key], args=[p.name, p.limit, p.window_us, p.burst, units]
+                    keys=[self._state_key], args=[p.name, p.limit, p.window_us, p.burst, units]
                 )
             except (*_UNREACHABLE_ERRORS, RedisTimeoutError):
                 _raise_if_cancelled()
@@ -730,7 +843,7 @@ class SharedLimiter:
         (requests or tokens): the next request of that kind waits one refill of that bucket.
         """
         limit_names = {p.name for p in self.budget.limits}
-        overrides: dict[str, int] = {}
+        overrides: dict[str, int] = {}  # limit -> the tighter limit, in its units
         empty = [False for _ in self.budget.limits]
         for kind, lname in (("requests", "rpm"), ("tokens", "tpm")):
             limit_raw = headers.get(f"x-ratelimit-limit-{kind}")
@@ -745,18 +858,17 @@ class SharedLimiter:
             if headers.get(f"x-ratelimit-remaining-{kind}") == "0":
                 unit = "tokens" if kind == "tokens" else "requests"
                 empty = [e or p.unit == unit for e, p in zip(empty, self.budget.limits, strict=True)]
-        try:
-            if overrides:
-                async with self._redis.pipeline(transaction=True) as pipe:
-                    for lname, limit in overrides.items():
-                        pipe.hset(self._overrides_key, lname, limit)
-                    pipe.expire(self._overrides_key, self._override_ttl)
-                    await pipe.execute()
+        if overrides:
+            op = gcra.Override(
+                tuple(overrides.get(p.name, 0) for p in self.budget.limits), self._override_ttl * 1_000_000
+            )
+            try:
+                await self._call(op, self._monotonic() + 1.0)
+            except (TimeoutError, _RedisUnavailable):
+                log.info("limiter: could not store the upstream's tighter limits: Redis unavailable")
+            else:
                 for lname, limit in overrides.items():
                     self._written_overrides[lname] = (limit, self._monotonic())
-        except (*_UNREACHABLE_ERRORS, RedisTimeoutError):
-            _raise_if_cancelled()
-            log.info("limiter: could not store the upstream's tighter limits: Redis unavailable")
         if any(empty):
             self._submit(gcra.Empty(tuple(empty)), wait=False)
 
@@ -775,4 +887,6 @@ def _op_args(op: gcra.Op, n: int) -> list[str | int]:
         return ["k", 0, 0, *op.units, *zeros]
     if isinstance(op, gcra.Empty):
         return ["e", 0, 0, *(int(e) for e in op.buckets), *zeros]
+    if isinstance(op, gcra.Override):
+        return ["o", op.ttl_us, 0, *op.limits, *zeros]
     return ["p", op.pause_us, 0, *zeros, *zeros]

@@ -20,39 +20,84 @@ local function server_now()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
--- HGET answers false (not nil) for a missing field
-local function override(key, name)
-  local raw = redis.call('HGET', key, name)
-  if raw then return tonumber(raw) end
-  return nil
-end
 local function fmt(n) return string.format('%.0f', n) end
+-- The budget's state, one string (gcra.State, gcra.decode_state): format, pause_until,
+-- queue_expires, the tickets of critical high normal low, overrides_expire, then per limit:
+-- name tat tat_expires used used_at override
+local function load(key)
+  local s = {pause = 0, queue_exp = 0, queue = {0, 0, 0, 0}, ov_exp = 0, names = {}, b = {}}
+  local raw = redis.call('GET', key)
+  if not raw then return s end
+  local f = {}
+  for w in string.gmatch(raw, '%S+') do f[#f + 1] = w end
+  if f[1] ~= 's1' then return s end  -- another format: start afresh
+  s.pause, s.queue_exp, s.ov_exp = tonumber(f[2]), tonumber(f[3]), tonumber(f[8])
+  for c = 1, 4 do s.queue[c] = tonumber(f[3 + c]) end
+  for k = 9, #f, 6 do
+    s.names[#s.names + 1] = f[k]
+    s.b[f[k]] = {tat = tonumber(f[k + 1]), exp = tonumber(f[k + 2]), used = tonumber(f[k + 3]),
+                 at = tonumber(f[k + 4]), ov = tonumber(f[k + 5])}
+  end
+  return s
+end
+-- kept until the last of its parts expires, and at least an hour (gcra.keep_ms)
+local function store(key, s, now)
+  local out = {'s1', fmt(s.pause), fmt(s.queue_exp)}
+  for c = 1, 4 do out[#out + 1] = fmt(s.queue[c]) end
+  out[#out + 1] = fmt(s.ov_exp)
+  local keep = 3600000
+  for _, e in ipairs({s.pause, s.queue_exp, s.ov_exp}) do
+    keep = math.max(keep, math.ceil((e - now) / 1000))
+  end
+  for _, name in ipairs(s.names) do
+    local b = s.b[name]
+    out[#out + 1] = name
+    out[#out + 1] = fmt(b.tat)
+    out[#out + 1] = fmt(b.exp)
+    out[#out + 1] = string.format('%.17g', b.used)
+    out[#out + 1] = fmt(b.at)
+    out[#out + 1] = fmt(b.ov)
+    keep = math.max(keep, math.ceil((b.exp - now) / 1000))
+  end
+  redis.call('SET', key, table.concat(out, ' '), 'PX', keep)
+end
 """
 
-# KEYS: pause, overrides, used (hash), agents (sorted set), queue (hash), tat_1..tat_n
+# KEYS: state (string), agents (sorted set)
 # ARGV: reserve_fraction, n, n x (name, limit, window_us, burst), agent member ('' = none),
-#       agent ttl_us, m, then m ops of 3 + 2n fields each: code, a, b, x_1..x_n, y_1..y_n
+#       agent ttl_us, prune ('1': drop the agents not heard of), pause channel,
+#       m, then m ops of 3 + 2n fields each: code, a, b, x_1..x_n, y_1..y_n
 #   r: reserve   a = priority, b = max_ahead_us, x = costs, y_1 = deadline_us
 #   R: the same, for a caller refused before for its horizon (takes no new ticket)
 #   c: confirm   x = costs, y = the tats the reservation left (given back when paused)
 #   g: give back x = costs, y = the tats the reservation left
 #   k: charge    x = units
 #   e: empty     x = 1 for each bucket the upstream reported empty
-#   p: pause     a = pause_us (and every bucket empty)
+#   p: pause     a = pause_us (and every bucket empty); a longer pause is published
+#   o: override  a = ttl_us, x = the tighter limits (0 = none)
 # Returns {now, pause_until, agents (-1 = not asked), used_1..n, tat_1..n,
 #          then per op: status, value, limiting, tat_1..n}  (see gcra.run_batch)
+# Commands: TIME, GET, and SET only when something changed; a heartbeat adds ZADD and ZCOUNT.
 BATCH = (
     _COMMON
     + """
 local now = server_now()
 local n = tonumber(ARGV[2])
 local reserve = tonumber(ARGV[1])
+local s = load(KEYS[1])
+local ov_live = now < s.ov_exp
+local names, base, ovs = {}, {}, {}
 local limit, burst, window = {}, {}, {}
 for i = 1, n do
-  local base = 2 + (i - 1) * 4
-  local ov = override(KEYS[2], ARGV[base + 1])
-  limit[i], burst[i] = effective(tonumber(ARGV[base + 2]), tonumber(ARGV[base + 4]), ov)
-  window[i] = tonumber(ARGV[base + 3])
+  local a = 2 + (i - 1) * 4
+  names[i] = ARGV[a + 1]
+  base[i] = s.b[names[i]]
+  ovs[i] = 0
+  if ov_live and base[i] then ovs[i] = base[i].ov end
+  local ov = nil
+  if ovs[i] ~= 0 then ov = ovs[i] end
+  limit[i], burst[i] = effective(tonumber(ARGV[a + 2]), tonumber(ARGV[a + 4]), ov)
+  window[i] = tonumber(ARGV[a + 3])
 end
 local p = 2 + 4 * n
 local function tolerance(i, critical, cost)
@@ -64,46 +109,52 @@ local function inc(i, cost) return increment(cost, limit[i], burst[i], window[i]
 local agents = -1
 if ARGV[p + 1] ~= '' then
   local ttl = tonumber(ARGV[p + 2])
-  redis.call('ZADD', KEYS[4], now, ARGV[p + 1])
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl)
-  redis.call('PEXPIRE', KEYS[4], math.ceil(ttl / 1000))
-  agents = redis.call('ZCARD', KEYS[4])
+  local added = redis.call('ZADD', KEYS[2], now, ARGV[p + 1])
+  if ARGV[p + 3] == '1' then
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
+  end
+  if added == 1 or ARGV[p + 3] == '1' then  -- a new agent, or now and then: kept a while
+    redis.call('PEXPIRE', KEYS[2], math.ceil(ttl / 1000) * 4)
+  end
+  agents = redis.call('ZCOUNT', KEYS[2], '(' .. fmt(now - ttl), '+inf')
 end
-local tats, used = {}, {}
+local tats, first, used = {}, {}, {}
 for i = 1, n do
-  local raw = redis.call('GET', KEYS[5 + i])
-  if raw then
-    tats[i] = tonumber(raw)
+  local b = base[i]
+  if b and now < b.exp then
+    tats[i] = b.tat
   else  -- gcra.fresh_tat
     local room = math.max(math.floor(burst[i] / 2), 1)
     tats[i] = math.max(now + tolerance(i, true, 0) - inc(i, room), now)
   end
-  local name = ARGV[2 + (i - 1) * 4 + 1]
-  local u = redis.call('HMGET', KEYS[3], name .. ':u', name .. ':t')
+  first[i] = tats[i]
   used[i] = 0
-  if u[1] then  -- gcra.decay
-    used[i] = tonumber(u[1]) * math.exp(-math.max(now - tonumber(u[2]), 0) / window[i])
+  if b then  -- gcra.decay
+    used[i] = b.used * math.exp(-math.max(now - b.at, 0) / window[i])
   end
 end
-local pause_until = tonumber(redis.call('GET', KEYS[1]) or '0')
+local pause_until = s.pause
 if pause_until <= now then pause_until = 0 end
-local m = tonumber(ARGV[p + 3])
+local queue = {0, 0, 0, 0}
+if now < s.queue_exp then queue = s.queue end
+local CLASS = {critical = 1, high = 2, normal = 3, low = 4}
+local m = tonumber(ARGV[p + 5])
 local width = 3 + 2 * n
 local out = {}
-local changed = false
+local touched = false
 local function give_back(o)
   for i = 1, n do
     if tats[i] == tonumber(ARGV[o + 3 + n + i]) then
-      tats[i] = tats[i] - inc(i, tonumber(ARGV[o + 3 + i])); changed = true
+      tats[i] = tats[i] - inc(i, tonumber(ARGV[o + 3 + i]))
     end
   end
 end
 local function empty(i)
   local e = now + tolerance(i, true, 0)
-  if e > tats[i] then tats[i] = e; changed = true end
+  if e > tats[i] then tats[i] = e end
 end
 for j = 1, m do
-  local o = p + 3 + (j - 1) * width
+  local o = p + 5 + (j - 1) * width
   local code = ARGV[o + 1]
   local status, value, limiting = 1, 0, -1
   if code == 'r' or code == 'R' then  -- gcra.reserve
@@ -127,11 +178,11 @@ for j = 1, m do
       if code == 'r' and tonumber(ARGV[o + 3]) < deadline then  -- refused for its horizon: a ticket
         local spacing = 0
         for i = 1, n do spacing = math.max(spacing, incs[i]) end
-        local last = tonumber(redis.call('HGET', KEYS[5], ARGV[o + 2]) or '0')
-        value = math.max(slot, last + spacing)
+        local c = CLASS[ARGV[o + 2]]
+        value = math.max(slot, queue[c] + spacing)
         if value - now <= deadline then
-          redis.call('HSET', KEYS[5], ARGV[o + 2], fmt(value))
-          redis.call('PEXPIRE', KEYS[5], 60000)
+          queue[c] = value
+          s.queue_exp, touched = now + 60000000, true
         end
       end
     else
@@ -140,7 +191,7 @@ for j = 1, m do
         tats[i] = math.max(tats[i], slot) + incs[i]
         used[i] = used[i] + tonumber(ARGV[o + 3 + i])
       end
-      changed = true
+      touched = true
     end
   elseif code == 'c' then
     if now < pause_until then
@@ -152,20 +203,26 @@ for j = 1, m do
   elseif code == 'k' then  -- gcra.charge
     for i = 1, n do
       local units = tonumber(ARGV[o + 3 + i])
-      if units ~= 0 then
-        tats[i] = math.max(tats[i], now) + inc(i, units); changed = true
-      end
+      if units ~= 0 then tats[i] = math.max(tats[i], now) + inc(i, units) end
       used[i] = used[i] + units
     end
+    touched = true
   elseif code == 'e' then
     for i = 1, n do
       if ARGV[o + 3 + i] == '1' then empty(i) end
     end
+  elseif code == 'o' then
+    for i = 1, n do
+      local v = tonumber(ARGV[o + 3 + i])
+      if v ~= 0 then ovs[i] = v end
+    end
+    s.ov_exp, touched = now + tonumber(ARGV[o + 2]), true
   else  -- 'p'
     local pause_us = tonumber(ARGV[o + 2])
     if now + pause_us > pause_until then
-      pause_until = now + pause_us
-      redis.call('SET', KEYS[1], fmt(pause_until), 'PX', math.ceil(pause_us / 1000) + 1)
+      pause_until, touched = now + pause_us, true
+      -- the agents' callers sleeping on a reservation hear of it at once (limiter.py)
+      redis.call('PUBLISH', ARGV[p + 4], fmt(pause_until))
     end
     for i = 1, n do empty(i) end
   end
@@ -174,36 +231,64 @@ for j = 1, m do
   out[#out + 1] = limiting
   for i = 1, n do out[#out + 1] = fmt(tats[i]) end
 end
-local head = {now, fmt(pause_until), agents}
+local changed = false
 for i = 1, n do
-  local name = ARGV[2 + (i - 1) * 4 + 1]
-  if changed then
-    -- kept a window (at least a second) after the bucket is full again: a missing tat means
-    -- a cold start or a budget unused that long
-    local keep_ms = math.max(math.ceil((tats[i] - now + window[i]) / 1000), 1000)
-    redis.call('SET', KEYS[5 + i], fmt(tats[i]), 'PX', keep_ms)
-  end
-  redis.call('HSET', KEYS[3], name .. ':u', string.format('%.17g', used[i]), name .. ':t', now)
-  head[#head + 1] = string.format('%.17g', used[i])
+  if tats[i] ~= first[i] then changed = true end
 end
-redis.call('PEXPIRE', KEYS[3], 3600000)
+if changed or touched then
+  local state = {pause = pause_until, queue_exp = s.queue_exp, queue = queue, ov_exp = s.ov_exp,
+                 names = {}, b = {}}
+  for i = 1, n do
+    local b = base[i] or {tat = 0, exp = 0}
+    local tat, exp = b.tat, b.exp
+    if changed then
+      -- kept a window (at least a second) after the bucket is full again: a bucket with no
+      -- state is a cold start or a budget unused that long
+      local keep_ms = math.max(math.ceil((tats[i] - now + window[i]) / 1000), 1000)
+      tat, exp = tats[i], now + keep_ms * 1000
+    end
+    state.names[i] = names[i]
+    state.b[names[i]] = {tat = tat, exp = exp, used = used[i], at = now, ov = ovs[i]}
+  end
+  for _, name in ipairs(s.names) do  -- another agent's limits (a configuration being rolled out)
+    if not state.b[name] then
+      local b = s.b[name]
+      if not ov_live then b.ov = 0 end
+      state.names[#state.names + 1] = name
+      state.b[name] = b
+    end
+  end
+  store(KEYS[1], state, now)
+end
+local head = {now, fmt(pause_until), agents}
+for i = 1, n do head[#head + 1] = string.format('%.17g', used[i]) end
 for i = 1, n do head[#head + 1] = fmt(tats[i]) end
 for k = 1, #out do head[#head + 1] = out[k] end
 return head
 """
 )
 
-# KEYS: overrides, tat.  ARGV: name, limit, window_us, burst, delta (actual - reserved units)
+# KEYS: state.  ARGV: name, limit, window_us, burst, delta (actual - reserved units)
 # Returns {now_us, new_tat}
 RECONCILE = (
     _COMMON
     + """
 local now = server_now()
-local ov = override(KEYS[1], ARGV[1])
+local s = load(KEYS[1])
+local name = ARGV[1]
+local b = s.b[name]
+if not b then
+  b = {tat = 0, exp = 0, used = 0, at = 0, ov = 0}
+  s.names[#s.names + 1] = name
+  s.b[name] = b
+end
+local ov = nil
+if now < s.ov_exp and b.ov ~= 0 then ov = b.ov end
 local limit, burst = effective(tonumber(ARGV[2]), tonumber(ARGV[4]), ov)
 local window = tonumber(ARGV[3])
 local delta = tonumber(ARGV[5])
-local tat = tonumber(redis.call('GET', KEYS[2]) or '0')  -- missing: full (a refund/charge needs no more)
+local tat = 0  -- no state: full (a refund/charge needs no more)
+if now < b.exp then tat = b.tat end
 local new_tat
 if delta >= 0 then
   new_tat = math.max(tat, now) + increment(delta, limit, burst, window)
@@ -211,10 +296,11 @@ else
   new_tat = math.max(tat - math.floor(-delta * window / (limit - burst)), now)
 end
 if new_tat > now then
-  redis.call('SET', KEYS[2], fmt(new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
-else
-  redis.call('DEL', KEYS[2])
+  b.tat, b.exp = new_tat, now + (math.ceil((new_tat - now) / 1000) + 1000) * 1000
+else  -- no state: the next batch starts the bucket afresh
+  b.tat, b.exp = 0, 0
 end
+store(KEYS[1], s, now)
 return {now, fmt(new_tat)}
 """
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from tars_agent import gcra, limiter_lua
 from tars_agent.gcra import LimitParams
-from tars_agent.limiter import _op_args, agents_key, budget_keys, queue_key, tat_key, used_key
+from tars_agent.limiter import _op_args, agents_key, state_key
 
 from .conftest import RedisServer
 
@@ -223,7 +224,7 @@ def test_reconcile_refund_never_goes_before_now(tat: int, now: int, delta: int, 
 @st.composite
 def batch_ops(draw: st.DrawFn, n: int) -> list[tuple[str, int, int, tuple[int, ...]]]:
     """Abstract ops; reserved tats for confirm/give-back are filled in from earlier reservations."""
-    kinds = st.sampled_from(["r", "r", "r", "c", "g", "k", "e", "p"])
+    kinds = st.sampled_from(["r", "r", "r", "c", "g", "k", "e", "p", "o"])
     costs = st.tuples(*[st.integers(0, 30) for _ in range(n)])
     return draw(
         st.lists(st.tuples(kinds, st.integers(0, 1), st.integers(0, 40_000), costs), min_size=1, max_size=12)
@@ -235,37 +236,33 @@ def batch_ops(draw: st.DrawFn, n: int) -> list[tuple[str, int, int, tuple[int, .
     limits=st.lists(limit_params(max_window_us=20_000), min_size=1, max_size=3),
     batches=st.lists(batch_ops(3), min_size=1, max_size=6),
     reserve=st.floats(0, 0.9),
-    override=st.one_of(st.none(), st.integers(2, 6000)),
+    foreign=st.booleans(),
 )
 def test_lua_batch_agrees_with_the_pure_model(
     redis_server: RedisServer,
     limits: list[LimitParams],
     batches: list[list[tuple[str, int, int, tuple[int, ...]]]],
     reserve: float,
-    override: int | None,
+    foreign: bool,
 ) -> None:
     """Run real batches in Redis (server clock) and replay each with gcra.run_batch at the server
-    time the script reports: every op's answer and the stored state must match exactly. Short
-    windows make real elapsed time exercise the refill and decay paths."""
+    time the script reports: every op's answer and the stored state must match exactly, and the
+    state is written only when the model says it changed. Short windows make real elapsed time
+    exercise the refill, decay and expiry paths. `foreign`: the first batches come from an agent
+    with one limit less (a configuration being rolled out), whose state the others keep."""
     params = tuple(
         LimitParams(f"l{i}", p.limit, p.window_us, p.burst, "tokens") for i, p in enumerate(limits)
     )
-    n = len(params)
     client = redis.Redis(port=redis_server.port)
     try:
         budget = f"agree-{uuid.uuid4().hex}"
-        pause_key, overrides_key = budget_keys(budget)
-        keys = [pause_key, overrides_key, used_key(budget), agents_key(budget), queue_key(budget)]
-        keys += [tat_key(budget, p.name) for p in params]
-        overrides = tuple(override if i == 0 else None for i in range(n))
-        if override is not None:
-            client.hset(overrides_key, "l0", override)
-        model_limits = gcra.Limits(params, overrides, reserve)
+        keys = [state_key(budget), agents_key(budget)]
         script = client.register_script(limiter_lua.BATCH)
-        stored: tuple[int | None, ...] = tuple(None for _ in params)
-        used, used_at, pause_until = tuple(0.0 for _ in params), tuple(0 for _ in params), 0
+        state: gcra.State | None = None
         reserved: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
-        for abstract in batches:
+        for number, abstract in enumerate(batches):
+            calling = params[:-1] if foreign and number < len(batches) // 2 and len(params) > 1 else params
+            n = len(calling)
             ops: list[gcra.Op] = []
             for kind, flag, amount, all_costs in abstract:
                 costs = all_costs[:n]
@@ -276,29 +273,31 @@ def test_lua_batch_agrees_with_the_pure_model(
                     ops.append(
                         gcra.Reserve(priority, amount, tuple(max(c, 1) for c in costs), deadline, returning)
                     )
-                elif kind in "cg" and reserved:
-                    tats, rcosts = reserved[amount % len(reserved)]
-                    ops.append(gcra.Confirm(tats, rcosts) if kind == "c" else gcra.GiveBack(tats, rcosts))
+                elif kind in "cg":
+                    usable = [(t, c) for t, c in reserved if len(t) == n]
+                    if usable:
+                        tats, rcosts = usable[amount % len(usable)]
+                        ops.append(gcra.Confirm(tats, rcosts) if kind == "c" else gcra.GiveBack(tats, rcosts))
                 elif kind == "k":
                     ops.append(gcra.Charge(costs))
                 elif kind == "e":
                     ops.append(gcra.Empty(tuple(bool(c % 2) for c in costs)))
                 elif kind == "p":
                     ops.append(gcra.Pause(amount))
+                else:
+                    ops.append(gcra.Override(tuple(c * 200 for c in costs), amount * flag))
             if not ops:
                 continue
             args: list[str | int | float] = [repr(reserve), n]
-            for p in params:
+            for p in calling:
                 args += [p.name, p.limit, p.window_us, p.burst]
-            args += ["agent-a", 10_000_000, len(ops)]
+            args += ["agent-a", 10_000_000, "1" if number == 0 else "", f"ch-{budget}", len(ops)]
             for op in ops:
                 args += _op_args(op, n)
-            queue = {k.decode(): int(v) for k, v in client.hgetall(queue_key(budget)).items()}
+            before = client.get(state_key(budget))
             reply = script(keys=keys, args=args)
             now = int(reply[0])
-            expected = gcra.run_batch(
-                stored, used, used_at, pause_until, now, model_limits, tuple(ops), queue
-            )
+            expected = gcra.run_batch(state, now, calling, reserve, tuple(ops))
             assert int(reply[1]) == expected.pause_until_us
             assert int(reply[2]) == 1  # one agent heard of
             assert tuple(float(x) for x in reply[3 : 3 + n]) == expected.used
@@ -315,13 +314,100 @@ def test_lua_batch_agrees_with_the_pure_model(
                 if isinstance(op, gcra.Reserve) and result.status == 1:
                     reserved.append((result.tats, op.costs))
                 at += 3 + n
-            stored_raw = [client.get(tat_key(budget, p.name)) for p in params]
-            stored = tuple(None if raw is None else int(raw) for raw in stored_raw)
-            for s_, t in zip(stored, expected.tats, strict=True):
-                assert s_ is None or s_ == t
-            queue_after = {k.decode(): int(v) for k, v in client.hgetall(queue_key(budget)).items()}
-            assert queue_after == expected.queue
-            used, used_at = expected.used, tuple(now for _ in params)
-            pause_until = expected.pause_until_us
+            raw = client.get(state_key(budget))
+            if expected.written:
+                assert gcra.decode_state(raw) == expected.state
+                ttl = client.pttl(state_key(budget))
+                assert gcra.keep_ms(expected.state, now) - 1000 < ttl <= gcra.keep_ms(expected.state, now)
+            else:
+                assert raw == before
+            state = expected.state
     finally:
         client.close()
+
+
+def test_a_bucket_unused_for_its_keep_starts_afresh_and_expired_parts_are_forgotten() -> None:
+    """The stored parts expire as the keys of limiter v2 did: a tat a window after the bucket is
+    full again (then a cold start), the tickets a minute after the last one, the learned limits
+    with their ttl, the pause at its end."""
+    p = LimitParams("rpm", 600, 60_000_000, 30)
+    now = 1_000_000_000
+    first = gcra.run_batch(
+        None,
+        now,
+        (p,),
+        0.1,
+        (
+            gcra.Override((300,), 10_000_000),
+            gcra.Reserve("low", 0, (1,), 5_000_000),  # the fresh bucket admits it
+            gcra.Pause(2_000_000),
+        ),
+    )
+    assert first.written and first.results[1].status == 1
+    bucket = dict(first.state.buckets)["rpm"]
+    assert bucket.tat_expires_us == now + math.ceil((bucket.tat - now + p.window_us) / 1000) * 1000
+    late = bucket.tat_expires_us
+    kept = gcra.run_batch(first.state, late - 1, (p,), 0.1, (gcra.Reserve("critical", 0, (1,)),))
+    cold = gcra.run_batch(first.state, late, (p,), 0.1, (gcra.Reserve("critical", 0, (1,)),))
+    fresh = gcra.Limits((p,), (None,), 0.1)
+    assert cold.results[0].tats[0] > gcra.fresh_tat(fresh, 0, late)  # afresh, at the configured limit
+    assert cold.pause_until_us == 0 and kept.pause_until_us == 0
+    assert kept.results[0].tats[0] > bucket.tat  # still the stored bucket
+    assert dict(cold.state.buckets)["rpm"].override == 0  # the learned limit expired with its ttl
+
+
+def test_lua_reads_expired_parts_of_the_state_as_the_model_does(redis_server: RedisServer) -> None:
+    """A stored state whose pause, tickets, learned limits and one bucket expired before the
+    script runs (and a limit of another agent's configuration): the script and the model answer
+    and store the same."""
+    params = (LimitParams("l0", 600, 60_000_000, 30), LimitParams("l1", 1000, 60_000_000, 100, "tokens"))
+    client = redis.Redis(port=redis_server.port)
+    try:
+        budget = f"expired-{uuid.uuid4().hex}"
+        seconds, micros = client.time()
+        t = seconds * 1_000_000 + micros
+        seed = (
+            f"s1 {t - 1} {t - 1} 0 0 {t + 9_000_000} 0 {t - 1} "
+            f"l0 {t + 5_000_000} {t - 1} 3.5 {t - 2_000_000} 300 "
+            f"l1 {t + 8_000_000} {t + 70_000_000} 12.25 {t - 1_000_000} 0 "
+            f"zz {t + 2_000_000} {t + 80_000_000} 1 {t} 7"
+        )
+        client.set(state_key(budget), seed)
+        ops: tuple[gcra.Op, ...] = (
+            gcra.Reserve("normal", 0, (1, 40), 30_000_000),
+            gcra.Override((200, 0), 5_000_000),
+        )
+        args: list[str | int | float] = ["0.1", 2]
+        for p in params:
+            args += [p.name, p.limit, p.window_us, p.burst]
+        args += ["", 10_000_000, "", f"ch-{budget}", len(ops)]
+        for op in ops:
+            args += _op_args(op, 2)
+        reply = client.register_script(limiter_lua.BATCH)(
+            keys=[state_key(budget), agents_key(budget)], args=args
+        )
+        now = int(reply[0])
+        expected = gcra.run_batch(gcra.decode_state(seed), now, params, 0.1, ops)
+        assert int(reply[1]) == expected.pause_until_us == 0
+        assert tuple(float(x) for x in reply[3:5]) == expected.used
+        assert tuple(int(x) for x in reply[5:7]) == expected.tats
+        assert (int(reply[7]), int(reply[8])) == (expected.results[0].status, expected.results[0].value)
+        assert gcra.decode_state(client.get(state_key(budget))) == expected.state
+        stored = dict(expected.state.buckets)
+        assert stored["zz"].override == 0  # the learned limits had expired: not revived by the new one
+        assert expected.results[0].status == 0
+        assert expected.state.queue[2] == expected.results[0].value  # a new queue, not the old tail
+    finally:
+        client.close()
+
+
+def test_a_returning_caller_may_reserve_a_little_beyond_its_horizon_only() -> None:
+    assert gcra.max_ahead_us("normal", 10**9, returning=True) == 1_200_000
+    assert gcra.max_ahead_us("normal", 10**9) == 1_000_000
+    assert gcra.max_ahead_us("low", 300_000, returning=True) == 300_000  # the deadline still bounds it
+    assert gcra.max_ahead_us("critical", 123, returning=True) == 123
+
+
+def test_a_state_of_another_format_is_no_state() -> None:
+    assert gcra.decode_state(None) is None
+    assert gcra.decode_state(b"s0 1 2") is None

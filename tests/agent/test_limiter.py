@@ -21,7 +21,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tars_agent import gcra
 from tars_agent.gcra import LimitParams
-from tars_agent.limiter import Budget, LimiterTimeout, RequestTooLarge, SharedLimiter, budget_keys, tat_key
+from tars_agent.limiter import (
+    AGENT_TTL_S,
+    HEARTBEAT_INTERVAL_S,
+    Budget,
+    LimiterTimeout,
+    RequestTooLarge,
+    SharedLimiter,
+    agents_key,
+    state_key,
+)
 from tars_agent.metrics import AgentMetrics
 from tars_agent.settings import AgentSettings
 from tars_contract import metric_names
@@ -37,6 +46,16 @@ def fast_redis(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(
         url, socket_timeout=0.25, socket_connect_timeout=0.25, retry=Retry(NoBackoff(), 0)
     )
+
+
+async def stored(client: aioredis.Redis, budget: str) -> gcra.State:
+    return gcra.decode_state(await client.get(state_key(budget))) or gcra.State()
+
+
+async def stored_tat(client: aioredis.Redis, budget: str, limit: str) -> int:
+    """The bucket's tat in the budget's state (0: none stored)."""
+    bucket = dict((await stored(client, budget)).buckets).get(limit)
+    return 0 if bucket is None else bucket.tat
 
 
 def conforms_to_strict_bucket(slots_us: list[int], capacity: float, per_s: float) -> bool:
@@ -143,8 +162,8 @@ async def test_upstream_headers_tighten_the_budget_and_pause_at_zero(redis_serve
                 "x-ratelimit-reset-requests": "1s",
             }
         )
-        _pause_key, overrides_key = budget_keys(name)
-        assert await client.hgetall(overrides_key) == {b"rpm": b"60"}  # tokens: provider allows more
+        learned = {name: b.override for name, b in (await stored(client, name)).buckets}
+        assert learned == {"rpm": 60, "tpm": 0}  # tokens: provider allows more
         # burst shrinks to 5% of 60 = 3, a fresh bucket holds half of it (one): the 2nd immediate
         # request must wait a refill (~1 s), not 1/600 min
         assert (await limiter.try_acquire("critical", 1)).admitted
@@ -383,7 +402,7 @@ async def test_a_cancelled_reservation_gives_its_slot_back(redis_server: RedisSe
         sleeper = asyncio.create_task(limiter.acquire("critical", 0, timeout_s=5))
 
         async def reserved() -> bool:  # the sleeper's reservation moved the bucket on
-            return int(await client.get(tat_key(name, "rps")) or 0) > first.reserved_tats[0]
+            return await stored_tat(client, name, "rps") > first.reserved_tats[0]
 
         await async_eventually(reserved, 2, "the sleeper's reservation")
         sleeper.cancel()
@@ -408,7 +427,7 @@ async def test_an_upstream_429_stops_callers_already_sleeping_on_a_reservation(
         sleeping = asyncio.create_task(a.acquire("critical", 0, timeout_s=10))
 
         async def reserved() -> bool:  # the sleeper holds its slot, ~1 s ahead
-            return int(await pod_b.get(tat_key(name, "rps")) or 0) > first.reserved_tats[0]
+            return await stored_tat(pod_b, name, "rps") > first.reserved_tats[0]
 
         await async_eventually(reserved, 5, "the sleeper's reservation")
         await b.pause(2.0)  # another pod got a 429
@@ -417,6 +436,135 @@ async def test_an_upstream_429_stops_callers_already_sleeping_on_a_reservation(
         assert time.monotonic() - paused_at >= 1.9  # it waited for the pause, not its old slot
         assert reservation.slot_us >= reservation.server_now_us
     finally:
+        await pod_a.aclose()
+        await pod_b.aclose()
+
+
+def pushes_pauses(limiter: SharedLimiter) -> bool:
+    """The limiter's subscription is up and a script call went after it: from then on every
+    pause reaches it as a push (no Confirm call)."""
+    return limiter._subscribed is not None and limiter._covered == limiter._subscribed
+
+
+def recording(limiter: SharedLimiter) -> list[list[gcra.Op]]:
+    """The ops of each script call the limiter makes from now on."""
+    calls: list[list[gcra.Op]] = []
+    run = limiter._run
+
+    async def recorded(batch: list[Any]) -> list[str | int | bytes]:
+        calls.append([r.op for r in batch])
+        return await run(batch)
+
+    limiter._run = recorded  # type: ignore[method-assign]
+    return calls
+
+
+async def test_a_429_stops_every_agent_of_the_budget_within_100ms_by_a_push(
+    redis_server: RedisServer,
+) -> None:
+    """Agent A has callers sleeping on reservations 50 ms apart; agent B (its own connection) gets
+    a 429 and pauses the budget for 1 s. None of A's callers starts later than 100 ms after the
+    pause reached Redis and before it ends, and A learnt of it without a call of its own."""
+    name = f"push-{uuid.uuid4().hex}"
+    budget = Budget(name, (LimitParams("rps", 20, 1_000_000, 2),))
+    pod_a, pod_b = fast_redis(redis_server.url), fast_redis(redis_server.url)
+    a, b = SharedLimiter(pod_a, budget), SharedLimiter(pod_b, budget)
+    try:
+        await a.acquire("critical", 0, timeout_s=1)
+        await async_eventually(lambda: a._subscribed is not None, 5, "A's pause subscription")
+        await a.acquire("critical", 0, timeout_s=1)  # a call after the subscription: covered
+        assert pushes_pauses(a)
+        starts: list[float] = []
+
+        async def caller() -> None:
+            await a.acquire("critical", 0, timeout_s=10)
+            starts.append(time.monotonic())
+
+        callers = [asyncio.create_task(caller()) for _ in range(30)]  # slots over 1.5 s
+        await async_eventually(lambda: len(starts) >= 3, 5, "the first callers' starts")
+        calls = recording(a)
+        before = time.monotonic()
+        await b.pause(1.0)
+        paused = time.monotonic()
+        await asyncio.gather(*callers)
+        held = [t for t in starts if before + 0.1 < t < paused + 0.9]
+        assert not held, [round(t - before, 3) for t in held]
+        assert len(starts) == 30  # all of them went after the pause
+        assert not any(isinstance(op, gcra.Confirm) for ops in calls for op in ops)
+    finally:
+        await a.aclose()
+        await b.aclose()
+        await pod_a.aclose()
+        await pod_b.aclose()
+
+
+async def test_without_its_subscription_a_sleeping_caller_confirms_and_still_sees_the_pause(
+    redis_server: RedisServer,
+) -> None:
+    """The pause channel's connection is killed (and not back for 30 s): a caller that slept on a
+    reservation asks Redis when it wakes (Confirm) and waits for the pause instead of its slot."""
+    name = f"nosub-{uuid.uuid4().hex}"
+    budget = Budget(name, (LimitParams("rps", 2, 1_000_000, 1),))  # one request a second
+    pod_a, pod_b = fast_redis(redis_server.url), fast_redis(redis_server.url)
+    a, b = SharedLimiter(pod_a, budget, redis_retry_interval_s=30), SharedLimiter(pod_b, budget)
+    try:
+        await a.acquire("critical", 0, timeout_s=1)
+        await async_eventually(lambda: a._subscribed is not None, 5, "A's pause subscription")
+        await pod_b.client_kill_filter(_type="pubsub")
+        await async_eventually(lambda: a._subscribed is None, 5, "A's subscription lost")
+        calls = recording(a)
+        sleeping = asyncio.create_task(a.acquire("critical", 0, timeout_s=10))
+        await async_eventually(lambda: calls, 5, "the sleeper's reservation")
+        await b.pause(2.0)
+        paused_at = time.monotonic()
+        await sleeping
+        assert time.monotonic() - paused_at >= 1.9  # it waited for the pause, not its old slot
+        assert any(isinstance(op, gcra.Confirm) for ops in calls for op in ops)
+    finally:
+        await a.aclose()
+        await b.aclose()
+        await pod_a.aclose()
+        await pod_b.aclose()
+
+
+async def test_a_reservation_that_will_take_a_ticket_rides_along_with_the_next_call(
+    redis_server: RedisServer,
+) -> None:
+    """20 normal waiters of one process hold tickets up to ~2 s ahead; one more acquire, which
+    the process knows will be refused for its horizon, makes no script call of its own: it goes
+    with the next waiter coming back for its slot, and is served after all of them."""
+    budget = Budget(f"ride-{uuid.uuid4().hex}", (LimitParams("rps", 10, 1_000_000, 2),))
+    client = fast_redis(redis_server.url)
+    limiter = SharedLimiter(client, budget)
+    try:
+        waiters = [asyncio.create_task(limiter.acquire("normal", 0, timeout_s=30)) for _ in range(20)]
+        await async_eventually(lambda: "normal" in limiter._tails, 5, "the waiters' tickets")
+        calls = recording(limiter)
+        last = await limiter.acquire("normal", 0, timeout_s=30)
+        firsts = [
+            ops for ops in calls if any(isinstance(op, gcra.Reserve) and not op.returning for op in ops)
+        ]
+        assert len(firsts) == 1 and len(firsts[0]) > 1, calls  # sent once, with another op
+        assert last.slot_us > max(w.slot_us for w in await asyncio.gather(*waiters))
+    finally:
+        await limiter.aclose()
+        await client.aclose()
+
+
+async def test_the_live_agents_are_counted_and_their_set_expires(redis_server: RedisServer) -> None:
+    name = f"agents-{uuid.uuid4().hex}"
+    budget = Budget.from_rates(name, requests_per_minute=6000)
+    pod_a, pod_b = fast_redis(redis_server.url), fast_redis(redis_server.url)
+    a, b = SharedLimiter(pod_a, budget), SharedLimiter(pod_b, budget)
+    try:
+        await a.acquire("critical", 0, timeout_s=1)
+        await b.acquire("critical", 0, timeout_s=1)
+        assert (a.agents, b.agents) == (1, 2)  # each heartbeat counts the agents heard of
+        ttl = await pod_a.pttl(agents_key(name))
+        assert 0 < ttl <= 4 * AGENT_TTL_S * 1000  # a first heartbeat already bounds the set's life
+    finally:
+        await a.aclose()
+        await b.aclose()
         await pod_a.aclose()
         await pod_b.aclose()
 
@@ -453,8 +601,8 @@ async def test_redis_paused_10s_degrades_to_the_live_agents_share_and_charges_it
     try:
         await a.acquire("critical", 0, timeout_s=1)
         await b.acquire("critical", 0, timeout_s=1)
-        deadline = time.monotonic() + 5
-        while a.agents != 2:  # until its next heartbeat (every second) counts both
+        deadline = time.monotonic() + HEARTBEAT_INTERVAL_S + 2
+        while a.agents != 2:  # until its next heartbeat counts both
             assert time.monotonic() < deadline, a.agents
             await a.acquire("critical", 0, timeout_s=1)
         assert server.proc is not None
@@ -480,7 +628,7 @@ async def test_redis_paused_10s_degrades_to_the_live_agents_share_and_charges_it
         assert 0 < local <= 30 + 285 * 10 / 60 + 1
         back = await a.acquire("normal", 0, timeout_s=5)
         assert not back.local
-        tat = int(await pod_b.get(tat_key(name, "rpm")) or 0)
+        tat = await stored_tat(pod_b, name, "rpm")
         server_now = back.server_now_us
         # the local admissions were charged: the shared bucket is that far ahead of now
         charged_us = local * 60_000_000 / (600 - 60)
@@ -500,13 +648,13 @@ async def test_aclose_sends_the_give_backs_of_cancelled_callers_first(redis_serv
         sleeper = asyncio.create_task(limiter.acquire("critical", 0, timeout_s=5))
 
         async def reserved() -> bool:
-            return int(await client.get(tat_key(name, "rps")) or 0) > first.reserved_tats[0]
+            return await stored_tat(client, name, "rps") > first.reserved_tats[0]
 
         await async_eventually(reserved, 2, "the sleeper's reservation")
         sleeper.cancel()
         with pytest.raises(asyncio.CancelledError):
             await sleeper
         await limiter.aclose()
-        assert int(await client.get(tat_key(name, "rps")) or 0) == first.reserved_tats[0]
+        assert await stored_tat(client, name, "rps") == first.reserved_tats[0]
     finally:
         await client.aclose()

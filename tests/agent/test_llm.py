@@ -13,8 +13,9 @@ import redis.asyncio as aioredis
 from e2e.harness import async_eventually
 from pydantic import SecretStr
 
+from tars_agent import gcra
 from tars_agent.circuit import CircuitBreaker, CircuitOpenError, CircuitState
-from tars_agent.limiter import Budget, SharedLimiter, budget_keys
+from tars_agent.limiter import Budget, SharedLimiter, state_key
 from tars_agent.llm import LLMClient, LLMConfig, UpstreamError, backoff_delay
 from tars_agent.metrics import AgentMetrics
 from tars_agent.mockllm import MockLLM
@@ -107,8 +108,12 @@ async def test_a_429_pauses_the_whole_budget_in_redis(
             assert (await outsider.post(f"{mock_llm.url}/chat/completions", json=body)).status_code == 200
         started = time.monotonic()
         second = asyncio.create_task(client.complete(spec("again"), "normal", discard, time.monotonic() + 10))
-        pause_key, _ = budget_keys(name)
-        await async_eventually(lambda: pod_b.exists(pause_key), 5, "the budget-wide pause")
+
+        async def paused() -> bool:
+            state = gcra.decode_state(await pod_b.get(state_key(name)))
+            return state is not None and state.pause_until_us > 0
+
+        await async_eventually(paused, 5, "the budget-wide pause")
         other_pod = await limiter_b.try_acquire("critical", 0)
         assert not other_pod.admitted and other_pod.retry_after_us > 0
         await second
