@@ -394,3 +394,18 @@ def test_a_failing_prometheus_stays_visible_although_redis_knows_the_queue() -> 
     status = s.custom.writes[-1]
     assert "queueDepth" not in status or status["queueDepth"] != 400
     assert any("connection refused" in c.get("message", "") for c in status.get("conditions", [])), status
+
+
+def test_an_unchanged_queue_read_from_redis_every_second_leaves_the_status_as_it_was() -> None:
+    """Each status write that changes the object comes back as a watch event that wakes the pool's
+    loop: a sample time that moved on every cycle made a loop of ~15 writes a second per pool.
+    The same count, read again (now, as from Redis) within the interval, changes nothing."""
+    s = make(raw_spec(warm={"min": 0}, replicas={"min": 0, "max": 10}))  # nothing to create
+    pods, by_name = asyncio.run(s.controller.observe([]))
+    for _ in range(3):
+        now = dt.datetime.now(dt.UTC)
+        asyncio.run(s.controller.cycle(s.custom.stored, pods, by_name, queue_depth=Sample(30.0, now)))
+    assert s.custom.writes[-1] == s.custom.writes[-2] == s.custom.writes[-3]
+    now = dt.datetime.now(dt.UTC)
+    asyncio.run(s.controller.cycle(s.custom.stored, pods, by_name, queue_depth=Sample(31.0, now)))
+    assert s.custom.writes[-1]["queueDepth"] == 31

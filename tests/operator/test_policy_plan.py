@@ -1,16 +1,18 @@
 """Tests of policy/plan.py: the whole reconcile core, cycle by cycle."""
 
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from factories import T0, busy, idle, pod, raw_spec
 
 from tars_contract import contract
 from tars_operator.builders import OperatorDefaults, PoolRef
+from tars_operator.models import AgentPoolStatus
 from tars_operator.policy.metrics import Metrics, Sample
 from tars_operator.policy.observe import PodState
-from tars_operator.policy.plan import ControllerState, Plan, plan
+from tars_operator.policy.plan import ControllerState, Plan, plan, queue_sample_time
 from tars_operator.policy.scaling import Recommendation, ScaleHistory
 from tars_operator.validation import check
 
@@ -178,3 +180,28 @@ def test_recommend_mode_never_resizes() -> None:
     spec = raw_spec(memory={"mode": "Recommend"})
     oomed = idle("a", last_oom=T0 - timedelta(minutes=1), memory_limit=2**30)
     assert run(current([oomed]), spec=spec).resizes == ()
+
+
+_T = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+_TEN_S = timedelta(seconds=10)
+
+
+@pytest.mark.parametrize(
+    ("value", "sampled_at", "prev_depth", "prev_time", "expected"),
+    [
+        (30.0, _T + timedelta(seconds=1), 30, _T, _T),  # same count within the interval: unchanged
+        (30.0, _T + timedelta(seconds=10), 30, _T, _T + timedelta(seconds=10)),  # interval passed
+        (31.0, _T + timedelta(seconds=1), 30, _T, _T + timedelta(seconds=1)),  # a new count
+        (30.0, _T, None, None, _T),  # the first sample
+        (None, _T, 30, _T - timedelta(seconds=5), _T - timedelta(seconds=5)),  # no value: as it was
+    ],
+)
+def test_the_queue_sample_time_moves_with_a_new_count_or_once_an_interval(
+    value: float | None,
+    sampled_at: datetime,
+    prev_depth: int | None,
+    prev_time: datetime | None,
+    expected: datetime,
+) -> None:
+    prev = AgentPoolStatus(queue_depth=prev_depth, queue_depth_sample_time=prev_time)
+    assert queue_sample_time(value, Sample(value or 0.0, sampled_at), prev, _TEN_S) == expected

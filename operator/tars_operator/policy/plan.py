@@ -22,7 +22,7 @@ from tars_operator.policy import budget, memory, rotation, scale_in, scaling
 from tars_operator.policy.actions import Delete, Drain, Resize
 from tars_operator.policy.conditions import Verdict, is_true, merge, patch
 from tars_operator.policy.expectations import Expectation, outstanding
-from tars_operator.policy.metrics import Metrics, read
+from tars_operator.policy.metrics import Metrics, Sample, read
 from tars_operator.policy.observe import Counts, PodState, count, surge_pods
 from tars_operator.units import format_mebibytes
 from tars_operator.validation import Checked
@@ -273,9 +273,7 @@ def _plan_valid(
         {
             **_counted_status(pool, counts),
             "queue_depth": round(queue.value) if queue.value is not None else prev.queue_depth,
-            "queue_depth_sample_time": metrics.queue_depth.at
-            if queue.value is not None and metrics.queue_depth
-            else prev.queue_depth_sample_time,
+            "queue_depth_sample_time": queue_sample_time(queue.value, metrics.queue_depth, prev, interval),
             "desired_replicas": decision.desired,
             "last_decision_reason": f"{decision.reason}: {decision.message}"[:1024],
             "memory_limit": format_mebibytes(mem.limit) if mem.limit else None,
@@ -312,3 +310,18 @@ def _plan_valid(
         now,
         tuple(resizes),
     )
+
+
+def queue_sample_time(
+    value: float | None, sample: Sample | None, prev: AgentPoolStatus, interval: timedelta
+) -> datetime | None:
+    """The queue depth's sample time in status. An unchanged count sampled again within the
+    interval keeps the time it had: a status that changes is written, and every write comes back as
+    a watch event that wakes the pool's loop, so a time new on every cycle (a count read each
+    second) would keep the loop writing."""
+    if value is None or sample is None:
+        return prev.queue_depth_sample_time
+    since = prev.queue_depth_sample_time
+    if prev.queue_depth == round(value) and since is not None and sample.at - since < interval:
+        return since
+    return sample.at
