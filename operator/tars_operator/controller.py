@@ -81,7 +81,8 @@ class PoolController:
     defaults: builders.OperatorDefaults
     emit: EventSink
     state: ControllerState = field(default_factory=ControllerState)
-    metrics: Metrics = field(default_factory=Metrics)
+    scraped: Metrics = field(default_factory=Metrics)  # as Prometheus answered at the last read
+    metrics: Metrics = field(default_factory=Metrics)  # what the last cycle planned with
     metrics_read_at: float = float("-inf")
     last_busy: frozenset[str] = frozenset()
     # The status as our last write left it (the patch response): the watch's copy can lag it,
@@ -189,8 +190,8 @@ class PoolController:
         queue_depth: Sample | None = None,
     ) -> Plan:
         """One reconcile of `pods`; `observed_at` (time.monotonic()) is when their observation
-        began, the start of the decision latency (default: now). `queue_depth` (queue_depth_now)
-        stands for Prometheus' value unless the Prometheus read failed, which stays visible."""
+        began, the start of the decision latency (default: now). `queue_depth`: the count in
+        Redis (queue_depth_now), see with_queue_count."""
         started = time.monotonic()
         observed_at = started if observed_at is None else observed_at
         checked = self.checked(body)
@@ -198,10 +199,9 @@ class PoolController:
         if parsed is not None:
             interval = parsed.scaling.interval.delta.total_seconds()
             if time.monotonic() - self.metrics_read_at >= interval:
-                self.metrics = await self.read_metrics(parsed)
+                self.scraped = await self.read_metrics(parsed)
                 self.metrics_read_at = time.monotonic()
-            if queue_depth is not None and self.metrics.queue_depth_error is None:
-                self.metrics = replace(self.metrics, queue_depth=queue_depth)
+            self.metrics = with_queue_count(self.scraped, queue_depth)
         self.cycle_queue_depth = queue_depth.value if queue_depth is not None else None
         pool = builders.PoolRef(
             self.name, self.namespace, self.uid, int(body["metadata"].get("generation", 1))
@@ -338,6 +338,19 @@ class PoolController:
 
 class _Fenced(Exception):
     """This replica's leadership lapsed: apply stops before its next write."""
+
+
+def with_queue_count(scraped: Metrics, count: Sample | None) -> Metrics:
+    """What a cycle plans with: Prometheus' metrics, the queue depth raised to the count read in
+    Redis now when that is larger. Redis shows a rise at once, and a rise is what must not wait;
+    a fall shows once Prometheus sees it too (scale-in waits for its stabilization window anyway),
+    so an exporter that reports more than Redis holds is never overruled. A failed Prometheus read
+    stays visible: nothing scales on the Redis count alone then."""
+    if count is None or scraped.queue_depth_error is not None:
+        return scraped
+    if scraped.queue_depth is not None and scraped.queue_depth.value > count.value:
+        return scraped
+    return replace(scraped, queue_depth=count)
 
 
 def agent_state_source(

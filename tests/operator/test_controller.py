@@ -16,14 +16,15 @@ from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
+import pytest
 from factories import raw_spec
 from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import REGISTRY
 
 from tars_operator import builders
-from tars_operator.controller import AgentPod, PoolController
+from tars_operator.controller import AgentPod, PoolController, with_queue_count
 from tars_operator.leader import Fence
-from tars_operator.policy.metrics import Sample
+from tars_operator.policy.metrics import Metrics, Sample
 from tars_operator.policy.observe import PodState
 from tars_operator.sources import AgentState, QueryResult
 
@@ -409,3 +410,23 @@ def test_an_unchanged_queue_read_from_redis_every_second_leaves_the_status_as_it
     now = dt.datetime.now(dt.UTC)
     asyncio.run(s.controller.cycle(s.custom.stored, pods, by_name, queue_depth=Sample(31.0, now)))
     assert s.custom.writes[-1]["queueDepth"] == 31
+
+
+_AT = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("scraped", "count", "planned"),
+    [
+        (Metrics(queue_depth=Sample(0.0, _AT)), Sample(400.0, _AT), 400.0),  # a rise: at once
+        (Metrics(queue_depth=Sample(9.0, _AT)), Sample(0.0, _AT), 9.0),  # a fall waits for Prometheus
+        (Metrics(), Sample(30.0, _AT), 30.0),  # no series yet
+        (Metrics(queue_depth=Sample(5.0, _AT)), None, 5.0),  # Redis did not answer
+        (Metrics(queue_depth_error="connection refused"), Sample(400.0, _AT), None),  # stays visible
+    ],
+)
+def test_the_queue_planned_with_is_prometheus_raised_to_the_count_in_redis(
+    scraped: Metrics, count: Sample | None, planned: float | None
+) -> None:
+    got = with_queue_count(scraped, count).queue_depth
+    assert (got.value if got else None) == planned
