@@ -335,7 +335,7 @@ async def test_a_caller_whose_script_call_was_cancelled_under_it_still_stops_at_
 
         async def cancelled_mid_call(*_args: Any) -> Any:
             asyncio.current_task().cancel()  # type: ignore[union-attr]
-            await asyncio.sleep(0)
+            await asyncio.get_running_loop().create_future()  # a reply that never comes
 
         limiter._batch_script._send = cancelled_mid_call  # type: ignore[method-assign]
         with pytest.raises(LimiterTimeout):

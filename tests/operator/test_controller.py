@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from e2e.harness import async_eventually
 from factories import raw_spec
 from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import REGISTRY
@@ -272,14 +273,26 @@ def test_the_decision_latency_runs_from_the_start_of_the_observation_to_the_plan
         return total, count
 
     original = s.core.create_namespaced_pod
+    answer = asyncio.Event()
 
-    async def slow_create(namespace: str, body: Mapping[str, Any]) -> Any:
-        await asyncio.sleep(1.0)  # a slow API server: the plan was made before this write
+    async def unanswered_create(namespace: str, body: Mapping[str, Any]) -> Any:
+        await answer.wait()  # an API server that has not answered yet
         return await original(namespace, body)
 
-    s.core.create_namespaced_pod = slow_create  # type: ignore[method-assign]
+    s.core.create_namespaced_pod = unanswered_create  # type: ignore[method-assign]
     before_sum, before_count = observed()
-    asyncio.run(s.controller.cycle(s.custom.stored, [], {}, observed_at=time.monotonic() - 2.0))
+
+    async def run() -> None:
+        cycle = asyncio.create_task(
+            s.controller.cycle(s.custom.stored, [], {}, observed_at=time.monotonic() - 2.0)
+        )
+        # observed while its first write still waits: the plan, not the writes, ends the latency
+        await async_eventually(lambda: observed()[1] == before_count + 1, 5, "the decision observed")
+        assert not cycle.done()
+        answer.set()
+        await cycle
+
+    asyncio.run(run())
     after_sum, after_count = observed()
     assert after_count == before_count + 1
     assert 2.0 <= after_sum - before_sum < 2.9
