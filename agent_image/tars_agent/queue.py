@@ -46,7 +46,14 @@ from redis.exceptions import ResponseError
 
 from tars_agent.priority import PrioritySelector
 from tars_agent.tasks import PRIORITIES, InvalidTask, Priority, Task, TaskResult, TaskSpec, parse_task
-from tars_contract.contract import DEFAULT_QUEUE_MAX_DEPTH, QUEUE_GROUP, pool_key_prefix, queue_stream_key
+from tars_contract.contract import (
+    DEFAULT_QUEUE_MAX_DEPTH,
+    QUEUE_GROUP,
+    pool_key_prefix,
+    queue_group_field,
+    queue_stream_key,
+    waiting_tasks,
+)
 
 DEAD_LETTER_MAXLEN = 10_000
 CHUNKS_MAXLEN = 2_000
@@ -483,8 +490,7 @@ class TaskStore:
         out: dict[str, int] = {}
         for i, priority in enumerate(PRIORITIES):
             length, groups = replies[2 * i], replies[2 * i + 1]
-            pending = _group_field(groups, "pending")
-            out[priority] = max(int(length) - int(pending or 0), 0) if isinstance(length, int) else 0
+            out[priority] = waiting_tasks(length, groups) if isinstance(length, int) else 0
         return out
 
     async def stats(self) -> dict[str, Any]:
@@ -576,10 +582,10 @@ class Consumer:
         last_delivered: dict[str, str] = {}
         for i, priority in enumerate(PRIORITIES):
             length, groups = replies[2 * i], replies[2 * i + 1]
-            if _group_field(groups, "name") is None:
+            if queue_group_field(groups, "name") is None:
                 raise ResponseError("NOGROUP consumer group missing")
-            waiting[priority] = int(length) - int(_group_field(groups, "pending") or 0)
-            last_delivered[priority] = _s(_group_field(groups, "last-delivered-id") or "0-0")
+            waiting[priority] = int(length) - int(queue_group_field(groups, "pending") or 0)
+            last_delivered[priority] = _s(queue_group_field(groups, "last-delivered-id") or "0-0")
         chosen = self._selector.choose(waiting)
         if chosen is not None:
             reply: Any = await self.redis.xreadgroup(
@@ -725,14 +731,3 @@ class Consumer:
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _group_field(groups: Any, name: str) -> Any:
-    """A field of group 'agents' from an XINFO GROUPS reply (None if missing or an error)."""
-    if not isinstance(groups, list):
-        return None
-    for group in groups:
-        g = {_s(k): v for k, v in group.items()}
-        if _s(g.get("name", "")) == QUEUE_GROUP:
-            return g.get(name)
-    return None

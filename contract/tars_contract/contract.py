@@ -3,6 +3,8 @@
 Both sides import these names, so a rename cannot leave one side behind.
 """
 
+from typing import Any
+
 # Labels and annotations on every agent pod.
 POOL_LABEL = "tars.dev/pool"
 
@@ -85,6 +87,28 @@ QUEUE_GROUP = "agents"
 
 def queue_stream_key(namespace: str, pool: str, priority: str) -> str:
     return f"{pool_key_prefix(namespace, pool)}:q:{priority}"
+
+
+def waiting_tasks(length: int, groups: object) -> int:
+    """Tasks waiting in one priority's stream: its XLEN minus the group's pending count (XINFO
+    GROUPS), as the agents export tars_queue_depth and the operator counts it."""
+    return max(int(length) - int(queue_group_field(groups, "pending") or 0), 0)
+
+
+def queue_group_field(groups: object, name: str) -> Any:
+    """A field of group QUEUE_GROUP in an XINFO GROUPS reply (None if missing, or if the reply is
+    an error: a stream not created yet)."""
+    if not isinstance(groups, list):
+        return None
+    for group in groups:
+        fields = {_text(k): v for k, v in group.items()}
+        if _text(fields.get("name", "")) == QUEUE_GROUP:
+            return fields.get(name)
+    return None
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # Agents publish what GET /status answers ({"inflight": int, "draining": bool}, JSON) to the pool's

@@ -200,20 +200,5 @@ class AgentStateReader:
         for length, groups in zip(replies[::2], replies[1::2], strict=True):
             if isinstance(length, BaseException):
                 return None
-            waiting += max(int(length) - _pending(groups), 0)
+            waiting += contract.waiting_tasks(length, groups)
         return Sample(float(waiting), dt.datetime.now(dt.UTC))
-
-
-def _pending(groups: object) -> int:
-    """The pending count of the agents' group in an XINFO GROUPS reply (0 without one)."""
-    if not isinstance(groups, list):
-        return 0
-    for group in groups:
-        fields = {_text(k): v for k, v in group.items()}
-        if _text(fields.get("name", b"")) == contract.QUEUE_GROUP:
-            return int(fields.get("pending") or 0)
-    return 0
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
