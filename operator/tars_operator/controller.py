@@ -82,7 +82,6 @@ class PoolController:
     emit: EventSink
     state: ControllerState = field(default_factory=ControllerState)
     scraped: Metrics = field(default_factory=Metrics)  # as Prometheus answered at the last read
-    metrics: Metrics = field(default_factory=Metrics)  # what the last cycle planned with
     metrics_read_at: float = float("-inf")
     last_busy: frozenset[str] = frozenset()
     # The status as our last write left it (the patch response): the watch's copy can lag it,
@@ -201,7 +200,6 @@ class PoolController:
             if time.monotonic() - self.metrics_read_at >= interval:
                 self.scraped = await self.read_metrics(parsed)
                 self.metrics_read_at = time.monotonic()
-            self.metrics = with_queue_count(self.scraped, queue_depth)
         self.cycle_queue_depth = queue_depth.value if queue_depth is not None else None
         pool = builders.PoolRef(
             self.name, self.namespace, self.uid, int(body["metadata"].get("generation", 1))
@@ -212,7 +210,7 @@ class PoolController:
             checked,
             status,
             pods,
-            self.metrics,
+            with_queue_count(self.scraped, queue_depth),
             dt.datetime.now(dt.UTC),
             self.state,
             self.defaults,
