@@ -289,6 +289,21 @@ def worker_process(spec: WorkerSpec, ready: Queue[int], start: Queue[float]) -> 
     Path(spec.out_path).write_text(json.dumps(result))
 
 
+def wait_until_ready(
+    procs: Sequence[mp.process.BaseProcess], ready: Queue[int], timeout_s: float, what: str
+) -> None:
+    """Until every worker has put its index on `ready`; a worker that exits first (it can never be
+    ready then) or the deadline fails it."""
+    waiting = len(procs)
+    deadline = time.monotonic() + timeout_s
+    while waiting:
+        with contextlib.suppress(queue.Empty):  # poll, so that a dead worker is noticed
+            ready.get(timeout=0.5)
+            waiting -= 1
+        if any(p.exitcode is not None for p in procs) or time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: worker processes failed to start")
+
+
 # -- infrastructure: redis-server and the mock upstream -------------------------------------
 
 
@@ -398,14 +413,7 @@ def run_scenario(
     for p in procs:
         p.start()
     try:
-        waiting = len(procs)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while waiting:
-            with contextlib.suppress(queue.Empty):  # poll, so that a dead child is noticed
-                ready.get(timeout=0.5)
-                waiting -= 1
-            if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                raise RuntimeError(f"scenario {name}: worker processes failed to start")
+        wait_until_ready(procs, ready, READY_TIMEOUT_S, f"scenario {name}")
         t0 = time.time() + START_MARGIN_S
         for _ in procs:
             start.put(t0)

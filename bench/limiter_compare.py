@@ -38,7 +38,6 @@ import datetime as dt
 import json
 import multiprocessing as mp
 import os
-import queue
 import shlex
 import signal
 import subprocess
@@ -70,7 +69,7 @@ from compare_stats import (
     split_evenly,
     worst_window_ratio,
 )
-from limiter_bench import free_port, machine, redis_server, stop_process, wait_for
+from limiter_bench import free_port, machine, redis_server, stop_process, wait_for, wait_until_ready
 from limiter_stats import fmt, percentile, render_table
 from tars_agent.limiter import Budget, LimiterTimeout, Reservation, SharedLimiter
 from tars_agent.llm import LLMClient, LLMConfig, UpstreamError
@@ -585,14 +584,7 @@ def run_processes(
     for p in procs:
         p.start()
     try:
-        waiting = len(procs)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while waiting:
-            with contextlib.suppress(queue.Empty):  # poll, so that a dead worker is noticed
-                ready.get(timeout=0.5)
-                waiting -= 1
-            if any(p.exitcode is not None for p in procs) or time.monotonic() > deadline:
-                raise RuntimeError(f"{tag}: worker processes failed to start")
+        wait_until_ready(procs, ready, READY_TIMEOUT_S, tag)
         setup_s = time.monotonic() - began
         # warm-ups and connections are not counted: fresh upstream, empty Redis, zeroed counters
         httpx.post(f"{infra.mock_base}/admin/reset", timeout=10).raise_for_status()
