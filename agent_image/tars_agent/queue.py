@@ -562,45 +562,50 @@ class Consumer:
         except InvalidTask as exc:
             return Delivery(priority, _s(entry_id), payload, None, str(exc))
 
-    async def take(self, block_ms: int) -> Delivery | None:
-        """Take the next task by the priority rule, waiting up to `block_ms` for one to arrive."""
+    async def take(self, block_ms: int) -> list[Delivery]:
+        """Take the next task by the priority rule, waiting up to `block_ms` for one to arrive.
+
+        Usually one task, or none when the wait ended empty. Several (at most one per priority)
+        only when tasks of several priorities arrived between the look at the queue and the wait:
+        they are this agent's then, to run (handing them back would put them behind newer ones)."""
         try:
             return await self._take(block_ms)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc) and "no such key" not in str(exc):
                 raise
             await self.ensure_groups()  # an idle stream expired, or Redis came back empty: recreate
-            return None
+            return []
 
-    async def _take(self, block_ms: int) -> Delivery | None:
+    async def _take(self, block_ms: int) -> list[Delivery]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream in self.keys.streams:
                 pipe.xlen(stream)
                 pipe.xinfo_groups(stream)
             replies = await pipe.execute()
         waiting: dict[str, int] = {}
-        last_delivered: dict[str, str] = {}
         for i, priority in enumerate(PRIORITIES):
             length, groups = replies[2 * i], replies[2 * i + 1]
             if queue_group_field(groups, "name") is None:
                 raise ResponseError("NOGROUP consumer group missing")
             waiting[priority] = int(length) - int(queue_group_field(groups, "pending") or 0)
-            last_delivered[priority] = _s(queue_group_field(groups, "last-delivered-id") or "0-0")
         chosen = self._selector.choose(waiting)
-        if chosen is not None:
-            reply: Any = await self.redis.xreadgroup(
-                QUEUE_GROUP, self.name, {self.keys.stream(chosen): ">"}, count=1
-            )
-            for _stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    return self._delivery(chosen, entry_id, fields)
-            return None  # another agent took it first
-        # Nothing waits: block until an entry newer than the group's last delivery arrives
-        # (XREAD, not XREADGROUP, so waking up takes nothing), then go through the rule again.
-        await self.redis.xread(
-            {self.keys.stream(p): last_delivered[p] for p in PRIORITIES}, count=1, block=block_ms
+        # Nothing waits: wait in the group itself. Redis hands a new entry to one waiting
+        # consumer (the one waiting longest) and the others wait on; a plain XREAD would wake
+        # every idle agent of the pool to race for each task.
+        streams = [chosen] if chosen is not None else list(PRIORITIES)
+        reply: Any = await self.redis.xreadgroup(
+            QUEUE_GROUP,
+            self.name,
+            {self.keys.stream(p): ">" for p in streams},
+            count=1,
+            block=None if chosen is not None else block_ms,
         )
-        return None
+        by_stream = {_s(stream): entries for stream, entries in reply or []}
+        return [
+            self._delivery(priority, entry_id, fields)
+            for priority in PRIORITIES
+            for entry_id, fields in by_stream.get(self.keys.stream(priority), [])
+        ]
 
     async def begin(self, d: Delivery) -> tuple[BeginStatus, Attempt | None]:
         """Start an attempt: ('run', attempt); ('dead', None) when out of attempts;

@@ -297,7 +297,7 @@ class Agent:
                 await self._wait_for_slot()
                 continue
             try:
-                delivery = await self.consumer.take(TAKE_BLOCK_MS)
+                deliveries = await self.consumer.take(TAKE_BLOCK_MS)
                 failures = 0
                 self.redis_ready = True
             except RedisError as exc:
@@ -306,12 +306,12 @@ class Agent:
                 log.warning("cannot read the queue: %s", exc)
                 await asyncio.sleep(min(0.1 * 2**failures, 2.0))
                 continue
-            if delivery is None:
-                continue
             if self.draining:
-                await self._store_or_leave(functools.partial(self.consumer.release, delivery, None))
+                for delivery in deliveries:
+                    await self._store_or_leave(functools.partial(self.consumer.release, delivery, None))
                 break
-            self._spawn(delivery)
+            for delivery in deliveries:
+                self._spawn(delivery)
 
     async def _reclaim_loop(self) -> None:
         interval = max(self.settings.claim_idle_seconds / 2, 0.2)

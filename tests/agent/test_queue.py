@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import signal
@@ -175,8 +176,8 @@ async def test_consumer_takes_by_priority_rule_and_reclaims_a_dead_consumers_wor
         for _ in range(4):
             await client.submit_payload(GOOD, priority)
     dead = Consumer(redis_client, "ns", name, "dead-agent", claim_idle_ms=100)
-    taken = [await dead.take(block_ms=10) for _ in range(3)]
-    assert [d.priority for d in taken if d] == ["critical", "high", "critical"]
+    taken = [d for _ in range(3) for d in await dead.take(block_ms=10)]
+    assert [d.priority for d in taken] == ["critical", "high", "critical"]
     alive = Consumer(redis_client, "ns", name, "alive-agent", claim_idle_ms=100)
     assert await alive.reclaim(10) == []  # not idle long enough yet
     reclaimed: list[Delivery] = []
@@ -186,12 +187,44 @@ async def test_consumer_takes_by_priority_rule_and_reclaims_a_dead_consumers_wor
         return len(reclaimed) >= 3
 
     await async_eventually(reclaim_idle, 5, "the dead consumer's entries to be reclaimed")
-    assert sorted(d.task_id for d in reclaimed) == sorted(d.task_id for d in taken if d)
+    assert sorted(d.task_id for d in reclaimed) == sorted(d.task_id for d in taken)
     order = []
-    while (d := await alive.take(block_ms=10)) is not None:
-        order.append(d.priority)
+    while taken_now := await alive.take(block_ms=10):
+        order += [d.priority for d in taken_now]
     assert Counter(order) == {"critical": 2, "high": 3, "normal": 4, "low": 4}
     assert order.index("low") < len(order) - 4  # low is served before the rest are exhausted
+
+
+async def test_a_new_task_wakes_one_idle_agent_not_all_of_them(redis_server: RedisServer) -> None:
+    """Idle agents wait for work together; a task that arrives must go to one of them while the
+    others go on waiting. Waking all to race for it cost every idle agent (and Redis) a round of
+    reads per task: at 45 tasks/s and 12 agents that was more CPU than the tasks themselves."""
+    name = pool()
+    clients = [aioredis.Redis.from_url(redis_server.url, decode_responses=True) for _ in range(5)]
+    submitter, *agents = clients
+    try:
+        consumers = [Consumer(r, "ns", name, f"agent-{i}") for i, r in enumerate(agents)]
+        for consumer in consumers:
+            await consumer.ensure_groups()
+        baseline = int((await submitter.info("clients"))["blocked_clients"])
+        takes = [asyncio.create_task(c.take(block_ms=20_000)) for c in consumers]
+
+        async def all_waiting() -> bool:
+            return int((await submitter.info("clients"))["blocked_clients"]) == baseline + len(takes)
+
+        await async_eventually(all_waiting, 5, "the idle agents to wait for work")
+        task_id = (await TaskClient(submitter, "ns", name).submit_payload(GOOD)).task_id
+        done, _ = await asyncio.wait(takes, return_when=asyncio.FIRST_COMPLETED)
+        assert [[d.task_id for d in t.result()] for t in done] == [[task_id]]
+        # the others were never woken: still blocked in Redis once the winner holds the task
+        assert int((await submitter.info("clients"))["blocked_clients"]) == baseline + len(takes) - 1
+        assert all(not t.done() for t in takes if t not in done)
+        for t in takes:
+            t.cancel()
+        await asyncio.gather(*takes, return_exceptions=True)
+    finally:
+        for r in clients:
+            await r.aclose()
 
 
 async def take(consumer: Consumer) -> Delivery:
@@ -199,8 +232,7 @@ async def take(consumer: Consumer) -> Delivery:
     taken: list[Delivery] = []
 
     async def one() -> bool:
-        if (d := await consumer.take(block_ms=10)) is not None:
-            taken.append(d)
+        taken.extend(await consumer.take(block_ms=10))
         return bool(taken)
 
     await async_eventually(one, 5, f"{consumer.name} to take a task")
