@@ -164,8 +164,10 @@ def delete_pod(api: str, namespace: str, name: str) -> None:
     httpx.delete(f"{api}/api/v1/namespaces/{namespace}/pods/{name}", params={"gracePeriodSeconds": "1"})
 
 
-async def measure(cfg: Config, api: str, namespace: str, redis_port: int, results: Results) -> None:
-    redis = aioredis.from_url(f"redis://127.0.0.1:{redis_port}/0")
+async def measure(
+    cfg: Config, api: str, namespace: str, redis_address: tuple[str, int], results: Results
+) -> None:
+    redis = aioredis.Redis(host=redis_address[0], port=redis_address[1])
     redis_url = f"redis://redis.{namespace}.svc:6379/0"
     llm_url = f"http://mock-llm.{namespace}.svc:8000/v1"
     watch = PodWatch(api, namespace)
@@ -322,8 +324,8 @@ def collect(cfg: Config, namespace: str) -> Results:
         kubectl.run("wait", "-n", namespace, "--for=condition=Ready", "pod/redis", "--timeout=120s")
         kubectl.run("rollout", "status", "-n", namespace, "deployment/mock-llm", "--timeout=120s")
         results = Results()
-        with kubectl.proxy() as api, kubectl.port_forward(namespace, "svc/redis", 6379) as redis_port:
-            asyncio.run(measure(cfg, api, namespace, redis_port, results))
+        with kubectl.proxy() as api, kubectl.service_address(namespace, "redis", 6379) as redis_address:
+            asyncio.run(measure(cfg, api, namespace, redis_address, results))
     finally:
         kubectl.run("delete", "namespace", namespace, "--wait=false")
     return results

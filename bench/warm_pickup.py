@@ -265,8 +265,10 @@ async def phases(
     sampler = Sampler(api, namespace)
     sampler.start()
     try:
-        with kube.port_forward(op.namespace, f"svc/{op.release}-redis", 6379) as port:
-            redis = aioredis.from_url(f"redis://127.0.0.1:{port}/0", password=op.redis_password())
+        kubectl = Kubectl(kube.kubectl_bin, kube.kubeconfig)
+        with kubectl.service_address(op.namespace, f"{op.release}-redis", 6379) as (host, port):
+            print(f"submitting to Redis at {host}:{port}", flush=True)
+            redis = aioredis.Redis(host=host, port=port, password=op.redis_password())
             client = TaskClient(redis, namespace, POOL)
             # (a) sustained
             print(f"(a) {r.sustained_rate:g} tasks/s for {r.sustained_s:g} s", flush=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 import select
+import socket
 import subprocess
 import threading
 import time
@@ -42,6 +43,28 @@ class Kubectl:
         return _listening(
             argv, re.compile(r"Forwarding from 127\.0\.0\.1:(\d+)"), f"{namespace}/{target}:{port}"
         )
+
+    @contextlib.contextmanager
+    def service_address(self, namespace: str, service: str, port: int) -> Iterator[tuple[str, int]]:
+        """Where this host reaches `service`'s `port`: its ClusterIP when that answers from here (a
+        node of the cluster, like the local cluster's host), else a port-forward's local port.
+
+        A benchmark's load goes the way an in-cluster client's goes: a port-forward carries every
+        byte through the API server, the kubelet and containerd, and at tens of tasks a second
+        it took more CPU than the agents themselves (bench/README.md, warm_pickup)."""
+        cluster_ip = self.run(
+            "get", "service", "-n", namespace, service, "-o", "jsonpath={.spec.clusterIP}"
+        ).stdout.strip()
+        if cluster_ip and cluster_ip != "None":
+            try:
+                socket.create_connection((cluster_ip, port), timeout=1).close()
+            except OSError:
+                pass  # not routed to this host (kind): the port-forward below
+            else:
+                yield cluster_ip, port
+                return
+        with self.port_forward(namespace, f"svc/{service}", port) as local:
+            yield "127.0.0.1", local
 
     @contextlib.contextmanager
     def proxy(self) -> Iterator[str]:
