@@ -13,13 +13,14 @@ cache keeps non-streamed answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -32,6 +33,9 @@ from tars_agent.circuit import CircuitBreaker, CircuitOpenError
 from tars_agent.limiter import Reservation, SharedLimiter
 from tars_agent.metrics import AgentMetrics
 from tars_agent.tasks import TaskSpec
+
+# how long the rest of a streamed body may take to arrive after its [DONE] (see _read_to_end)
+DRAIN_AFTER_DONE_S = 0.5
 
 log = logging.getLogger(__name__)
 
@@ -324,13 +328,15 @@ class LLMClient:
         """Server-sent events: pass each delta on; only the usage counters are kept."""
         prompt_tokens = completion_tokens = chunks = events = 0
         emitted = False
+        lines = response.aiter_lines()
         try:
-            async for line in response.aiter_lines():
+            async for line in lines:
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 events += 1
                 if data == "[DONE]":
+                    await _read_to_end(lines)
                     break
                 event = json.loads(data)
                 usage = event.get("usage")
@@ -355,3 +361,14 @@ class LLMClient:
                 retryable=False,
             )
         return Completion("", prompt_tokens, completion_tokens or chunks)
+
+
+async def _read_to_end(rest: AsyncIterator[str]) -> None:
+    """Read what follows [DONE] (the chunked body's last, empty chunk): a response left unread
+    closes its connection, and the next call would pay a new one (a DNS lookup, and a TLS handshake
+    against a real upstream). An upstream that keeps the stream open after [DONE] gets
+    DRAIN_AFTER_DONE_S; the connection is dropped then."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DRAIN_AFTER_DONE_S):
+            async for _ in rest:
+                pass

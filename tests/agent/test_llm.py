@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -16,7 +17,7 @@ from pydantic import SecretStr
 from tars_agent import gcra
 from tars_agent.circuit import CircuitBreaker, CircuitOpenError, CircuitState
 from tars_agent.limiter import Budget, SharedLimiter, state_key
-from tars_agent.llm import LLMClient, LLMConfig, UpstreamError, backoff_delay
+from tars_agent.llm import DRAIN_AFTER_DONE_S, LLMClient, LLMConfig, UpstreamError, backoff_delay
 from tars_agent.metrics import AgentMetrics
 from tars_agent.mockllm import MockLLM
 from tars_agent.tasks import TaskSpec
@@ -139,6 +140,70 @@ async def test_identical_inflight_requests_are_coalesced_and_cached(mock_llm: Mo
         assert len(mock_llm.admitted) == 1  # served from the cache
         await client.complete(spec("different"), "normal", discard, time.monotonic() + 5)
         assert len(mock_llm.admitted) == 2
+    finally:
+        await client.aclose()
+
+
+async def test_streamed_calls_reuse_one_connection(mock_llm: MockLLM) -> None:
+    """A streamed answer read to its [DONE] leaves the connection fit for the next call. Left
+    unread past [DONE] (the chunked body's end), httpx closed it: every call paid a new
+    connection, its DNS lookup and, against a real upstream, its TLS handshake."""
+    host, port = mock_llm.url.removeprefix("http://").split("/")[0].split(":")
+    accepted = 0
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+    proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+    proxy_port = proxy.sockets[0].getsockname()[1]
+    client = LLMClient(LLMConfig(base_url=f"http://127.0.0.1:{proxy_port}/v1"))
+    try:
+        for i in range(5):
+            texts: list[str] = []
+
+            async def keep(text: str) -> None:
+                texts.append(text)  # noqa: B023  # read within this iteration
+
+            await client.complete(spec(f"call {i}", stream=True), "normal", keep, time.monotonic() + 5)
+            assert texts  # each call streamed its answer
+        assert len(mock_llm.admitted) == 5
+        assert accepted == 1
+    finally:
+        await client.aclose()
+        proxy.close()
+
+
+async def test_an_upstream_that_holds_the_stream_open_after_done_does_not_hold_the_call() -> None:
+    held = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n'
+        yield b"data: [DONE]\n\n"
+        await held.wait()  # never set: the stream stays open
+
+    def answer(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+
+    client = LLMClient(LLMConfig(base_url="http://upstream/v1"), transport=httpx.MockTransport(answer))
+    texts: list[str] = []
+
+    async def keep(text: str) -> None:
+        texts.append(text)
+
+    try:
+        async with asyncio.timeout(10 * DRAIN_AFTER_DONE_S):  # the read timeout is far longer
+            await client.complete(spec(stream=True), "normal", keep, time.monotonic() + 60)
+        assert texts == ["hi"]
     finally:
         await client.aclose()
 
