@@ -63,6 +63,7 @@ from tars_localcluster.kubectl import Kubectl  # noqa: E402
 OUT = Path(__file__).resolve().parent / "out"
 POOL = "pickup"
 WARM, SLOTS, SURGE = 4, 25, 1
+AGENT_CPU = "100m"  # 12 agents at most: 1.2 of the node's 2 cores, beside the rest's requests
 TASK = {"messages": [{"role": "user", "content": "ping"}], "max_tokens": 8}
 PROMETHEUS = "monitoring/prometheus:9090"  # the local cluster's (as the e2e suite's default)
 
@@ -76,6 +77,9 @@ def pool_manifest(upstream: str) -> dict[str, Any]:
             {"name": contract.ENV_LLM_BASE_URL, "value": f"{upstream}/v1"},
             {"name": contract.ENV_CONCURRENCY, "value": str(SLOTS)},
         ],
+        # A CPU request, as a pool in production states one: without, the agents are BestEffort
+        # (cpu.shares 2 for all of them) and anything busy on the node starves their pickup.
+        "resources": {"requests": {"cpu": AGENT_CPU}},
     }
     return {
         "apiVersion": "tars.dev/v1alpha1",
@@ -102,6 +106,7 @@ def upstream(kube: Kube, namespace: str) -> str:
     container = manifests[0]["spec"]["template"]["spec"]["containers"][0]
     container["image"] = IMAGES.agent
     container["args"] = ["--host=0.0.0.0", "--port=8000", "--latency=0.2", "--response-tokens=8"]
+    container["resources"]["requests"]["cpu"] = "200m"  # the stand-in upstream must not be what is slow
     kube.apply(*manifests, namespace=namespace)
     kube.run("rollout", "status", "deployment/mock-llm", "-n", namespace, "--timeout=120s")
     return f"http://mock-llm.{namespace}.svc:8000"
