@@ -732,14 +732,18 @@ class SharedLimiter:
         ticket of this process well beyond the horizon: it would take a ticket behind that one and
         sleep at least until that ticket's slot is inside its horizon, so waiting costs it nothing
         but its place among the tickets other processes take meanwhile."""
+        if op.returning or op.critical:
+            return 0.0
         tats, seen_now, received = self._seen
         tail = self._tails.get(op.priority, 0)
-        if op.returning or op.critical or not tats:
-            return 0.0
+        if not tats or tail <= seen_now:
+            return 0.0  # no ticket of this process ahead: nothing to wait for (the usual case)
         now = seen_now + int((self._monotonic() - received) * 1_000_000)
+        if tail - now <= op.max_ahead_us or tail - now > op.deadline_us:
+            return 0.0  # before the model: these two answer 0 whatever it says
         limits = gcra.Limits(self.budget.limits, tuple(None for _ in tats), self._reserve)
         verdict = gcra.reserve(tats, now, op.costs, limits, False, op.max_ahead_us, self._pause_until_us)
-        if verdict.admitted or verdict.too_large or tail - now > op.deadline_us:
+        if verdict.admitted or verdict.too_large:
             return 0.0
         return min((tail - now - op.max_ahead_us) / 1_000_000, RIDE_ALONG_S)
 
