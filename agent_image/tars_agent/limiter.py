@@ -56,7 +56,9 @@ _AGENT_TTL_US = int(AGENT_TTL_S * 1_000_000)
 # one this process took (see _ride_along_s) waits this long at most for the process's next script
 # call and goes with it, instead of a call of its own.
 RIDE_ALONG_S = 1.0
-_RANK = {p: rank for rank, p in enumerate(PRIORITIES, start=1)}  # a batch's order: higher classes first
+_RANK: dict[str, int] = {
+    p: rank for rank, p in enumerate(PRIORITIES, start=1)
+}  # a batch's order: higher classes first
 
 
 class LimiterTimeout(Exception):
