@@ -472,11 +472,13 @@ async def run_worker(spec: WorkerSpec, ready: Queue[int], start: Queue[tuple[flo
     latencies: list[tuple[str, float]] = []
     errors: Counter[str] = Counter()
     await sleep_until(t0)
+    cpu_at_start = time.process_time()
     tasks = [
         asyncio.create_task(caller_loop(contender, i, who, spec, t0, end, done, latencies, errors))
         for i, who in enumerate(callers)
     ]
     finished, _ = await asyncio.wait(tasks, timeout=max(end - time.time(), 0.0))
+    cpu_s = time.process_time() - cpu_at_start  # this process's CPU (user + system) while measured
     for task in finished:
         task.result()  # a caller only ends by raising: surface it
     for task in tasks:
@@ -491,6 +493,7 @@ async def run_worker(spec: WorkerSpec, ready: Queue[int], start: Queue[tuple[flo
         "slots": contender.slots,
         "errors": dict(errors),
         "stuck": len(stuck),
+        "cpu_s": cpu_s,
     }
     # written before the loop shuts down: a task that ignored its cancellation may hold that up
     await asyncio.to_thread(Path(spec.out_path).write_text, json.dumps(result))
@@ -593,6 +596,7 @@ def run_processes(
         if stale:
             infra.rds.delete(*stale)
         infra.rds.config_resetstat()
+        redis_cpu_before = redis_cpu_s(infra.rds)
         t0 = time.time() + START_MARGIN_S
         for _ in procs:
             start.put((t0, t0 + duration_s))
@@ -607,6 +611,7 @@ def run_processes(
         raise RuntimeError(f"{tag}: a worker failed (exit codes {[p.exitcode for p in procs]})")
     results = [json.loads(Path(s.out_path).read_text()) for s in specs]
     commands = commands_between({}, commandstats_calls(infra.rds.info("commandstats")))
+    redis_cpu = redis_cpu_s(infra.rds) - redis_cpu_before
     log = httpx.get(f"{infra.mock_base}/admin/log", timeout=30).json() if mode == "calls" else None
     done = [n for r in results for n in r["done"]]
     errors: Counter[str] = Counter()
@@ -626,8 +631,16 @@ def run_processes(
         "errors": dict(errors),
         "stuck": sum(r["stuck"] for r in results),
         "redis_commands": commands,
+        "cpu_s": sum(r["cpu_s"] for r in results),
+        "redis_cpu_s": redis_cpu,
         "log": log,
     }
+
+
+def redis_cpu_s(rds: redis.Redis) -> float:
+    """The Redis server's CPU so far (user + system, all its threads), seconds."""
+    info = rds.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def grid_row(contender: str, processes: int, up: Upstream, run: dict[str, Any]) -> dict[str, Any]:
@@ -677,6 +690,12 @@ def phase_row(contender: str, run: dict[str, Any]) -> dict[str, Any]:
         "commands_per_admitted": run["redis_commands"] / admitted
         if admitted and contender in USES_REDIS
         else None,
+        # CPU per admission: the worker processes' while measured (the harness's caller loop
+        # included), Redis' over the whole run (its idle margins add little)
+        "cpu_us_per_decision": run["cpu_s"] / admitted * 1e6 if admitted else None,
+        "redis_cpu_us_per_decision": run["redis_cpu_s"] / admitted * 1e6
+        if admitted and contender in USES_REDIS
+        else None,
         "p50_ms": percentile(run["latencies_ms"], 50),
         "p99_ms": percentile(run["latencies_ms"], 99),
         "lateness_p99_ms": p99(lateness) if lateness else None,
@@ -711,8 +730,8 @@ def grid_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def phases_table(phases: dict[str, dict[str, dict[str, Any]]]) -> str:
-    header = ["contender", "decisions/s", "uncont. p50 ms", "p99 ms", "contended adm/s", "cmds/adm"]
-    header += ["Jain", "starved", "p99 late ms"]
+    header = ["contender", "decisions/s", "cpu us/dec", "redis us/dec", "uncont. p50 ms", "p99 ms"]
+    header += ["contended adm/s", "cmds/adm", "Jain", "starved", "p99 late ms"]
     body = []
     for name in sorted({c for rows in phases.values() for c in rows}, key=CONTENDERS.index):
         dec = phases["decisions"].get(name, {})
@@ -722,6 +741,8 @@ def phases_table(phases: dict[str, dict[str, dict[str, Any]]]) -> str:
             [
                 name,
                 fmt(dec.get("per_s"), 0),
+                fmt(dec.get("cpu_us_per_decision")),
+                fmt(dec.get("redis_cpu_us_per_decision")),
                 fmt(unc.get("p50_ms"), 2),
                 fmt(unc.get("p99_ms"), 2),
                 fmt(con.get("per_s"), 2),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 CRITICAL = "critical"
 
@@ -278,8 +279,9 @@ def reconcile(tat: int, now_us: int, delta: int, params: LimitParams, override_l
 
 
 # The operations one batch (one script call) runs in order; limiter_lua.BATCH is their twin.
-@dataclass(frozen=True)
-class Reserve:
+# Named tuples, not frozen dataclasses: the limiter builds one or more per acquire, and a frozen
+# dataclass's __init__ cost several times as much. Ops are told apart by isinstance, never by ==.
+class Reserve(NamedTuple):
     """A reservation of `priority`, at most `max_ahead_us` from now (its horizon and deadline).
 
     Refused for its horizon only (the slot is within `deadline_us`), it takes a ticket: the
@@ -302,39 +304,33 @@ class Reserve:
         return self.priority == CRITICAL
 
 
-@dataclass(frozen=True)
-class Confirm:
+class Confirm(NamedTuple):
     """A caller woke at its slot: is the budget paused? If so its reservation goes back."""
 
     reserved: tuple[int, ...]  # the tats its reservation left
     costs: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class GiveBack:
+class GiveBack(NamedTuple):
     reserved: tuple[int, ...]
     costs: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class Charge:
+class Charge(NamedTuple):
     units: tuple[int, ...]  # per limit (local admissions during an outage)
 
 
-@dataclass(frozen=True)
-class Empty:
+class Empty(NamedTuple):
     buckets: tuple[bool, ...]  # the limits the upstream reported empty (remaining: 0)
 
 
-@dataclass(frozen=True)
-class Pause:
+class Pause(NamedTuple):
     """An upstream 429: hold every request until now + pause_us, and every bucket is empty now."""
 
     pause_us: int
 
 
-@dataclass(frozen=True)
-class Override:
+class Override(NamedTuple):
     """Tighter limits learned from the upstream (0 = none for that limit), kept `ttl_us` for the
     whole budget; the batches after this one decide with them."""
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import math
@@ -57,6 +56,9 @@ _AGENT_TTL_US = int(AGENT_TTL_S * 1_000_000)
 # one this process took (see _ride_along_s) waits this long at most for the process's next script
 # call and goes with it, instead of a call of its own.
 RIDE_ALONG_S = 1.0
+_RANK: dict[str, int] = {
+    p: rank for rank, p in enumerate(PRIORITIES, start=1)
+}  # a batch's order: higher classes first
 
 
 class LimiterTimeout(Exception):
@@ -195,9 +197,9 @@ class _BatchScript:
         self._conn: AbstractConnection | None = None
         self._timeout: float | None = None  # the connection's socket_timeout, for the whole call
 
-    async def __call__(self, args: Sequence[str | int | float]) -> Any:
-        """EVALSHA with the keys and head args, then `args`."""
-        packed = b"*%d\r\n%s%s" % (self._head_parts + len(args), self._head, _resp(args))
+    async def __call__(self, count: int, args: bytes) -> Any:
+        """EVALSHA with the keys and head args, then `count` more args packed by _resp."""
+        packed = b"*%d\r\n%s%s" % (self._head_parts + count, self._head, args)
         conn = self._conn
         if conn is None:
             conn = self._conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
@@ -304,6 +306,9 @@ class SharedLimiter:
         for p in budget.limits:
             head += [p.name, p.limit, p.window_us, p.burst]
         self._batch_script = _BatchScript(redis, limiter_lua.BATCH, keys, head)
+        # a reservation's packed args but its deadline, by (returning, priority, max_ahead, costs)
+        self._packed: dict[tuple[bool, str, int, tuple[int, ...]], bytes] = {}
+        self._zeros = _resp([0] * (len(budget.limits) - 1))  # a reservation's unused fields
         self._reconcile = redis.register_script(limiter_lua.RECONCILE)
         self._agent_id = agent_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._next_heartbeat = 0.0  # monotonic
@@ -386,8 +391,9 @@ class SharedLimiter:
             asyncio.get_running_loop().call_later(park_s, self._unpark, request)
             return request
         self._pending.append(request)
-        self._pending += self._parked
-        self._parked.clear()
+        if self._parked:
+            self._pending += self._parked
+            self._parked.clear()
         self._start_flusher()
         return request
 
@@ -474,10 +480,24 @@ class SharedLimiter:
             self._heartbeats += 1
             self._next_heartbeat = self._monotonic() + HEARTBEAT_INTERVAL_S
         n = len(self.budget.limits)
-        args: list[str | int] = [member, _AGENT_TTL_US, prune, self._channel, len(batch)]
+        parts = [_resp((member, _AGENT_TTL_US, prune, self._channel, len(batch)))]
+        packed = self._packed
         for request in batch:
-            args += _op_args(request.op, n)
-        return list(await self._batch_script(args))
+            op = request.op
+            if isinstance(op, gcra.Reserve):
+                # all but the deadline repeat from call to call: packed once
+                key = (op.returning, op.priority, op.max_ahead_us, op.costs)
+                head = packed.get(key)
+                if head is None:
+                    if len(packed) >= 256:  # near their deadlines callers' max_ahead_us vary
+                        packed.clear()
+                    head = packed[key] = _resp(_op_args(op, n)[: 3 + n])
+                parts.append(head)
+                parts.append(_resp((op.deadline_us,)))
+                parts.append(self._zeros)
+            else:
+                parts.append(_resp(_op_args(op, n)))
+        return list(await self._batch_script(5 + (3 + 2 * n) * len(batch), b"".join(parts)))
 
     def _dispatch(self, batch: list[_Request], reply: list[str | int | bytes]) -> None:
         received = self._monotonic()
@@ -488,7 +508,7 @@ class SharedLimiter:
             self.agents = agents
         for i in range(n):
             self._used[i] = (float(reply[3 + i]), now, received)
-        self._seen = (tuple(int(x) for x in reply[3 + n : 3 + 2 * n]), now, received)
+        self._seen = (tuple(map(int, reply[3 + n : 3 + 2 * n])), now, received)
         at = 3 + 2 * n
         width = 3 + n
         for request in batch:
@@ -642,13 +662,14 @@ class SharedLimiter:
     async def acquire(self, priority: str, tokens: int, timeout_s: float) -> Reservation:
         """Reserve a slot for one request of `tokens` tokens and sleep until it, or raise
         LimiterTimeout at once when the slot is past the deadline (nothing charged)."""
-        if priority not in PRIORITIES:
+        rank = _RANK.get(priority)
+        if rank is None:
             raise ValueError(f"unknown priority {priority!r}; expected one of {', '.join(PRIORITIES)}")
         start = self._monotonic()
         deadline = start + timeout_s
         costs = self._costs(tokens)
         self._arrivals += 1
-        order = (1 + PRIORITIES.index(priority), self._arrivals)
+        order = (rank, self._arrivals)
         if self._listener is None:
             self._listener = asyncio.create_task(self._listen())
         returning = False  # refused for its horizon before: holds a ticket
@@ -668,7 +689,7 @@ class SharedLimiter:
             if park_s > 0:
                 # behind the tickets: admitted only if the bucket has room at once, it never
                 # overtakes a ticket's holder who comes back late (every later one would be refused once)
-                op = dataclasses.replace(op, max_ahead_us=0)
+                op = op._replace(max_ahead_us=0)
             try:
                 result, now, received = await self._call(op, deadline, order, park_s)
             except TimeoutError:
@@ -710,10 +731,9 @@ class SharedLimiter:
                     # it reserves again after the pause in the same script call
                     self._submit(gcra.GiveBack(result.tats, costs), wait=False)
                     continue
-                pushed = self._subscribed is not None and self._covered == self._subscribed
                 if (
                     result.value - now >= gcra.CONFIRM_AFTER_US
-                    and not pushed
+                    and not (self._subscribed is not None and self._covered == self._subscribed)
                     and not await self._confirmed(reservation, deadline)
                 ):
                     continue  # no subscription told it: paused while it slept, its slot went back
@@ -732,14 +752,18 @@ class SharedLimiter:
         ticket of this process well beyond the horizon: it would take a ticket behind that one and
         sleep at least until that ticket's slot is inside its horizon, so waiting costs it nothing
         but its place among the tickets other processes take meanwhile."""
+        if op.returning or op.critical:
+            return 0.0
         tats, seen_now, received = self._seen
         tail = self._tails.get(op.priority, 0)
-        if op.returning or op.critical or not tats:
-            return 0.0
+        if not tats or tail <= seen_now:
+            return 0.0  # no ticket of this process ahead: nothing to wait for (the usual case)
         now = seen_now + int((self._monotonic() - received) * 1_000_000)
+        if tail - now <= op.max_ahead_us or tail - now > op.deadline_us:
+            return 0.0  # before the model: these two answer 0 whatever it says
         limits = gcra.Limits(self.budget.limits, tuple(None for _ in tats), self._reserve)
         verdict = gcra.reserve(tats, now, op.costs, limits, False, op.max_ahead_us, self._pause_until_us)
-        if verdict.admitted or verdict.too_large or tail - now > op.deadline_us:
+        if verdict.admitted or verdict.too_large:
             return 0.0
         return min((tail - now - op.max_ahead_us) / 1_000_000, RIDE_ALONG_S)
 

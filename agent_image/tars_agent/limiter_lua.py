@@ -76,7 +76,8 @@ end
 #   p: pause     a = pause_us (and every bucket empty); a longer pause is published
 #   o: override  a = ttl_us, x = the tighter limits (0 = none)
 # Returns {now, pause_until, agents (-1 = not asked), used_1..n, tat_1..n,
-#          then per op: status, value, limiting, tat_1..n}  (see gcra.run_batch)
+#          then per op: status, value, limiting, tat_1..n}  (see gcra.run_batch); integers but
+#          used_i (a float, as a string)
 # Commands: TIME, GET, and SET only when something changed; a heartbeat adds ZADD and ZCOUNT.
 BATCH = (
     _COMMON
@@ -227,9 +228,9 @@ for j = 1, m do
     for i = 1, n do empty(i) end
   end
   out[#out + 1] = status
-  out[#out + 1] = fmt(value)
+  out[#out + 1] = value
   out[#out + 1] = limiting
-  for i = 1, n do out[#out + 1] = fmt(tats[i]) end
+  for i = 1, n do out[#out + 1] = tats[i] end
 end
 local changed = false
 for i = 1, n do
@@ -260,9 +261,11 @@ if changed or touched then
   end
   store(KEYS[1], state, now)
 end
-local head = {now, fmt(pause_until), agents}
+-- integers as Lua numbers: Redis replies them as integers, exact below 2^53 (a string.format
+-- each cost more than the rest of a reservation)
+local head = {now, pause_until, agents}
 for i = 1, n do head[#head + 1] = string.format('%.17g', used[i]) end
-for i = 1, n do head[#head + 1] = fmt(tats[i]) end
+for i = 1, n do head[#head + 1] = tats[i] end
 for k = 1, #out do head[#head + 1] = out[k] end
 return head
 """

@@ -22,13 +22,18 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tars_agent import gcra
 from tars_agent.gcra import LimitParams
 from tars_agent.limiter import (
+    _AGENT_TTL_US,
     AGENT_TTL_S,
     HEARTBEAT_INTERVAL_S,
     Budget,
     LimiterTimeout,
     RequestTooLarge,
     SharedLimiter,
+    _op_args,
+    _Request,
+    _resp,
     agents_key,
+    pause_channel,
     state_key,
 )
 from tars_agent.metrics import AgentMetrics
@@ -658,3 +663,36 @@ async def test_aclose_sends_the_give_backs_of_cancelled_callers_first(redis_serv
         assert await stored_tat(client, name, "rps") == first.reserved_tats[0]
     finally:
         await client.aclose()
+
+
+async def test_the_batch_packs_reservations_as_their_op_args() -> None:
+    """The cached packing of reservations (all but the deadline kept from call to call) sends the
+    same bytes as packing every op's _op_args, also after the cache was cleared."""
+    budget = Budget.from_rates(f"pack-{uuid.uuid4().hex}", requests_per_minute=600, tokens_per_minute=90_000)
+    limiter = SharedLimiter(aioredis.Redis(port=1), budget)
+    sent: list[tuple[int, bytes]] = []
+
+    async def script(count: int, args: bytes) -> list[int]:
+        sent.append((count, args))
+        return []
+
+    limiter._batch_script = script  # type: ignore[assignment]
+    limiter._next_heartbeat = float("inf")  # no heartbeat fields to compare
+    ops: list[gcra.Op] = [
+        gcra.Reserve(priority, ahead, (1, cost), deadline, returning)
+        for priority, ahead, cost, deadline, returning in [
+            ("normal", 1_000_000, 5, 3_600_000_000, False),
+            ("normal", 1_000_000, 5, 12_345, False),  # the cached head, another deadline
+            ("low", 500_000, 5, 9, True),
+            ("critical", 77, 1, 77, False),
+            *(("high", ahead, 2, ahead, False) for ahead in range(300)),  # fills the cache past its bound
+            ("normal", 1_000_000, 5, 1, False),
+        ]
+    ]
+    ops.insert(2, gcra.GiveBack((10, 20), (1, 5)))
+    for op in ops:
+        await limiter._run([_Request(op, None)])
+    expected = [
+        (5 + 7, _resp(("", _AGENT_TTL_US, "", pause_channel(budget.name), 1, *_op_args(op, 2)))) for op in ops
+    ]
+    assert sent == expected
