@@ -571,7 +571,8 @@ class Consumer:
         try:
             return await self._take(block_ms)
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc) and "no such key" not in str(exc):
+            # NOGROUP, no such key: gone before the look; "... no longer exists": while waiting
+            if not any(m in str(exc) for m in ("NOGROUP", "no such key", "no longer exists")):
                 raise
             await self.ensure_groups()  # an idle stream expired, or Redis came back empty: recreate
             return []

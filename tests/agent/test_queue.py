@@ -227,6 +227,33 @@ async def test_a_new_task_wakes_one_idle_agent_not_all_of_them(redis_server: Red
             await r.aclose()
 
 
+async def test_an_agent_waiting_for_work_when_its_queue_is_deleted_recreates_it(
+    redis_server: RedisServer,
+) -> None:
+    """A pool's idle streams expire (or an admin deletes them) while agents wait in their group:
+    Redis ends the wait with an error; the agent recreates the groups and goes on waiting."""
+    name = pool()
+    agent_redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    admin = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        consumer = Consumer(agent_redis, "ns", name, "agent")
+        await consumer.ensure_groups()
+        baseline = int((await admin.info("clients"))["blocked_clients"])
+        waiting = asyncio.create_task(consumer.take(block_ms=20_000))
+
+        async def blocked() -> bool:
+            return int((await admin.info("clients"))["blocked_clients"]) == baseline + 1
+
+        await async_eventually(blocked, 5, "the agent to wait for work")
+        await admin.delete(*consumer.keys.streams)
+        assert await asyncio.wait_for(waiting, 10) == []
+        task_id = (await TaskClient(admin, "ns", name).submit_payload(GOOD)).task_id
+        assert [d.task_id for d in await consumer.take(block_ms=1000)] == [task_id]
+    finally:
+        await agent_redis.aclose()
+        await admin.aclose()
+
+
 async def take(consumer: Consumer) -> Delivery:
     """The next task for `consumer` (the first take of a new pool only creates its groups)."""
     taken: list[Delivery] = []
