@@ -61,18 +61,6 @@ def max_excess(samples: Sequence[PoolSample]) -> int | None:
     return max(values) if values else None
 
 
-def max_excess_next_decision(samples: Sequence[PoolSample]) -> int | None:
-    """`max_excess` with each sample's live pods held against the larger of its own desired count
-    and the next sample's: the operator creates pods first and patches status.desiredReplicas
-    after, so a sample can see the new pods and still the old number."""
-    values = []
-    for now, nxt in zip(samples, [*samples[1:], samples[-1]], strict=True):
-        desired = [d for d in (now.desired, nxt.desired) if d is not None]
-        if desired:
-            values.append(now.live - (max(desired) + now.surge))
-    return max(values) if values else None
-
-
 def refill(started: float, created: Sequence[float], ready: Sequence[float]) -> dict[str, float]:
     """New agents after `started` (host clock): how many, first and last Ready, and agents/s
     (Ready agents over the time from `started` to the last of them)."""

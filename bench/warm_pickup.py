@@ -50,7 +50,6 @@ from pickup_stats import (  # noqa: E402
     comparison,
     is_live,
     max_excess,
-    max_excess_next_decision,
     pickup_s,
     quantiles,
     refill,
@@ -386,8 +385,7 @@ def report(r: Results) -> str:
         ),
         f"pool samples: {len(r.samples)}, peak live {max((s.live for s in r.samples), default=0)}, "
         f"peak desired {max((s.desired or 0 for s in r.samples), default=0)}, "
-        f"max(live - (desired + surge)) = {max_excess(r.samples)}; against the next sample's desired "
-        f"too (status is written after the creates): {max_excess_next_decision(r.samples)}",
+        f"max(live - (desired + surge)) = {max_excess(r.samples)}",
         "host load average (1 min) at the end of: "
         + ", ".join(f"{phase} {load:.1f}" for phase, load in r.load_average)
         + f" on {os.cpu_count()} cores",

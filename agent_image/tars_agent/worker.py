@@ -173,7 +173,10 @@ class Agent:
         self._stop.set()
 
     def status(self) -> dict[str, object]:
-        return {"inflight": len(self.inflight), "draining": self.draining}
+        # slots: the tasks it may hold now (its concurrency, cut by memory admission): the operator
+        # counts free slots as warm room (policy/observe.py)
+        slots = min(self.settings.concurrency, self._memory_allowed)
+        return {"inflight": len(self.inflight), "draining": self.draining, "slots": max(slots, 1)}
 
     # -- HTTP ----------------------------------------------------------------------------
     def http_app(self) -> web.Application:

@@ -29,7 +29,7 @@ HTTP_PORT = 8080
 PATH_METRICS = "/metrics"
 PATH_HEALTHZ = "/healthz"
 PATH_READYZ = "/readyz"
-PATH_STATUS = "/status"  # GET: JSON {"inflight": int, "draining": bool}
+PATH_STATUS = "/status"  # GET: JSON {"inflight": int, "draining": bool, "slots": int}
 PATH_DRAIN = "/drain"  # POST: stop taking new work (the operator's soft drain signal)
 
 # Pool defaults shared by operator and agent.
@@ -111,7 +111,8 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-# Agents publish what GET /status answers ({"inflight": int, "draining": bool}, JSON) to the pool's
+# Agents publish what GET /status answers ({"inflight": int, "draining": bool, "slots": int}: the
+# tasks it holds, whether it drains, the tasks it may hold now; JSON) to the pool's
 # Redis under this key, on every change and every AGENT_STATE_REFRESH_SECONDS, expiring after
 # AGENT_STATE_TTL_SECONDS: the operator reads a pool's agents in one round trip (MGET) instead of
 # one GET /status each, and asks /status only of agents whose key is missing.

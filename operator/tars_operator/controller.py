@@ -110,19 +110,24 @@ class PoolController:
             if self.agent_states is not None and working
             else {}
         )
-        counts = await asyncio.gather(
-            *(self._inflight(p, published) if _reports_work(p.state) else _none() for p in mine)
+        reports = await asyncio.gather(
+            *(self._agent_state(p, published) if _reports_work(p.state) else _none() for p in mine)
         )
-        states = [replace(p.state, inflight=n) for p, n in zip(mine, counts, strict=True)]
+        states = [
+            replace(p.state, inflight=r.inflight, slots=r.slots) if r else replace(p.state, inflight=None)
+            for p, r in zip(mine, reports, strict=True)
+        ]
         return states, {p.name: p for p in mine}
 
-    async def _inflight(self, pod: AgentPod, published: Mapping[str, AgentState] | None) -> int | None:
+    async def _agent_state(
+        self, pod: AgentPod, published: Mapping[str, AgentState] | None
+    ) -> AgentState | None:
         if published is None:
             return None  # the published states could not be read: unknown, asked again next second
         state = published.get(pod.name)
         if state is not None and published_count_holds(pod.state, state):
-            return state.inflight
-        return await self.agents.inflight(pod.ip)
+            return state
+        return await self.agents.state(pod.ip)
 
     def busy_changed(self, pods: Sequence[PodState]) -> bool:
         """True when the set of busy agents changed since the last cycle (a reason to act now)."""
@@ -275,6 +280,24 @@ class PoolController:
 
     async def _apply(self, result: Plan, by_name: Mapping[str, AgentPod], created: list[str]) -> None:
         labels = {"namespace": self.namespace, "pool": self.name}
+        # The decision first, then its pods: a watcher never sees more agents than desiredReplicas
+        # (creating a dozen pods takes seconds on a busy API server). The status is the plan's,
+        # which no outcome below changes; a failed write is a Warning and the pods still go.
+        outcome, written = await self._guard(
+            "status",
+            "writing the pool's status",
+            self.custom.patch_namespaced_custom_object_status(
+                models.GROUP,
+                models.VERSION,
+                self.namespace,
+                models.PLURAL,
+                self.name,
+                {"status": result.status},
+                **MERGE_PATCH,
+            ),
+        )
+        if outcome == "done" and isinstance(written, Mapping):
+            self.written_status = written.get("status") or {}
         for create in result.creates:
             manifest: Any = create.manifest  # the client takes a plain dict as well as a V1Pod
             outcome, new_pod = await self._guard(
@@ -315,21 +338,6 @@ class PoolController:
             what = f"resizing {resize.pod} in place ({resize.reason})"
             if (await self._guard("resize", what, patch, gone_ok=True))[0] == "done":
                 log.info("pool %s/%s: resized %s (%s)", self.namespace, self.name, resize.pod, resize.reason)
-        outcome, written = await self._guard(
-            "status",
-            "writing the pool's status",
-            self.custom.patch_namespaced_custom_object_status(
-                models.GROUP,
-                models.VERSION,
-                self.namespace,
-                models.PLURAL,
-                self.name,
-                {"status": result.status},
-                **MERGE_PATCH,
-            ),
-        )
-        if outcome == "done" and isinstance(written, Mapping):
-            self.written_status = written.get("status") or {}
         for event in result.events:
             await self.event(event.type, event.reason, event.message)
 

@@ -121,7 +121,7 @@ class Replicas(_Model):
 
 
 class Warm(_Model):
-    """Idle, ready agents kept at all times so a new task starts without a cold spawn."""
+    """Ready room kept so a new task starts without a cold spawn: `min` agents' worth of free slots."""
 
     min: int = Field(default=3, ge=0, le=1000)
 

@@ -107,16 +107,16 @@ class AgentClient:
         host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
         return f"http://{host}:{self._port}{path}"
 
-    async def inflight(self, pod_ip: str | None) -> int | None:
-        """The agent's in-flight task count; None when it cannot tell (not reached, bad answer)."""
+    async def state(self, pod_ip: str | None) -> AgentState | None:
+        """The agent's GET /status; None when it cannot tell (not reached, bad answer)."""
         if not pod_ip:
             return None
         try:
             resp = await self._http.get(self.url(pod_ip, contract.PATH_STATUS), headers=self._headers)
             resp.raise_for_status()
-            return int(resp.json()["inflight"])
-        except (httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError):
+        except (httpx.HTTPError, httpx.InvalidURL):
             return None
+        return parse_agent_state(resp.content)
 
     async def drain(self, pod_ip: str | None) -> str | None:
         """Ask the agent to stop taking work; the error text when it could not be told."""
@@ -140,6 +140,7 @@ class AgentState:
 
     inflight: int
     draining: bool
+    slots: int | None = None  # the tasks it may hold now; agents before it was in the contract: None
 
 
 def parse_agent_state(raw: bytes | str | None) -> AgentState | None:
@@ -148,12 +149,14 @@ def parse_agent_state(raw: bytes | str | None) -> AgentState | None:
         return None
     try:
         data = json.loads(raw)
-        inflight, draining = data["inflight"], data["draining"]
-    except (ValueError, TypeError, KeyError):
+        inflight, draining, slots = data["inflight"], data["draining"], data.get("slots")
+    except (ValueError, TypeError, KeyError, AttributeError):
         return None
     if type(inflight) is not int or inflight < 0 or type(draining) is not bool:
         return None
-    return AgentState(inflight, draining)
+    if slots is not None and (type(slots) is not int or slots < 1):
+        return None
+    return AgentState(inflight, draining, slots)
 
 
 class AgentStateReader:

@@ -153,7 +153,8 @@ async def test_post_drain_stops_taking_work_and_turns_unready(
         await async_eventually(lambda: agent.redis_ready, 10, "the agent to be ready")
         assert (await http.get(contract.PATH_READYZ)).status_code == 200
         response = await http.post(contract.PATH_DRAIN, headers=AUTH)
-        assert response.status_code == 202 and response.json() == {"inflight": 0, "draining": True}
+        assert response.status_code == 202
+        assert response.json() == {"inflight": 0, "draining": True, "slots": s.concurrency}
         assert (await http.get(contract.PATH_READYZ)).status_code == 503
         assert (await http.get(contract.PATH_STATUS, headers=AUTH)).json()["draining"] is True
 

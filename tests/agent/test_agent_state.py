@@ -31,8 +31,10 @@ async def test_the_agent_publishes_its_work_and_its_drain_at_once_and_with_a_ttl
         raw = await redis_client.get(key)
         return json.loads(raw) if raw else None
 
+    slots = settings.concurrency
     async with running_agent(settings) as agent:
-        assert await async_eventually(published, 5, "the idle state") == {"inflight": 0, "draining": False}
+        idle = {"inflight": 0, "draining": False, "slots": slots}
+        assert await async_eventually(published, 5, "the idle state") == idle
         ttl = await redis_client.ttl(key)
         assert 0 < ttl <= contract.AGENT_STATE_TTL_SECONDS  # a dead agent's state goes by itself
         client = TaskClient(redis_client, settings.namespace, settings.pool)
@@ -43,14 +45,14 @@ async def test_the_agent_publishes_its_work_and_its_drain_at_once_and_with_a_ttl
         within = contract.AGENT_STATE_REFRESH_SECONDS / 2
 
         async def busy() -> bool:
-            return await published() == {"inflight": 1, "draining": False}
+            return await published() == {"inflight": 1, "draining": False, "slots": slots}
 
         await async_eventually(busy, within, "the task in flight published")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}") as http:
             assert (await http.post(contract.PATH_DRAIN, headers=AUTH)).status_code == 202
 
         async def drained() -> bool:
-            return await published() == {"inflight": 1, "draining": True}
+            return await published() == {"inflight": 1, "draining": True, "slots": slots}
 
         await async_eventually(drained, within, "the drain published")
 
@@ -70,7 +72,9 @@ async def test_the_operator_reads_what_the_agents_published_in_one_round_trip(
 
             states = await async_eventually(read, 5, "the agent's published state")
             # The pod that never published is absent: the operator asks it over HTTP instead.
-            assert states == {settings.pod_name: AgentState(inflight=0, draining=False)}
+            assert states == {
+                settings.pod_name: AgentState(inflight=0, draining=False, slots=settings.concurrency)
+            }
     finally:
         await reader.close()
 

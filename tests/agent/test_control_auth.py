@@ -76,9 +76,12 @@ async def test_drain_without_the_pools_token_is_refused_and_the_agent_keeps_work
 async def test_the_pools_token_drains_and_reads_status() -> None:
     async with served(TOKEN) as (agent, http):
         status = await http.get(contract.PATH_STATUS, headers=bearer(TOKEN))
-        assert status.status_code == 200 and status.json() == {"inflight": 0, "draining": False}
+        slots = agent.settings.concurrency
+        assert status.status_code == 200
+        assert status.json() == {"inflight": 0, "draining": False, "slots": slots}
         drained = await http.post(contract.PATH_DRAIN, headers={"Authorization": f"bearer {TOKEN}"})
-        assert drained.status_code == 202 and drained.json() == {"inflight": 0, "draining": True}
+        assert drained.status_code == 202
+        assert drained.json() == {"inflight": 0, "draining": True, "slots": slots}
         assert agent.draining is True
 
 
@@ -122,7 +125,9 @@ async def test_the_operators_client_reads_and_drains_an_agent_with_the_pools_tok
         owner = AgentClient(port=port_of(http))
         try:
             client = owner.for_pool(TOKEN)
-            assert await client.inflight(host) == 0
+            state = await client.state(host)
+            assert state is not None and (state.inflight, state.draining) == (0, False)
+            assert state.slots == agent.settings.concurrency  # its free slots are warm room
             assert await client.drain(host) is None
             assert agent.draining is True
         finally:
@@ -134,7 +139,7 @@ async def test_the_operators_client_with_another_pools_token_is_refused_and_says
         owner = AgentClient(port=port_of(http))
         try:
             client = owner.for_pool("token-of-another-pool")
-            assert await client.inflight("::1") is None
+            assert await client.state("::1") is None
             assert await client.drain("::1") == "POST /drain to ::1 failed: 401 invalid token"
             assert await owner.drain("::1") == (
                 "POST /drain to ::1 failed: 401 missing Authorization: Bearer <token> header"
@@ -148,7 +153,7 @@ async def test_an_unreachable_ipv6_pod_is_an_unknown_count_and_a_drain_error_not
     client = AgentClient(timeout=0.2)
     try:
         assert client.url("fd00:10:244::7", contract.PATH_STATUS) == "http://[fd00:10:244::7]:8080/status"
-        assert await client.inflight("fd00:10:244::7") is None
+        assert await client.state("fd00:10:244::7") is None
         error = await client.drain("fd00:10:244::7")
         assert error is not None and error.startswith("POST /drain to fd00:10:244::7 failed: ")
     finally:

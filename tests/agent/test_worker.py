@@ -48,6 +48,7 @@ async def test_tasks_complete_with_streamed_and_plain_answers(
             assert (await http.get(contract.PATH_STATUS, headers=AUTH)).json() == {
                 "inflight": 0,
                 "draining": False,
+                "slots": settings.concurrency,
             }
             metrics = (await http.get(contract.PATH_METRICS)).text
             for name in (

@@ -14,7 +14,6 @@ from pickup_stats import (
     comparison,
     is_live,
     max_excess,
-    max_excess_next_decision,
     pickup_s,
     quantiles,
     refill,
@@ -49,14 +48,6 @@ def test_excess_is_live_over_desired_plus_surge_and_ignores_samples_before_a_dec
     assert max_excess([sample(4, None), sample(4, 4), sample(5, 4), sample(3, 4)]) == 0
     assert max_excess([sample(7, 4), sample(4, 4)]) == 2
     assert max_excess([sample(4, None)]) is None
-
-
-def test_excess_against_the_next_decision_forgives_a_status_written_after_the_creates() -> None:
-    lagging = [sample(4, 4), sample(11, 8), sample(11, 11), sample(11, 11)]
-    assert max_excess(lagging) == 2
-    assert max_excess_next_decision(lagging) == -1
-    assert max_excess_next_decision([sample(7, 4), sample(7, 4)]) == 2  # a real overshoot stays
-    assert max_excess_next_decision([sample(4, None)]) is None
 
 
 def test_refill_rate_counts_ready_agents_over_the_time_to_the_last_one() -> None:

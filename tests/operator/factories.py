@@ -36,7 +36,7 @@ def pod(name: str, age: timedelta = timedelta(minutes=5), now: datetime = T0, **
 
 
 def busy(name: str, **fields: Any) -> PodState:
-    return pod(name, inflight=1, **fields)
+    return pod(name, **({"inflight": 1} | fields))
 
 
 def idle(name: str, **fields: Any) -> PodState:

@@ -20,7 +20,11 @@ from tars_operator.sources import AgentState, AgentStateReader, parse_agent_stat
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        (b'{"inflight": 3, "draining": false}', AgentState(3, False)),
+        (b'{"inflight": 3, "draining": false}', AgentState(3, False)),  # an agent before slots
+        (b'{"inflight": 3, "draining": false, "slots": 25}', AgentState(3, False, 25)),
+        (b'{"inflight": 3, "draining": false, "slots": 0}', None),
+        (b'{"inflight": 3, "draining": false, "slots": "25"}', None),
+        (b'{"inflight": 3, "draining": false, "slots": true}', None),
         ('{"inflight": 0, "draining": true}', AgentState(0, True)),
         (None, None),  # never published, or expired
         (b"not json", None),

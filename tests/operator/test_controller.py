@@ -95,9 +95,10 @@ class FakeAgents:
     inflight_by_ip: dict[str, int] = field(default_factory=dict)
     asked: list[str] = field(default_factory=list)
 
-    async def inflight(self, pod_ip: str | None) -> int | None:
+    async def state(self, pod_ip: str | None) -> AgentState | None:
         self.asked.append(pod_ip or "")
-        return self.inflight_by_ip.get(pod_ip or "")
+        n = self.inflight_by_ip.get(pod_ip or "")
+        return None if n is None else AgentState(inflight=n, draining=False)
 
     async def drain(self, pod_ip: str | None) -> str | None:
         return None
@@ -172,6 +173,23 @@ def test_a_disconnect_half_way_through_the_creates_keeps_what_was_created_and_st
     assert len(s.custom.writes) == 1 and s.custom.writes[0]["desiredReplicas"] == 3
     assert "CreateFailed" in warnings(s)
     assert "Server disconnected" in next(m for _, r, m in s.events if r == "CreateFailed")
+
+
+def test_the_decision_is_written_before_the_pods_it_creates() -> None:
+    """Whoever watches the pool (kubectl, a dashboard, the benchmarks) never sees more agents than
+    desiredReplicas: the status carries the decision before its pods exist, as an HPA writes a
+    scale before the ReplicaSet adds pods."""
+    s = make(raw_spec(warm={"min": 3}))
+    seen: list[Any] = []
+    original = s.core.create_namespaced_pod
+
+    async def create(namespace: str, body: Mapping[str, Any]) -> Any:
+        seen.append(s.custom.stored.get("status", {}).get("desiredReplicas"))
+        return await original(namespace, body)
+
+    s.core.create_namespaced_pod = create  # type: ignore[method-assign]
+    asyncio.run(cycle(s, s.custom.stored, []))
+    assert seen == [3, 3, 3]
 
 
 def test_a_disconnect_on_the_status_write_is_a_warning_not_a_crash() -> None:
@@ -258,9 +276,11 @@ def test_a_write_cannot_outlive_the_leaders_fence() -> None:
     s.core.create_namespaced_pod = hung_create  # type: ignore[method-assign]
     started = time.monotonic()
     asyncio.run(cycle(s, s.custom.stored, []))
-    # Cut off when the fence lapsed, and nothing after it was written.
+    # Cut off when the fence lapsed, and nothing after it was written: the decision went out
+    # first, while the fence held; no Event (they follow the pod actions) after the hung create.
     assert time.monotonic() - started < 5
-    assert s.custom.writes == []
+    assert [w["desiredReplicas"] for w in s.custom.writes] == [1]
+    assert s.events == []
 
 
 def test_the_decision_latency_runs_from_the_start_of_the_observation_to_the_plan_not_the_writes() -> None:
@@ -323,13 +343,14 @@ class FakeAgentStates:
 def test_published_states_replace_the_status_polls_and_only_agents_without_one_are_asked() -> None:
     s = make(raw_spec(warm={"min": 2}, replicas={"min": 0, "max": 5}))
     published, silent, starting = agent("p-aaaaa"), agent("p-bbbbbbb"), agent("p-cc", ready=False)
-    states = FakeAgentStates({"p-aaaaa": AgentState(inflight=2, draining=False)})
+    states = FakeAgentStates({"p-aaaaa": AgentState(inflight=2, draining=False, slots=25)})
     s.controller.agent_states = states  # type: ignore[assignment]
     s.agents.inflight_by_ip[silent.ip or ""] = 0
     pods, _ = asyncio.run(s.controller.observe([published, silent, starting]))
     assert states.reads == [["p-aaaaa", "p-bbbbbbb"]]  # one read for the pool's working agents
     assert s.agents.asked == [silent.ip]  # GET /status only where nothing was published
     assert [p.inflight for p in pods] == [2, 0, None]
+    assert [p.slots for p in pods] == [25, None, None]  # the published slots reach the policy
 
 
 def test_a_draining_agents_published_count_stands_only_once_it_says_it_is_draining() -> None:

@@ -43,6 +43,24 @@ def test_count() -> None:
     c = count(pods)
     assert (c.active, c.capacity, c.ready, c.busy, c.idle, c.unknown, c.starting) == (5, 4, 4, 2, 1, 1, 1)
     assert (c.draining, c.terminating, c.finished, c.unschedulable) == (1, 1, 1, 0)
+    assert (c.load, c.warm) == (2.0, 1)  # without slots: a busy agent is one agent's work
+
+
+@pytest.mark.parametrize(
+    ("pods", "load", "warm"),
+    [
+        ([busy(f"p{i}", slots=25) for i in range(4)], 0.16, 3),  # 3.84 agents' worth of room
+        ([busy("a", inflight=10, slots=20), busy("b", inflight=10, slots=20)], 1.0, 1),
+        ([busy("a", inflight=30, slots=25), idle("b", slots=25)], 1.0, 1),  # over its slots: full
+        ([busy("a", slots=3), busy("b", slots=3), busy("c", slots=3)], 1.0, 2),  # 3 x 2/3 is 2
+        ([busy("a", slots=25), pod("u", inflight=None, slots=25), pod("s", ready=False)], 0.04, 0),
+    ],
+)
+def test_agents_with_several_slots_count_their_free_slots_as_warm(
+    pods: list[PodState], load: float, warm: int
+) -> None:
+    c = count(pods)
+    assert (round(c.load, 9), c.warm) == (load, warm)
 
 
 def test_pod_state_from_api_object() -> None:

@@ -39,6 +39,39 @@ CASES = [
     Case("min above busy+warm", [], overrides={"replicas": {"min": 4}}, desired=4, create=4, reason="AtMin"),
     Case("stable", [idle("a"), idle("b")], desired=2, reason="WarmFloor"),
     Case("warm floor when all busy", [busy("a"), busy("b")], desired=4, create=2, reason="WarmFloor"),
+    # Agents that run several tasks at once: warm is their free slots, counted in whole agents. At
+    # 1 task in 25 slots each, 4 agents hold 0.16 agents' worth of work and 3.84 of warm room: one
+    # more agent keeps the floor of 2 (counting them busy would grow the pool to 4 + 2, and at
+    # that size every agent takes a task again: to replicas.max).
+    Case(
+        "agents with free slots are warm capacity",
+        [busy(f"p{i}", slots=25) for i in range(4)],
+        overrides={"warm": {"min": 4}},
+        desired=5,
+        create=1,
+        reason="WarmFloor",
+    ),
+    Case(
+        "a busy agent is kept though its work would fit elsewhere",
+        [busy(f"p{i}", slots=25) for i in range(5)],
+        overrides={"warm": {"min": 2}},
+        desired=5,
+        reason="WarmFloor",
+    ),
+    Case(
+        "full agents are busy agents",
+        [busy(f"p{i}", inflight=25, slots=25) for i in range(3)] + [idle("q", slots=25)],
+        desired=5,
+        create=1,
+        reason="WarmFloor",
+    ),
+    Case(
+        "an agent that does not report its slots is a busy agent when it works",
+        [busy("a"), busy("b", slots=25)],
+        desired=4,
+        create=2,
+        reason="WarmFloor",
+    ),
     Case(
         "max reached",
         [busy(f"p{i}") for i in range(9)],

@@ -8,11 +8,16 @@ unknown (Ready, in-flight not reported).
 
 Busy/idle comes from the agent's in-flight count (GET /status or the `tars_agent_busy`
 gauge, whichever the shell read last); `None` means "not reported", which is never
-read as idle. A rotation surge pod (annotation `tars.dev/replaces`) whose old pod is
-still active is not counted as capacity, so a rotation never looks like a surplus.
+read as idle. An agent that runs several tasks at once also reports its slots (the tasks it
+may hold now): the pool's work and warm room are then counted in whole agents' worth of slots
+(`Counts.load`, `Counts.warm`), so one task in 25 slots is 0.04 of an agent's work, not a busy
+agent. Without slots, a busy agent is one agent's worth of work and an idle one one of room.
+A rotation surge pod (annotation `tars.dev/replaces`) whose old pod is still active is not
+counted as capacity, so a rotation never looks like a surplus.
 """
 
 import enum
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,6 +50,7 @@ class PodState:
     deleting: bool = False
     draining_since: datetime | None = None
     inflight: int | None = 0
+    slots: int | None = None  # the tasks the agent may hold now, as it reports (None: not reported)
     unschedulable: bool = False
     restarts: int = 0
     last_oom: datetime | None = None  # when a container last ended OOMKilled
@@ -69,6 +75,15 @@ class PodState:
         return PodPhase.BUSY if self.inflight > 0 else PodPhase.IDLE
 
     @property
+    def load(self) -> float:
+        """The share of one agent's slots in use: 0 idle, 1 full; a busy agent without slots, 1."""
+        if not self.inflight:
+            return 0.0
+        if not self.slots:
+            return 1.0
+        return min(self.inflight / self.slots, 1.0)
+
+    @property
     def active(self) -> bool:
         """Counts toward the pool's size: neither gone, going, nor draining."""
         return self.state not in (PodPhase.FINISHED, PodPhase.TERMINATING, PodPhase.DRAINING)
@@ -87,6 +102,8 @@ class Counts:
     busy: int
     idle: int
     unknown: int
+    load: float  # the ready agents' work in whole agents' worth of slots (PodState.load, summed)
+    warm: int  # their free slots in whole agents' worth: idle agents, or room in busy ones
     starting: int
     unschedulable: int
     draining: int
@@ -107,6 +124,8 @@ def count(pods: Iterable[PodState]) -> Counts:
     for pod in pods:
         by_state[pod.state] += 1
     active = sum(by_state[s] for s in _ACTIVE)
+    reporting = [p for p in pods if p.state in (PodPhase.BUSY, PodPhase.IDLE)]
+    load = sum(p.load for p in reporting)
     return Counts(
         active=active,
         capacity=active - len(surge_pods(pods)),
@@ -114,12 +133,19 @@ def count(pods: Iterable[PodState]) -> Counts:
         busy=by_state[PodPhase.BUSY],
         idle=by_state[PodPhase.IDLE],
         unknown=by_state[PodPhase.UNKNOWN],
+        load=load,
+        warm=_whole(len(reporting) - load),
         starting=by_state[PodPhase.STARTING],
         unschedulable=by_state[PodPhase.UNSCHEDULABLE],
         draining=by_state[PodPhase.DRAINING],
         terminating=by_state[PodPhase.TERMINATING],
         finished=by_state[PodPhase.FINISHED],
     )
+
+
+def _whole(agents: float) -> int:
+    """Whole agents in a sum of shares (floor; sums like 3 x 1/3 count as 1, not 0.999...)."""
+    return math.floor(agents + 1e-9)
 
 
 def _time(text: str | None) -> datetime | None:

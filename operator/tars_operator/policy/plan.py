@@ -103,7 +103,7 @@ def _counted_status(pool: builders.PoolRef, counts: Counts) -> dict[str, Any]:
         "selector": f"{contract.POOL_LABEL}={pool.name}",
         "replicas": counts.active,
         "ready": counts.ready,
-        "warm": counts.idle,
+        "warm": counts.warm,
         "busy": counts.busy,
         "draining": counts.draining,
         "unschedulable": counts.unschedulable,

@@ -1,11 +1,14 @@
 """Scaling: how many agents the pool should have, and how many to add or remove now.
 
 Rule:
-  recommendation = clamp(busy + warm.min + extra, replicas.min, replicas.max)
+  recommendation = clamp(max(busy, ceil(load) + warm.min) + extra, replicas.min, replicas.max)
   extra          = ceil((queueDepth - threshold) / targetPerAgent) when queueDepth > threshold, else 0
-i.e. every busy agent is kept, `warm.min` idle agents wait on top of them (even when all
-are busy), and the backlog beyond `threshold` gets one more agent per `targetPerAgent`
-queued tasks.
+i.e. every busy agent is kept, `warm.min` agents' worth of free slots wait on top of the work
+(even when all agents are full), and the backlog beyond `threshold` gets one more agent per
+`targetPerAgent` queued tasks. `load` is the work in whole agents' worth of slots
+(observe.py): with one task per agent it is the busy count, and the rule is busy + warm.min;
+agents that run several tasks at once are warm room while they have free slots, so a pool whose
+every agent holds a task or two does not grow to replicas.max for its warm floor.
 
 * Scale-up is immediate; scale-down follows the highest recommendation within
   `scaleDown.stabilizationWindow` (like the HPA), and only once the recorded history
@@ -13,7 +16,7 @@ queued tasks.
   scales in for one window).
 * Queue depth missing, stale or from the future: `Hold` keeps the current size (never
   less than the floor, never scales in); `UseMin` recommends the floor
-  (max(replicas.min, busy + warm.min)), which still passes the stabilization window and
+  (max(replicas.min, the warm floor above)), which still passes the stabilization window and
   scale-in of known-idle pods only -- the pool drifts to the floor, it is never cut blindly.
 * A ready pod that does not report its in-flight count blocks scale-in this cycle.
 * Budget saturated (budget.py): no growth beyond the current size.
@@ -69,6 +72,15 @@ def _remember(history: ScaleHistory, rec: Recommendation, window: timedelta) -> 
     return ScaleHistory(tuple(kept)), bool(before)
 
 
+def _floor_message(counts: Counts, work: int, warm: int) -> str:
+    if work == counts.busy:
+        return f"busy {counts.busy} + warm {warm}"
+    worth = f"busy {counts.busy} with {counts.load:.2f} agents' worth of work"
+    if counts.busy > work + warm:
+        return f"{worth}, all kept (warm {warm} fits in their free slots)"
+    return f"{worth} + warm {warm}"
+
+
 def _create_blocker(counts: Counts, actions_pending: int) -> tuple[str, str] | None:
     if actions_pending:
         return "WaitingForPods", f"{actions_pending} earlier pod actions not yet observed"
@@ -93,14 +105,15 @@ def decide(
     expectations. Returns the reason of the binding constraint with the numbers behind it.
     """
     floor, ceiling = spec.replicas.min, spec.replicas.max
-    base = counts.busy + spec.warm.min
+    work = math.ceil(counts.load - 1e-9)  # whole agents' worth (3 x 1/3 is 1, not 2)
+    base = max(counts.busy, work + spec.warm.min)
     capacity = counts.capacity
     metrics_ok = queue_depth is not None
     if queue_depth is not None:
         backlog = max(0.0, queue_depth - spec.scaling.queue_depth.threshold)
         extra = math.ceil(backlog / spec.scaling.queue_depth.target_per_agent)
         raw = base + extra
-        why, msg = "WarmFloor", f"busy {counts.busy} + warm {spec.warm.min}"
+        why, msg = "WarmFloor", _floor_message(counts, work, spec.warm.min)
         if extra:
             threshold = spec.scaling.queue_depth.threshold
             why, msg = "QueueAboveThreshold", f"{msg} + {extra} for queue {queue_depth:.0f} > {threshold}"
