@@ -367,8 +367,9 @@ async def _read_to_end(rest: AsyncIterator[str]) -> None:
     """Read what follows [DONE] (the chunked body's last, empty chunk): a response left unread
     closes its connection, and the next call would pay a new one (a DNS lookup, and a TLS handshake
     against a real upstream). An upstream that keeps the stream open after [DONE] gets
-    DRAIN_AFTER_DONE_S; the connection is dropped then."""
-    with contextlib.suppress(TimeoutError):
+    DRAIN_AFTER_DONE_S; the connection is dropped then. The answer is complete by now: what
+    breaks here only costs the connection."""
+    with contextlib.suppress(TimeoutError, httpx.TransportError, httpx.StreamError, ValueError):
         async with asyncio.timeout(DRAIN_AFTER_DONE_S):
             async for _ in rest:
                 pass

@@ -208,6 +208,38 @@ async def test_an_upstream_that_holds_the_stream_open_after_done_does_not_hold_t
         await client.aclose()
 
 
+async def test_a_connection_broken_after_done_does_not_fail_the_finished_call() -> None:
+    """What follows [DONE] is read only to keep the connection: the answer is complete, and a
+    reset there (some proxies close a stream so) must not turn it into a retried failure."""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n'
+        yield b"data: [DONE]\n\n"
+        raise httpx.ReadError("connection reset by peer")
+
+    def answer(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+
+    calls = 0
+
+    def counted(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return answer(request)
+
+    client = LLMClient(LLMConfig(base_url="http://upstream/v1"), transport=httpx.MockTransport(counted))
+    texts: list[str] = []
+
+    async def keep(text: str) -> None:
+        texts.append(text)
+
+    try:
+        await client.complete(spec(stream=True), "normal", keep, time.monotonic() + 60)
+        assert (texts, calls) == (["hi"], 1)
+    finally:
+        await client.aclose()
+
+
 async def test_api_key_is_sent_but_never_shown(mock_llm: MockLLM, caplog: pytest.LogCaptureFixture) -> None:
     secret = "sk-test-" + uuid.uuid4().hex
     mock_llm.config.api_key = secret
