@@ -343,12 +343,14 @@ return 'requeued'
 
 # KEYS: stream.  ARGV: consumer, entry ids...  Resets the idle time of entries this consumer
 # still owns (XCLAIM alone would also steal entries another agent reclaimed meanwhile).
+# lost: pending under another agent. An entry pending under nobody was acknowledged (its task
+# finished, usually by this agent between the heartbeat's list and this script): nothing to stop.
 _TOUCH = """
 local lost = {}
 for i = 2, #ARGV do
   if #redis.call('XPENDING', KEYS[1], 'agents', ARGV[i], ARGV[i], 1, ARGV[1]) > 0 then
     redis.call('XCLAIM', KEYS[1], 'agents', ARGV[1], 0, ARGV[i], 'JUSTID')
-  else
+  elseif #redis.call('XPENDING', KEYS[1], 'agents', ARGV[i], ARGV[i], 1) > 0 then
     table.insert(lost, ARGV[i])
   end
 end
@@ -725,7 +727,8 @@ class Consumer:
         return out
 
     async def touch(self, held: list[Delivery]) -> list[str]:
-        """Keep held entries from looking idle; returns entry ids another agent took over."""
+        """Keep held entries from looking idle; returns entry ids another agent took over (pending
+        under it now)."""
         lost: list[str] = []
         for priority in PRIORITIES:
             ids = [d.entry_id for d in held if d.priority == priority]
