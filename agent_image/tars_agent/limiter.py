@@ -56,9 +56,8 @@ _AGENT_TTL_US = int(AGENT_TTL_S * 1_000_000)
 # one this process took (see _ride_along_s) waits this long at most for the process's next script
 # call and goes with it, instead of a call of its own.
 RIDE_ALONG_S = 1.0
-_RANK: dict[str, int] = {
-    p: rank for rank, p in enumerate(PRIORITIES, start=1)
-}  # a batch's order: higher classes first
+# a batch's order: higher classes first
+_RANK: dict[str, int] = {p: rank for rank, p in enumerate(PRIORITIES, start=1)}
 
 
 class LimiterTimeout(Exception):

@@ -590,7 +590,7 @@ class Consumer:
             length, groups = replies[2 * i], replies[2 * i + 1]
             if queue_group_field(groups, "name") is None:
                 raise ResponseError("NOGROUP consumer group missing")
-            waiting[priority] = int(length) - int(queue_group_field(groups, "pending") or 0)
+            waiting[priority] = waiting_tasks(length, groups)
         chosen = self._selector.choose(waiting)
         # Nothing waits: wait in the group itself. Redis hands a new entry to one waiting
         # consumer (the one waiting longest) and the others wait on; a plain XREAD would wake
