@@ -1,9 +1,10 @@
 """The API calls the operator makes, derived from its code, for the RBAC tests.
 
 A hand-kept list once missed the in-place resize call (403 as shipped). Here every
-kubernetes_asyncio call of the form `<verb>_namespaced_<kind>[_<subresource>]` in the
-operator's package is found by reading its syntax tree (a patch passed `**APPLY`, a
-server-side apply, also needs create), and mapped to what `kubectl auth can-i` asks; a
+KubeApi call (operator/tars_operator/kubeclient.py) of the form
+`<verb>_namespaced_<kind>[_<subresource>]` in the operator's package is found by reading its
+syntax tree (an "apply", a server-side apply, needs patch and create), and mapped to what
+`kubectl auth can-i` asks; a
 call whose kind is not mapped fails the fast test (tests/helm/test_operator_calls.py), so
 a new call cannot slip past the RBAC tests.
 kopf's own calls (its watches, a finalizer patch, CRD discovery) are not in our code:
@@ -23,18 +24,26 @@ KINDS = {
     "pod": "pods",
     "event": "events",
     "lease": "leases.coordination.k8s.io",
-    "custom_object": "agentpools.tars.dev",
+    "agent_pool": "agentpools.tars.dev",
     "secret": "secrets",
     "network_policy": "networkpolicies.networking.k8s.io",
 }
-VERBS = {"create": "create", "read": "get", "replace": "update", "patch": "patch", "delete": "delete"}
+VERBS = {
+    "create": ("create",),
+    "read": ("get",),
+    "replace": ("update",),
+    "patch": ("patch",),
+    "delete": ("delete",),
+    # A server-side apply that creates the object is authorized as create.
+    "apply": ("patch", "create"),
+}
 SUBRESOURCES = ("status", "resize")
 # The Lease is granted by name (the chart's resourceNames); creating it cannot be.
 LEASE_NAME = "tars-operator"
 # Calls made in the operator's own namespace ("O"); all others in the watched ones ("W").
 OWN_NAMESPACE_FILES = {"leader.py"}
 
-_CALL = re.compile(r"^(create|read|replace|patch|delete)_namespaced_([a-z_]+)$")
+_CALL = re.compile(r"^(create|read|replace|patch|delete|apply)_namespaced_([a-z_]+)$")
 
 KOPF_CALLS = [
     ("list", "pods", "W"),
@@ -51,22 +60,15 @@ class UnmappedCall(ValueError):
     pass
 
 
-def _can_i(verb: str, kind: str) -> str:
+def _can_i(call: str, verb: str, kind: str) -> str:
     subresource = next((s for s in SUBRESOURCES if kind.endswith(f"_{s}")), None)
     base = kind.removesuffix(f"_{subresource}") if subresource else kind
     if base not in KINDS:
-        raise UnmappedCall(f"{verb}_namespaced_{kind}: add {base!r} to e2e/operator_calls.py KINDS")
+        raise UnmappedCall(f"{call}_namespaced_{kind}: add {base!r} to e2e/operator_calls.py KINDS")
     resource = KINDS[base]
     if base == "lease" and verb != "create":
         resource = f"{resource}/{LEASE_NAME}"
     return f"{resource} --subresource={subresource}" if subresource else resource
-
-
-def _applies(call: ast.Call) -> bool:
-    """A patch sent as a server-side apply: the operator passes `**APPLY` (its content type)."""
-    return any(
-        k.arg is None and isinstance(k.value, ast.Name) and k.value.id == "APPLY" for k in call.keywords
-    )
 
 
 def derived_calls(package: Path = OPERATOR_PACKAGE) -> list[tuple[str, str, str]]:
@@ -78,11 +80,9 @@ def derived_calls(package: Path = OPERATOR_PACKAGE) -> list[tuple[str, str, str]
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
                 match = _CALL.match(node.func.attr)
                 if match:
-                    verb, kind = match.groups()
-                    calls.add((VERBS[verb], _can_i(verb, kind), where))
-                    if verb == "patch" and _applies(node):
-                        # A server-side apply that creates the object is authorized as create.
-                        calls.add(("create", _can_i("create", kind), where))
+                    call, kind = match.groups()
+                    for verb in VERBS[call]:
+                        calls.add((verb, _can_i(call, verb, kind), where))
     return sorted(calls)
 
 

@@ -15,11 +15,10 @@ import signal
 import sys
 
 import kopf
-from kubernetes_asyncio import client
 from prometheus_client import start_http_server
 
 from tars_operator import handlers, settings
-from tars_operator.kubeclient import api_client
+from tars_operator.kubeclient import KubeApi, kube_login
 from tars_operator.leader import LeaderElector
 
 log = logging.getLogger("tars_operator")
@@ -36,12 +35,10 @@ async def run(opts: settings.OperatorSettings) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     elector: LeaderElector | None = None
-    api: client.ApiClient | None = None
+    api: KubeApi | None = None
     if opts.leader_election:
-        api = await api_client(opts.kubeconfig)
-        elector = LeaderElector(
-            client.CoordinationV1Api(api), opts.lease_namespace, opts.lease_name, opts.identity
-        )
+        api = KubeApi(kube_login(opts.kubeconfig))
+        elector = LeaderElector(api, opts.lease_namespace, opts.lease_name, opts.identity)
         handlers.FENCE = elector.fence
         acquiring = asyncio.create_task(elector.acquire())
         stopping = asyncio.create_task(stop.wait())

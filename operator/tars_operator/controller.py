@@ -20,12 +20,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
-
 from tars_contract import contract
 from tars_operator import builders, models, observability, queries
-from tars_operator.kubeclient import API_ERRORS, MERGE_PATCH
+from tars_operator.kubeclient import API_ERRORS, ApiError, KubeApi
 from tars_operator.leader import Fence
 from tars_operator.policy.metrics import Metrics, Sample
 from tars_operator.policy.observe import PodState, pod_state
@@ -74,8 +71,7 @@ class PoolController:
     name: str
     namespace: str
     uid: str
-    core: client.CoreV1Api
-    custom: client.CustomObjectsApi
+    kube: KubeApi
     prometheus: PrometheusReader
     agents: AgentClient
     defaults: builders.OperatorDefaults
@@ -252,14 +248,13 @@ class PoolController:
             async with asyncio.timeout(min(WRITE_TIMEOUT_S, self.fence.remaining())):
                 return "done", await action
         except Exception as exc:  # reported below; the rest of the plan goes on
-            if gone_ok and isinstance(exc, ApiException) and exc.status == 404:
+            if gone_ok and isinstance(exc, ApiError) and exc.status == 404:
                 log.info("pool %s/%s: %s: the pod is already gone", self.namespace, self.name, what)
                 return "gone", None
             if not isinstance(exc, API_ERRORS):
                 log.exception("pool %s/%s: %s failed unexpectedly", self.namespace, self.name, what)
-            detail = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-            body = getattr(exc, "body", None)
-            message = f"{what} failed: {detail} {body or ''}".strip()[:1000]
+            # An ApiError reads "422 Unprocessable Entity: <the server's message>".
+            message = f"{what} failed: {str(exc) or type(exc).__name__}"[:1000]
             log.warning("pool %s/%s: %s", self.namespace, self.name, message)
             observability.ERRORS.labels(namespace=self.namespace, pool=self.name, stage=stage).inc()
             await self.event("Warning", f"{stage.capitalize()}Failed", message)
@@ -286,33 +281,26 @@ class PoolController:
         outcome, written = await self._guard(
             "status",
             "writing the pool's status",
-            self.custom.patch_namespaced_custom_object_status(
-                models.GROUP,
-                models.VERSION,
-                self.namespace,
-                models.PLURAL,
-                self.name,
-                {"status": result.status},
-                **MERGE_PATCH,
-            ),
+            self.kube.patch_namespaced_agent_pool_status(self.name, self.namespace, result.status),
         )
         if outcome == "done" and isinstance(written, Mapping):
             self.written_status = written.get("status") or {}
         for create in result.creates:
-            manifest: Any = create.manifest  # the client takes a plain dict as well as a V1Pod
             outcome, new_pod = await self._guard(
-                "create", "creating an agent pod", self.core.create_namespaced_pod(self.namespace, manifest)
+                "create",
+                "creating an agent pod",
+                self.kube.create_namespaced_pod(self.namespace, create.manifest),
             )
             if outcome != "done":
                 break  # the same error would repeat for the rest of this plan
-            name = new_pod.metadata.name
+            name = new_pod["metadata"]["name"]
             created.append(name)
             observability.PODS_CREATED.labels(**labels, reason=reason_label(create.reason)).inc()
             log.info("pool %s/%s: created %s (%s)", self.namespace, self.name, name, create.reason)
         now = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
         for drain in result.drains:
             target = by_name.get(drain.pod)
-            annotate = self.core.patch_namespaced_pod(
+            annotate = self.kube.patch_namespaced_pod(
                 drain.pod, self.namespace, {"metadata": {"annotations": {contract.DRAINING_ANNOTATION: now}}}
             )
             outcome, _ = await self._guard("drain", f"marking {drain.pod} draining", annotate, gone_ok=True)
@@ -325,16 +313,16 @@ class PoolController:
         for delete in result.deletes:
             victim = by_name.get(delete.pod)
             # The UID precondition: never delete a newer pod that reuses the name.
-            uid = client.V1Preconditions(uid=victim.uid) if victim else None
-            options = client.V1DeleteOptions(preconditions=uid)
-            remove = self.core.delete_namespaced_pod(delete.pod, self.namespace, body=options)
+            remove = self.kube.delete_namespaced_pod(
+                delete.pod, self.namespace, victim.uid if victim else None
+            )
             outcome, _ = await self._guard("delete", f"deleting {delete.pod}", remove, gone_ok=True)
             if outcome == "done":
                 observability.PODS_DELETED.labels(**labels, reason=reason_label(delete.reason)).inc()
                 log.info("pool %s/%s: deleted %s (%s)", self.namespace, self.name, delete.pod, delete.reason)
         for resize in result.resizes:
             body = {"spec": {"containers": [{"name": resize.container, "resources": resize.resources}]}}
-            patch = self.core.patch_namespaced_pod_resize(resize.pod, self.namespace, body)
+            patch = self.kube.patch_namespaced_pod_resize(resize.pod, self.namespace, body)
             what = f"resizing {resize.pod} in place ({resize.reason})"
             if (await self._guard("resize", what, patch, gone_ok=True))[0] == "done":
                 log.info("pool %s/%s: resized %s (%s)", self.namespace, self.name, resize.pod, resize.reason)

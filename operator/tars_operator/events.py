@@ -16,10 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
-
-from tars_operator.kubeclient import MERGE_PATCH
+from tars_operator.kubeclient import ApiError, KubeApi
 
 log = logging.getLogger("tars_operator.events")
 
@@ -48,7 +45,7 @@ def _stamp(at: dt.datetime) -> str:
 
 @dataclass
 class EventRecorder:
-    core: client.CoreV1Api
+    kube: KubeApi
     instance: str  # the operator pod's name: reportingInstance
     window: dt.timedelta = dt.timedelta(minutes=10)
     clock: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(dt.UTC))
@@ -63,9 +60,10 @@ class EventRecorder:
         try:
             if seen is not None and await self._repeat(ref.namespace, seen, now):
                 return
-            body: Any = self._body(ref, kind, reason, message, now)  # the client takes a plain dict too
-            created = await self.core.create_namespaced_event(ref.namespace, body)
-            self._posted[key] = _Posted(created.metadata.name, 1, now)
+            created = await self.kube.create_namespaced_event(
+                ref.namespace, self._body(ref, kind, reason, message, now)
+            )
+            self._posted[key] = _Posted(created["metadata"]["name"], 1, now)
         except Exception as exc:  # noqa: BLE001 - an Event must never fail the reconcile
             log.warning(
                 "posting Event %s %s about %s/%s failed: %s", kind, reason, ref.namespace, ref.name, exc
@@ -75,8 +73,8 @@ class EventRecorder:
         """Count a repeat on the Event already posted; False when that Event is gone (expired)."""
         patch = {"count": seen.count + 1, "lastTimestamp": _stamp(now)}
         try:
-            await self.core.patch_namespaced_event(seen.name, namespace, patch, **MERGE_PATCH)
-        except ApiException as exc:
+            await self.kube.patch_namespaced_event(seen.name, namespace, patch)
+        except ApiError as exc:
             if exc.status == 404:
                 return False
             raise

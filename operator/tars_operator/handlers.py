@@ -20,14 +20,13 @@ from typing import Any
 
 import kopf
 import redis.asyncio as aioredis
-from kubernetes_asyncio import client
 from redis.exceptions import RedisError
 
 from tars_contract import contract
 from tars_operator import builders, models, observability
 from tars_operator.controller import AgentPod, PoolController, agent_state_source, index_entry
 from tars_operator.events import COMPONENT, EventRecorder, ObjectRef
-from tars_operator.kubeclient import api_client
+from tars_operator.kubeclient import KubeApi, kube_login
 from tars_operator.leader import Fence
 from tars_operator.pool_keys import forget_pool_keys
 from tars_operator.security import AccessConfig, PoolAccess
@@ -54,8 +53,8 @@ def _wake(key: tuple[str, str]) -> asyncio.Event:
 
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    # kopf's default login goes through kubernetes_asyncio, which fixed its kubeconfig
-    # path at import time; main() has pointed $KUBECONFIG at --kubeconfig since.
+    # The same credentials as the operator's own calls (kubeclient.kube_login): --kubeconfig
+    # (main() has pointed $KUBECONFIG at it), else the service account, never a guess.
     if SETTINGS.kubeconfig:
         return kopf.login_with_kubeconfig(**kwargs)
     return kopf.login_with_service_account(**kwargs)
@@ -68,11 +67,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.reporting_instance = SETTINGS.identity
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    memo.api = await api_client(SETTINGS.kubeconfig)
+    memo.api = KubeApi(kube_login(SETTINGS.kubeconfig))
     memo.prometheus = PrometheusReader(SETTINGS.prometheus_url)
     memo.agents = AgentClient()
     memo.access = AccessConfig.from_settings(SETTINGS)
-    memo.events = EventRecorder(client.CoreV1Api(memo.api), SETTINGS.identity)
+    memo.events = EventRecorder(memo.api, SETTINGS.identity)
     # The default Redis, only to remove deleted pools' keys (no connection until one is deleted).
     memo.redis = aioredis.from_url(
         SETTINGS.redis_url, password=SETTINGS.redis_password, socket_timeout=REDIS_TIMEOUT_S
@@ -186,15 +185,13 @@ async def _run_pool(
     async def emit(kind: str, reason: str, message: str) -> None:
         await memo.events.record(ref, kind, reason, message)
 
-    api = memo.api
     pool_ref = builders.PoolRef(name, namespace, runner.uid)
-    access = PoolAccess(pool_ref, memo.access, client.CoreV1Api(api), client.NetworkingV1Api(api))
+    access = PoolAccess(pool_ref, memo.access, memo.api)
     controller = PoolController(
         name=name,
         namespace=namespace,
         uid=runner.uid,
-        core=client.CoreV1Api(api),
-        custom=client.CustomObjectsApi(api),
+        kube=memo.api,
         prometheus=memo.prometheus,
         agents=memo.agents.for_pool(memo.access.token(pool_ref)),
         defaults=builders.OperatorDefaults(

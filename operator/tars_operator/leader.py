@@ -23,11 +23,12 @@ operator elects a leader the way client-go does (leaseDuration > renewDeadline
   errors, disconnects, timeouts) is one failed try: the next try or the
   deadline decides, never an exception.
 
-Why not kubernetes_asyncio.leaderelection (36.1): its calls have no timeout, so
-a hung renewal holds its renew loop past the renew deadline and its leading task
-is cancelled only once that call returns; it catches ApiException only, so an
-aiohttp disconnect ends run() with an exception; its deadlines use the wall
-clock (time.time()), which steps; and it has no fence for writes to check.
+Why not kubernetes_asyncio.leaderelection (36.1, when the operator still used that
+client): its calls have no timeout, so a hung renewal holds its renew loop past the
+renew deadline and its leading task is cancelled only once that call returns; it
+catches ApiException only, so an aiohttp disconnect ends run() with an exception; its
+deadlines use the wall clock (time.time()), which steps; and it has no fence for
+writes to check.
 """
 
 from __future__ import annotations
@@ -38,16 +39,15 @@ import enum
 import logging
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
-
-from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
+from typing import Any, NamedTuple, TypeVar
 
 from tars_operator import observability
+from tars_operator.kubeclient import ApiError, KubeApi, micro_time
 
 log = logging.getLogger("tars_operator.leader")
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -90,13 +90,13 @@ class _Record(NamedTuple):
     """What a candidate watches for change in another holder's Lease."""
 
     holder: str
-    renew_time: dt.datetime | None
+    renew_time: str | None
     resource_version: str | None
 
 
 @dataclass
 class LeaderElector:
-    api: client.CoordinationV1Api
+    api: KubeApi
     namespace: str
     name: str
     identity: str
@@ -161,17 +161,12 @@ class LeaderElector:
         observability.LEADER.set(0)
         try:
             async with asyncio.timeout(self.retry_period):
-                lease = await self.api.read_namespaced_lease(
-                    self.name, self.namespace, _request_timeout=self.call_timeout
-                )
-                if lease.spec and lease.spec.holder_identity == self.identity:
-                    lease.spec = client.V1LeaseSpec(
-                        lease_duration_seconds=lease.spec.lease_duration_seconds,
-                        lease_transitions=lease.spec.lease_transitions,
-                    )
-                    await self.api.replace_namespaced_lease(
-                        self.name, self.namespace, lease, _request_timeout=self.call_timeout
-                    )
+                lease = await self._call(self.api.read_namespaced_lease(self.name, self.namespace))
+                spec = lease.get("spec") or {}
+                if spec.get("holderIdentity") == self.identity:
+                    kept = ("leaseDurationSeconds", "leaseTransitions")
+                    released = {**lease, "spec": {k: spec[k] for k in kept if k in spec}}
+                    await self._call(self.api.replace_namespaced_lease(self.name, self.namespace, released))
         except Exception as exc:  # noqa: BLE001 - the lease then expires by itself
             log.warning("releasing the lease failed: %r", exc)
 
@@ -185,41 +180,43 @@ class LeaderElector:
 
     async def _try_acquire_or_renew(self) -> _Outcome:
         try:
-            lease = await self.api.read_namespaced_lease(
-                self.name, self.namespace, _request_timeout=self.call_timeout
-            )
-        except ApiException as exc:
+            lease = await self._call(self.api.read_namespaced_lease(self.name, self.namespace))
+        except ApiError as exc:
             if exc.status != 404:
                 raise
-            body = client.V1Lease(metadata=client.V1ObjectMeta(name=self.name), spec=self._spec(None))
-            return await self._write(
-                self.api.create_namespaced_lease(self.namespace, body, _request_timeout=self.call_timeout)
-            )
+            body = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": self.name},
+                "spec": self._spec(None),
+            }
+            return await self._write(self.api.create_namespaced_lease(self.namespace, body))
         if self._held_elsewhere(lease):
             return _Outcome.TAKEN
-        lease.spec = self._spec(lease)
-        return await self._write(
-            self.api.replace_namespaced_lease(
-                self.name, self.namespace, lease, _request_timeout=self.call_timeout
-            )
-        )
+        # The read's resourceVersion goes back with it: a write since then answers 409.
+        renewed = {**lease, "spec": self._spec(lease)}
+        return await self._write(self.api.replace_namespaced_lease(self.name, self.namespace, renewed))
+
+    async def _call(self, call: Awaitable[_T]) -> _T:
+        async with asyncio.timeout(self.call_timeout):
+            return await call
 
     async def _write(self, call: Awaitable[object]) -> _Outcome:
         try:
-            await call
-        except ApiException as exc:
+            await self._call(call)
+        except ApiError as exc:
             if exc.status == 409:
                 return _Outcome.RACED
             raise
         return _Outcome.HELD
 
-    def _held_elsewhere(self, lease: client.V1Lease) -> bool:
+    def _held_elsewhere(self, lease: Mapping[str, Any]) -> bool:
         """Whether another holder's lease is live, as observed here (never by its renewTime)."""
-        spec = lease.spec
+        spec = lease.get("spec") or {}
         record = _Record(
-            holder=(spec.holder_identity if spec else None) or "",
-            renew_time=spec.renew_time if spec else None,
-            resource_version=lease.metadata.resource_version if lease.metadata else None,
+            holder=spec.get("holderIdentity") or "",
+            renew_time=spec.get("renewTime"),
+            resource_version=(lease.get("metadata") or {}).get("resourceVersion"),
         )
         now = time.monotonic()
         if record != self._observed:
@@ -227,23 +224,25 @@ class LeaderElector:
         if not record.holder or record.holder == self.identity:
             return False
         # A holder that declares a longer lease than ours is given it.
-        duration = max(self.lease_duration, (spec.lease_duration_seconds if spec else None) or 0)
+        duration = max(self.lease_duration, spec.get("leaseDurationSeconds") or 0)
         return now <= self._observed_at + duration
 
-    def _spec(self, lease: client.V1Lease | None) -> client.V1LeaseSpec:
-        now = dt.datetime.now(dt.UTC)  # for people and tools reading the Lease; no decision uses it
+    def _spec(self, lease: Mapping[str, Any] | None) -> dict[str, Any]:
+        # For people and tools reading the Lease; no decision uses it.
+        now = micro_time(dt.datetime.now(dt.UTC))
         transitions = 0
         acquired = now
-        if lease is not None and lease.spec is not None:
-            transitions = lease.spec.lease_transitions or 0
-            if lease.spec.holder_identity == self.identity and lease.spec.acquire_time:
-                acquired = lease.spec.acquire_time
+        spec = (lease or {}).get("spec")
+        if spec is not None:
+            transitions = spec.get("leaseTransitions") or 0
+            if spec.get("holderIdentity") == self.identity and spec.get("acquireTime"):
+                acquired = spec["acquireTime"]
             else:
                 transitions += 1
-        return client.V1LeaseSpec(
-            holder_identity=self.identity,
-            lease_duration_seconds=math.ceil(self.lease_duration),
-            acquire_time=acquired,
-            renew_time=now,
-            lease_transitions=transitions,
-        )
+        return {
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": math.ceil(self.lease_duration),
+            "acquireTime": acquired,
+            "renewTime": now,
+            "leaseTransitions": transitions,
+        }

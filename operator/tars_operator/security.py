@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import secrets
 import time
@@ -19,22 +18,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
-
 from tars_operator import builders, models
-from tars_operator.kubeclient import API_ERRORS
+from tars_operator.kubeclient import API_ERRORS, ApiError, KubeApi
 from tars_operator.settings import OperatorSettings
 
 log = logging.getLogger("tars_operator")
 
 FIELD_MANAGER = "tars-operator"
-APPLY: dict[str, Any] = {
-    "field_manager": FIELD_MANAGER,
-    "force": True,
-    # Server-side apply; the client's stubs do not declare the kwarg.
-    "_content_type": "application/apply-patch+yaml",
-}
 
 
 def agent_token(key: bytes, pool: builders.PoolRef) -> str:
@@ -97,8 +87,7 @@ class PoolAccess:
 
     pool: builders.PoolRef
     config: AccessConfig
-    core: client.CoreV1Api
-    networking: client.NetworkingV1Api
+    kube: KubeApi
     refresh_seconds: float = 60.0
     _applied: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
     _applied_at: float = field(default=float("-inf"), init=False)
@@ -121,25 +110,20 @@ class PoolAccess:
         name, namespace, kind = meta["name"], meta["namespace"], manifest["kind"]
         try:
             if kind == "Secret":
-                await self.core.patch_namespaced_secret(name, namespace, manifest, **APPLY)
+                await self.kube.apply_namespaced_secret(name, namespace, manifest, FIELD_MANAGER)
             else:
-                await self.networking.patch_namespaced_network_policy(name, namespace, manifest, **APPLY)
-        except ApiException as exc:
+                await self.kube.apply_namespaced_network_policy(name, namespace, manifest, FIELD_MANAGER)
+        except ApiError as exc:
             return f"applying {kind} {namespace}/{name} failed: {_api_error(exc)}"
         except API_ERRORS as exc:
             return f"applying {kind} {namespace}/{name} failed: {type(exc).__name__} {exc}"
         return None
 
 
-def _api_error(exc: ApiException) -> str:
+def _api_error(exc: ApiError) -> str:
     """Status and reason; for 403/404 (RBAC, a missing namespace) also the server's message, which
-    names the cause. Other bodies (e.g. 422) may quote the object, i.e. the Secret: left out."""
+    names the cause. Other messages (e.g. 422) may quote the object, i.e. the Secret: left out."""
     detail = f"{exc.status} {exc.reason}"
-    if exc.status in (403, 404):
-        try:
-            message = json.loads(exc.body or "{}").get("message")
-        except (ValueError, AttributeError):
-            message = None
-        if isinstance(message, str):
-            detail += f": {message[:500]}"
+    if exc.status in (403, 404) and exc.message is not None:
+        detail += f": {exc.message[:500]}"
     return detail

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from kubernetes_asyncio import client
+
+from tars_operator.kubeclient import KubeApi
 
 LEASES = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
 
@@ -62,11 +63,9 @@ class FakeLeaseAPI:
     def host(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def api_client(self, name: str) -> client.ApiClient:
+    def api_client(self, name: str) -> KubeApi:
         """A client whose requests name it in their User-Agent (for `partitioned`)."""
-        api = client.ApiClient(client.Configuration(host=self.host))
-        api.user_agent = name
-        return api
+        return KubeApi.at(self.host, user_agent=name)
 
     async def start(self) -> None:
         app = web.Application()

@@ -12,18 +12,17 @@ import datetime as dt
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import pytest
 from e2e.harness import async_eventually
 from factories import raw_spec
-from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import REGISTRY
 
 from tars_operator import builders
 from tars_operator.controller import AgentPod, PoolController, with_queue_count
+from tars_operator.kubeclient import ApiError
 from tars_operator.leader import Fence
 from tars_operator.policy.metrics import Metrics, Sample
 from tars_operator.policy.observe import PodState
@@ -34,7 +33,7 @@ NOW = dt.datetime.now(dt.UTC)
 
 @dataclass
 class FakeCore:
-    """CoreV1Api's pod calls; `failures` maps a call name to the errors its next calls raise."""
+    """The pod calls of KubeApi; `failures` maps a call name to the errors its next calls raise."""
 
     failures: dict[str, list[BaseException]] = field(default_factory=dict)
     calls: list[tuple[str, str]] = field(default_factory=list)
@@ -50,13 +49,13 @@ class FakeCore:
         self.created += 1
         name = f"{body['metadata']['generateName']}{self.created:05d}"
         self.calls.append(("create", name))
-        return SimpleNamespace(metadata=SimpleNamespace(name=name))
+        return {"metadata": {"name": name}}
 
     async def patch_namespaced_pod(self, name: str, namespace: str, body: Any) -> None:
         self._fail("patch")
         self.calls.append(("patch", name))
 
-    async def delete_namespaced_pod(self, name: str, namespace: str, body: Any) -> None:
+    async def delete_namespaced_pod(self, name: str, namespace: str, uid: str | None) -> None:
         self._fail("delete")
         self.calls.append(("delete", name))
 
@@ -73,13 +72,26 @@ class FakeCustom:
     failures: list[BaseException] = field(default_factory=list)
     writes: list[dict[str, Any]] = field(default_factory=list)
 
-    async def patch_namespaced_custom_object_status(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    async def patch_namespaced_agent_pool_status(
+        self, name: str, namespace: str, status: Mapping[str, Any]
+    ) -> dict[str, Any]:
         if self.failures:
             raise self.failures.pop(0)
-        body = args[5]
-        self.writes.append(body["status"])
-        self.stored = {**self.stored, "status": {**self.stored.get("status", {}), **body["status"]}}
+        self.writes.append(dict(status))
+        self.stored = {**self.stored, "status": {**self.stored.get("status", {}), **status}}
         return self.stored
+
+
+@dataclass
+class FakeKube:
+    """KubeApi as the controller uses it: the pods' calls go to `core`, the status to `custom`
+    (looked up at each call, so a test can replace one of their methods)."""
+
+    core: FakeCore
+    custom: FakeCustom
+
+    def __getattr__(self, call: str) -> Any:
+        return getattr(self.custom if call.endswith("_agent_pool_status") else self.core, call)
 
 
 class FakePrometheus:
@@ -126,8 +138,7 @@ def make(spec: dict[str, Any], status: dict[str, Any] | None = None) -> Setup:
         name="p",
         namespace="ns",
         uid="pool-uid",
-        core=core,  # type: ignore[arg-type]
-        custom=custom,  # type: ignore[arg-type]
+        kube=FakeKube(core, custom),  # type: ignore[arg-type]
         prometheus=FakePrometheus(),  # type: ignore[arg-type]
         agents=agents,  # type: ignore[arg-type]
         defaults=builders.OperatorDefaults(),
@@ -202,7 +213,7 @@ def test_a_disconnect_on_the_status_write_is_a_warning_not_a_crash() -> None:
 
 def test_deleting_a_pod_that_is_already_gone_is_not_a_warning() -> None:
     s = make(raw_spec(warm={"min": 0}, replicas={"min": 0, "max": 5}))
-    s.core.failures["delete"] = [ApiException(status=404, reason="Not Found")]
+    s.core.failures["delete"] = [ApiError(404, "Not Found")]
     finished = agent("p-aaaaa", phase="Failed", ready=False)
     asyncio.run(cycle(s, s.custom.stored, [finished]))
     assert warnings(s) == []

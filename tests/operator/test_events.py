@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
-from kubernetes_asyncio.client.exceptions import ApiException
-
 from tars_operator.events import EventRecorder, ObjectRef
+from tars_operator.kubeclient import ApiError
 
 POOL = ObjectRef("tars.dev/v1alpha1", "AgentPool", "ns", "pool", "uid-1")
 
@@ -18,14 +16,14 @@ POOL = ObjectRef("tars.dev/v1alpha1", "AgentPool", "ns", "pool", "uid-1")
 @dataclass
 class FakeEvents:
     stored: dict[str, dict[str, Any]] = field(default_factory=dict)
-    fail_patch: list[ApiException] = field(default_factory=list)
+    fail_patch: list[ApiError] = field(default_factory=list)
 
     async def create_namespaced_event(self, namespace: str, body: dict[str, Any]) -> Any:
         name = f"{body['metadata']['generateName']}{len(self.stored)}"
         self.stored[name] = dict(body)
-        return SimpleNamespace(metadata=SimpleNamespace(name=name))
+        return {"metadata": {"name": name}}
 
-    async def patch_namespaced_event(self, name: str, namespace: str, body: dict[str, Any], **_: Any) -> None:
+    async def patch_namespaced_event(self, name: str, namespace: str, body: dict[str, Any]) -> None:
         if self.fail_patch:
             raise self.fail_patch.pop(0)
         self.stored[name].update(body)
@@ -72,7 +70,7 @@ def test_a_repeat_after_the_window_or_of_an_expired_event_posts_a_new_one() -> N
         await rec.record(POOL, "Normal", "ScaledUp", "creating 1")
         clock.now += dt.timedelta(minutes=11)
         await rec.record(POOL, "Normal", "ScaledUp", "creating 1")
-        events.fail_patch.append(ApiException(status=404, reason="Not Found"))  # the API server expired it
+        events.fail_patch.append(ApiError(404, "Not Found"))  # the API server expired it
         await rec.record(POOL, "Normal", "ScaledUp", "creating 1")
 
     asyncio.run(scenario())
@@ -85,7 +83,7 @@ def test_an_event_that_cannot_be_posted_is_logged_not_raised() -> None:
 
     async def scenario() -> None:
         await rec.record(POOL, "Normal", "ScaledUp", "creating 1")
-        events.fail_patch.append(ApiException(status=403, reason="Forbidden"))
+        events.fail_patch.append(ApiError(403, "Forbidden"))
         await rec.record(POOL, "Normal", "ScaledUp", "creating 1")
 
     asyncio.run(scenario())

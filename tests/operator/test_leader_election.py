@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import pytest
 from e2e.harness import async_eventually
 from fake_lease_api import FakeLeaseAPI, Fault
-from kubernetes_asyncio import client
 from prometheus_client import REGISTRY
 
 from tars_contract import metric_names
+from tars_operator.kubeclient import KubeApi
 from tars_operator.leader import LeaderElector
 
 NAMESPACE, NAME = "tars-system", "tars-operator"
@@ -40,16 +40,16 @@ SKEWS = [dt.timedelta(minutes=10), dt.timedelta(minutes=-10)]
 
 
 @pytest.fixture
-async def clients(api: FakeLeaseAPI) -> AsyncIterator[list[client.ApiClient]]:
+async def clients(api: FakeLeaseAPI) -> AsyncIterator[list[KubeApi]]:
     """One ApiClient (one connection pool) per replica, as in separate processes."""
-    made: list[client.ApiClient] = []
+    made: list[KubeApi] = []
     yield made
     for c in made:
         await c.close()
 
 
 @pytest.fixture
-async def tasks(clients: list[client.ApiClient]) -> AsyncIterator[list[asyncio.Task[None]]]:
+async def tasks(clients: list[KubeApi]) -> AsyncIterator[list[asyncio.Task[None]]]:
     """The test's electors, ended before their clients close."""
     started: list[asyncio.Task[None]] = []
     yield started
@@ -58,11 +58,11 @@ async def tasks(clients: list[client.ApiClient]) -> AsyncIterator[list[asyncio.T
     await asyncio.gather(*started, return_exceptions=True)
 
 
-def elector(api: FakeLeaseAPI, clients: list[client.ApiClient], identity: str, t: Timing) -> LeaderElector:
+def elector(api: FakeLeaseAPI, clients: list[KubeApi], identity: str, t: Timing) -> LeaderElector:
     api_client = api.api_client(identity)
     clients.append(api_client)
     return LeaderElector(
-        client.CoordinationV1Api(api_client),
+        api_client,
         NAMESPACE,
         NAME,
         identity,
@@ -120,7 +120,7 @@ def last_write_by(api: FakeLeaseAPI, holder: str) -> float:
 
 
 async def test_api_server_faults_during_acquire_do_not_make_a_standby_leader(
-    api: FakeLeaseAPI, clients: list[client.ApiClient], tasks: list[asyncio.Task[None]]
+    api: FakeLeaseAPI, clients: list[KubeApi], tasks: list[asyncio.Task[None]]
 ) -> None:
     timing = Timing(lease=3, renew_deadline=2, retry=0.25)
     leader = elector(api, clients, "a", timing)
@@ -148,7 +148,7 @@ async def test_api_server_faults_during_acquire_do_not_make_a_standby_leader(
 
 
 async def test_a_hung_call_during_acquire_times_out_and_is_retried(
-    api: FakeLeaseAPI, clients: list[client.ApiClient]
+    api: FakeLeaseAPI, clients: list[KubeApi]
 ) -> None:
     candidate = elector(api, clients, "a", SHORT)
     api.fault = Fault.HANG
@@ -163,7 +163,7 @@ async def test_a_hung_call_during_acquire_times_out_and_is_retried(
 
 
 async def test_a_hung_renewal_makes_the_leader_step_down_within_the_lease(
-    api: FakeLeaseAPI, clients: list[client.ApiClient], tasks: list[asyncio.Task[None]]
+    api: FakeLeaseAPI, clients: list[KubeApi], tasks: list[asyncio.Task[None]]
 ) -> None:
     leader = elector(api, clients, "a", SHORT)
     holding = await lead(leader, tasks)
@@ -184,7 +184,7 @@ async def test_a_hung_renewal_makes_the_leader_step_down_within_the_lease(
 
 
 async def test_a_leader_that_sees_another_holder_steps_down_at_once(
-    api: FakeLeaseAPI, clients: list[client.ApiClient], tasks: list[asyncio.Task[None]]
+    api: FakeLeaseAPI, clients: list[KubeApi], tasks: list[asyncio.Task[None]]
 ) -> None:
     leader = elector(api, clients, "a", SHORT)
     holding = await lead(leader, tasks)
@@ -200,7 +200,7 @@ async def test_a_leader_that_sees_another_holder_steps_down_at_once(
 
 @pytest.mark.parametrize("skew", SKEWS, ids=["ahead", "behind"])
 async def test_a_live_leader_keeps_its_lease_whatever_its_clock_says(
-    api: FakeLeaseAPI, clients: list[client.ApiClient], tasks: list[asyncio.Task[None]], skew: dt.timedelta
+    api: FakeLeaseAPI, clients: list[KubeApi], tasks: list[asyncio.Task[None]], skew: dt.timedelta
 ) -> None:
     api.skew["a"] = skew
     holding = await lead(elector(api, clients, "a", SHORT), tasks)
@@ -221,7 +221,7 @@ async def test_a_live_leader_keeps_its_lease_whatever_its_clock_says(
 
 @pytest.mark.parametrize("skew", SKEWS, ids=["ahead", "behind"])
 async def test_a_dead_leaders_lease_is_taken_after_one_lease_duration_whatever_its_clock_says(
-    api: FakeLeaseAPI, clients: list[client.ApiClient], skew: dt.timedelta
+    api: FakeLeaseAPI, clients: list[KubeApi], skew: dt.timedelta
 ) -> None:
     api.skew["a"] = skew
     await asyncio.wait_for(elector(api, clients, "a", SHORT).acquire(), 5)  # and then it dies
@@ -235,7 +235,7 @@ async def test_a_dead_leaders_lease_is_taken_after_one_lease_duration_whatever_i
 
 
 async def test_two_replicas_under_a_flapping_api_server_never_both_act(
-    api: FakeLeaseAPI, clients: list[client.ApiClient], tasks: list[asyncio.Task[None]]
+    api: FakeLeaseAPI, clients: list[KubeApi], tasks: list[asyncio.Task[None]]
 ) -> None:
     replicas = {name: Replica(elector(api, clients, name, SHORT)) for name in ("a", "b")}
     campaigns = [asyncio.create_task(r.campaign()) for r in replicas.values()]

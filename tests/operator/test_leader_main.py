@@ -12,7 +12,6 @@ import kopf
 import pytest
 import yaml
 from fake_lease_api import FakeLeaseAPI, Fault
-from kubernetes_asyncio import client
 
 from tars_operator import __main__ as entry
 from tars_operator import handlers, settings
@@ -43,7 +42,6 @@ async def test_a_leader_that_loses_its_lease_stops_its_pools_and_kopf_and_exits_
 ) -> None:
     config = kubeconfig(tmp_path / "kubeconfig", api.host)
     # run() sets these for the process; the test puts them back.
-    monkeypatch.setattr(client.Configuration, "_default", client.Configuration.get_default_copy())
     monkeypatch.setenv("KUBECONFIG", str(config))
     monkeypatch.setattr(handlers, "SETTINGS", handlers.SETTINGS)
     monkeypatch.setattr(handlers, "FENCE", handlers.FENCE)

@@ -10,11 +10,11 @@ from typing import Any
 import aiohttp
 import pytest
 from factories import spec
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from tars_contract import contract
 from tars_operator import settings
 from tars_operator.builders import OperatorDefaults, PoolRef, render
+from tars_operator.kubeclient import ApiError, KubeApi
 from tars_operator.security import AccessConfig, PoolAccess, agent_token
 
 POOL = PoolRef(name="researcher", namespace="agents", uid="0c8f2e3a-5d1b-4f7e-9a6c-2b4d8e1f3a5c")
@@ -29,34 +29,34 @@ CONFIG = AccessConfig(
     operator_labels=LABELS,
     prometheus_namespaces=("monitoring",),
 )
-APPLY = {"field_manager": "tars-operator", "force": True, "_content_type": "application/apply-patch+yaml"}
+FIELD_MANAGER = "tars-operator"
 
 
 class FakeApi:
     """Records server-side applies; raises `error` while it is set."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, str, str, dict[str, Any], dict[str, Any]]] = []
+        self.calls: list[tuple[str, str, str, dict[str, Any], str]] = []
         self.error: Exception | None = None
 
-    async def _patch(self, kind: str, name: str, namespace: str, body: dict[str, Any], **kw: Any) -> None:
+    async def _apply(self, kind: str, name: str, namespace: str, body: dict[str, Any], manager: str) -> None:
         if self.error is not None:
             raise self.error
-        self.calls.append((kind, name, namespace, body, kw))
+        self.calls.append((kind, name, namespace, body, manager))
 
-    async def patch_namespaced_secret(
-        self, name: str, namespace: str, body: dict[str, Any], **kw: Any
+    async def apply_namespaced_secret(
+        self, name: str, namespace: str, manifest: dict[str, Any], field_manager: str
     ) -> None:
-        await self._patch("Secret", name, namespace, body, **kw)
+        await self._apply("Secret", name, namespace, manifest, field_manager)
 
-    async def patch_namespaced_network_policy(
-        self, name: str, namespace: str, body: dict[str, Any], **kw: Any
+    async def apply_namespaced_network_policy(
+        self, name: str, namespace: str, manifest: dict[str, Any], field_manager: str
     ) -> None:
-        await self._patch("NetworkPolicy", name, namespace, body, **kw)
+        await self._apply("NetworkPolicy", name, namespace, manifest, field_manager)
 
 
 def access(api: FakeApi, config: AccessConfig = CONFIG, refresh: float = 60.0) -> PoolAccess:
-    return PoolAccess(POOL, config, api, api, refresh_seconds=refresh)
+    return PoolAccess(POOL, config, api, refresh_seconds=refresh)  # type: ignore[arg-type]
 
 
 def secret_data(manifest: dict[str, Any]) -> dict[str, str]:
@@ -102,8 +102,8 @@ async def test_ensure_applies_both_objects_server_side_then_only_when_due_or_cha
     pool_access = access(api)
     assert await pool_access.ensure(spec()) == []
     assert [(kind, name, ns, kw) for kind, name, ns, _, kw in api.calls] == [
-        ("Secret", "researcher-tars-0c8f2e3a", "agents", APPLY),
-        ("NetworkPolicy", "researcher-agents-0c8f2e3a", "agents", APPLY),
+        ("Secret", "researcher-tars-0c8f2e3a", "agents", FIELD_MANAGER),
+        ("NetworkPolicy", "researcher-agents-0c8f2e3a", "agents", FIELD_MANAGER),
     ]
     assert api.calls[0][3] == CONFIG.manifests(POOL, spec())[0]
     assert await pool_access.ensure(spec()) == [] and len(api.calls) == 2  # fresh: no API call
@@ -123,8 +123,7 @@ async def test_ensure_repairs_after_the_refresh_interval() -> None:
 async def test_a_failed_apply_is_reported_without_the_secret_and_retried() -> None:
     api = FakeApi()
     body = f'{{"data": {{"redis-password": "{PASSWORD}"}}}}'
-    api.error = ApiException(status=403, reason="Forbidden")
-    api.error.body = body
+    api.error = ApiError(403, "Forbidden", body)
     pool_access = access(api)
     errors = await pool_access.ensure(spec())
     assert errors == [
@@ -138,16 +137,16 @@ async def test_a_failed_apply_is_reported_without_the_secret_and_retried() -> No
 
 async def test_a_forbidden_apply_names_the_missing_permission() -> None:
     api = FakeApi()
-    api.error = ApiException(status=403, reason="Forbidden")
     message = (
         'secrets "researcher-tars-0c8f2e3a" is forbidden: User "system:serviceaccount:tars-system:t" '
         'cannot patch resource "secrets" in API group "" in the namespace "agents"'
     )
-    api.error.body = f'{{"kind": "Status", "message": {json.dumps(message)}}}'
+    api.error = ApiError(403, "Forbidden", f'{{"kind": "Status", "message": {json.dumps(message)}}}')
     errors = await access(api, AccessConfig(token_key=KEY)).ensure(spec())
     assert errors == [f"applying Secret agents/researcher-tars-0c8f2e3a failed: 403 Forbidden: {message}"]
-    api.error = ApiException(status=422, reason="Unprocessable Entity")
-    api.error.body = f'{{"kind": "Status", "message": "data: Invalid value: {PASSWORD}"}}'
+    api.error = ApiError(
+        422, "Unprocessable Entity", f'{{"kind": "Status", "message": "data: Invalid value: {PASSWORD}"}}'
+    )
     errors = await access(api, AccessConfig(token_key=KEY)).ensure(spec())
     assert errors == ["applying Secret agents/researcher-tars-0c8f2e3a failed: 422 Unprocessable Entity"]
 
@@ -194,9 +193,8 @@ def test_network_policy_flags_are_checked(
 
 
 async def test_the_applies_are_server_side_apply_requests() -> None:
-    """Against a stand-in API server: what kubernetes_asyncio really sends for each object."""
+    """Against a stand-in API server: what KubeApi really sends for each object."""
     from aiohttp import web
-    from kubernetes_asyncio import client
 
     seen: list[tuple[str, str, dict[str, str], str, dict[str, Any]]] = []
 
@@ -212,16 +210,15 @@ async def test_the_applies_are_server_side_apply_requests() -> None:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    api = client.ApiClient(client.Configuration(host=site.name))
+    api = KubeApi.at(site.name)
     try:
-        pool_access = PoolAccess(POOL, CONFIG, client.CoreV1Api(api), client.NetworkingV1Api(api))
+        pool_access = PoolAccess(POOL, CONFIG, api)
         assert await pool_access.ensure(spec()) == []
     finally:
         await api.close()
         await runner.cleanup()
     secret, policy = CONFIG.manifests(POOL, spec())
-    # The client writes Python's "True"; the API server reads any case of "true" (and not "false") as true.
-    query = {"fieldManager": "tars-operator", "force": "True"}
+    query = {"fieldManager": "tars-operator", "force": "true"}
     assert seen == [
         ("PATCH", "/api/v1/namespaces/agents/secrets/researcher-tars-0c8f2e3a", query,
          "application/apply-patch+yaml", secret),
