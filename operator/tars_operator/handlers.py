@@ -145,8 +145,18 @@ async def pool_event(
         runner = PoolRunner(uid=uid, body=dict(body))
         runner.task = asyncio.create_task(_run_pool(runner, key, memo, agent_pods), name=f"pool {key}")
         _RUNNERS[key] = runner
+        _wake(key).set()
+    elif asks_for_a_cycle(runner.body, body):
+        _wake(key).set()
     runner.body = dict(body)
-    _wake(key).set()
+
+
+def asks_for_a_cycle(previous: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """Whether a pool's new copy should start a cycle now: its spec (generation), labels or
+    annotations changed. Not its status: the loop's own status writes come back as events, and
+    waking on them ran one more cycle per write (the next due cycle reads the new copy anyway)."""
+    before, after = previous.get("metadata") or {}, current.get("metadata") or {}
+    return any(before.get(k) != after.get(k) for k in ("generation", "labels", "annotations"))
 
 
 async def _forget_redis_keys(redis: aioredis.Redis, namespace: str, name: str) -> None:

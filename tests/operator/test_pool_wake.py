@@ -1,0 +1,34 @@
+"""handlers.asks_for_a_cycle: which watch events of a pool start a cycle at once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tars_operator.handlers import asks_for_a_cycle
+
+BEFORE: dict[str, Any] = {
+    "metadata": {"generation": 3, "resourceVersion": "100", "labels": {"team": "a"}, "annotations": {}},
+    "spec": {"warm": {"min": 2}},
+    "status": {"desiredReplicas": 2, "queueDepth": 10},
+}
+
+
+def changed(**parts: Any) -> dict[str, Any]:
+    return {**BEFORE, **{k: {**BEFORE[k], **v} for k, v in parts.items()}}
+
+
+@pytest.mark.parametrize(
+    ("after", "wakes"),
+    [
+        # Our own status write, echoed by the watch: the loop's next due cycle reads it.
+        (changed(metadata={"resourceVersion": "101"}, status={"queueDepth": 11}), False),
+        # A spec edit bumps the generation.
+        (changed(metadata={"generation": 4, "resourceVersion": "102"}, spec={"warm": {"min": 5}}), True),
+        (changed(metadata={"labels": {"team": "b"}}), True),
+        (changed(metadata={"annotations": {"example.com/owner": "team-b"}}), True),
+    ],
+)
+def test_only_spec_and_metadata_changes_start_a_cycle_at_once(after: dict[str, Any], wakes: bool) -> None:
+    assert asks_for_a_cycle(BEFORE, after) is wakes
