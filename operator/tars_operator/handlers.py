@@ -176,6 +176,7 @@ async def _forget_redis_keys(redis: aioredis.Redis, namespace: str, name: str) -
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await stop_pools()  # first: the loops use the clients closed below
     await memo.agents.close()
+    await memo.prometheus.close()
     await memo.redis.aclose()
     if memo.agent_states is not None:
         await memo.agent_states.close()

@@ -8,17 +8,16 @@ count), so the pure policy decides what a missing value means.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
-from prometheus_api_client import PrometheusConnect
 from redis.exceptions import RedisError
-from urllib3.util.retry import Retry
 
 from tars_contract import contract
 from tars_operator.policy.metrics import Sample
@@ -31,51 +30,85 @@ class QueryResult:
 
 
 class PrometheusReader:
-    """Instant queries through prometheus-api-client (sync; run in a thread)."""
+    """Instant and range queries against Prometheus' HTTP API (/api/v1/query, /query_range).
+
+    Two GETs of JSON need no client library: prometheus-api-client, used before, is synchronous, so
+    every query took a thread (at 100 pools the queries queued on asyncio's default executor: decision
+    p99 ~4 s in bench/operator_scale.py) and it brought requests, dateparser and regex along."""
 
     def __init__(self, url: str, timeout: float = 5.0) -> None:
         self.url = url
-        # No retries inside a query: the pool's loop asks again next cycle, and the client's
-        # default back-off (2 s, 4 s, ...) stalled every reconcile while Prometheus was down.
-        self._prom = PrometheusConnect(url=url, disable_ssl=True, timeout=timeout, retry=Retry(total=0))
+        # No retries inside a query: the pool's loop asks again next cycle (a back-off inside
+        # one query once stalled every reconcile while Prometheus was down).
+        self._http = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=timeout)
 
-    def _query(self, promql: str) -> QueryResult:
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def _get(self, path: str, params: dict[str, str]) -> Any:
+        """The answer's `data`; raises PrometheusError naming the cause."""
         try:
-            result = self._prom.custom_query(promql)
-        except Exception as exc:  # noqa: BLE001 - connection errors, HTTP 4xx/5xx and bad PromQL alike
-            return QueryResult(None, f"query {promql!r} against {self.url} failed: {exc}"[:2000])
-        if not result:
-            return QueryResult(None, None)
-        at, value = result[0]["value"]
+            response = await self._http.get(path, params=params)
+        except httpx.HTTPError as exc:
+            raise PrometheusError(f"{type(exc).__name__} {exc}".strip()) from exc
         try:
-            number = float(value)
+            answer = response.json()
         except ValueError:
-            return QueryResult(None, f"query {promql!r} returned a non-number {value!r}")
+            answer = None
+        if not isinstance(answer, dict) or answer.get("status") != "success":
+            # Prometheus' own words when it gave them (bad_data: a parse error), else the status.
+            detail = answer.get("error") if isinstance(answer, dict) else None
+            kind = answer.get("errorType") if isinstance(answer, dict) else None
+            raise PrometheusError(
+                f"HTTP {response.status_code}"
+                + (f" {kind}: {detail}" if detail else f": {response.text[:200]}")
+            )
+        return answer.get("data") or {}
+
+    async def query(self, promql: str) -> QueryResult:
+        try:
+            data = await self._get("/api/v1/query", {"query": promql})
+        except PrometheusError as exc:
+            return QueryResult(None, f"query {promql!r} against {self.url} failed: {exc}"[:2000])
+        result = data.get("result")
+        if data.get("resultType") == "scalar":
+            value = result
+        elif result:
+            value = result[0]["value"]
+        else:
+            return QueryResult(None, None)
+        at, text = value
+        try:
+            number = float(text)
+        except ValueError:
+            return QueryResult(None, f"query {promql!r} returned a non-number {text!r}")
         if number != number:  # NaN: e.g. a rate over no samples
             return QueryResult(None, None)
         return QueryResult(Sample(number, dt.datetime.fromtimestamp(float(at), dt.UTC)))
 
-    async def query(self, promql: str) -> QueryResult:
-        return await asyncio.to_thread(self._query, promql)
-
-    def _range(self, promql: str, window: dt.timedelta, step: dt.timedelta) -> list[Sample]:
-        end = dt.datetime.now(dt.UTC)
+    async def query_range(self, promql: str, window: dt.timedelta, step: dt.timedelta) -> list[Sample]:
+        """Every sample of every series in the window; empty when the query fails."""
+        end = time.time()
+        params = {
+            "query": promql,
+            "start": f"{end - window.total_seconds():.3f}",
+            "end": f"{end:.3f}",
+            "step": str(max(1, int(step.total_seconds()))),
+        }
         try:
-            series = self._prom.custom_query_range(
-                promql, start_time=end - window, end_time=end, step=str(max(1, int(step.total_seconds())))
-            )
-        except Exception:  # noqa: BLE001 - no samples is what the memory policy handles
-            return []
+            data = await self._get("/api/v1/query_range", params)
+        except PrometheusError:
+            return []  # no samples is what the memory policy handles
         return [
             Sample(float(value), dt.datetime.fromtimestamp(float(at), dt.UTC))
-            for one in series
+            for one in data.get("result") or []
             for at, value in one["values"]
             if value not in ("NaN", "+Inf", "-Inf")
         ]
 
-    async def query_range(self, promql: str, window: dt.timedelta, step: dt.timedelta) -> list[Sample]:
-        """Every sample of every series in the window; empty when the query fails."""
-        return await asyncio.to_thread(self._range, promql, window, step)
+
+class PrometheusError(Exception):
+    """A query that Prometheus refused or that did not reach it."""
 
 
 class AgentClient:
