@@ -27,7 +27,7 @@ from tars_operator.leader import Fence
 from tars_operator.policy.metrics import Metrics, Sample
 from tars_operator.policy.observe import PodState, pod_state
 from tars_operator.policy.plan import ControllerState, Plan, plan
-from tars_operator.sources import AgentClient, AgentState, AgentStateReader, PrometheusReader
+from tars_operator.sources import AgentClient, AgentState, AgentStateReader, PrometheusReader, QueryResult
 from tars_operator.validation import Checked, check
 
 log = logging.getLogger("tars_operator")
@@ -133,28 +133,28 @@ class PoolController:
         return changed
 
     async def read_metrics(self, spec: models.AgentPoolSpec) -> Metrics:
-        queue = await self.prometheus.query(queries.queue_depth(spec, self.name, self.namespace))
-        budget = wait = None
-        if queue.error is not None:
-            # Prometheus (or the pool's query) failed: the other queries would wait on it too.
-            return Metrics(queue_depth_error=queue.error)
-        if spec.rate_limit is not None:
-            budget = (await self.prometheus.query(queries.budget_utilization(spec.rate_limit.budget))).sample
-            wait = (
-                await self.prometheus.query(queries.limiter_wait_seconds(self.name, self.namespace))
-            ).sample
-        memory: list[Sample] = []
-        if spec.memory.mode != "Off":
-            step = max(spec.scaling.interval.delta, dt.timedelta(seconds=2))
-            memory = await self.prometheus.query_range(
-                queries.agent_memory(self.name, self.namespace), spec.memory.window.delta, step
-            )
+        """The pool's queries, all at once: one round trip to Prometheus, not one per query."""
+        prom, limit = self.prometheus, spec.rate_limit
+        queue = prom.query(queries.queue_depth(spec, self.name, self.namespace))
+        budget = prom.query(queries.budget_utilization(limit.budget)) if limit else _no_result()
+        wait = prom.query(queries.limiter_wait_seconds(self.name, self.namespace)) if limit else _no_result()
+        step = max(spec.scaling.interval.delta, dt.timedelta(seconds=2))
+        memory = (
+            prom.query_range(queries.agent_memory(self.name, self.namespace), spec.memory.window.delta, step)
+            if spec.memory.mode != "Off"
+            else _no_samples()
+        )
+        queue_result, budget_result, wait_result, memory_samples = await asyncio.gather(
+            queue, budget, wait, memory
+        )
+        if queue_result.error is not None:
+            # Prometheus (or the pool's query) failed: nothing else it said is trusted either.
+            return Metrics(queue_depth_error=queue_result.error)
         return Metrics(
-            queue_depth=queue.sample,
-            memory_bytes=tuple(memory),
-            queue_depth_error=queue.error,
-            budget_utilization=budget,
-            limiter_wait_seconds=wait,
+            queue_depth=queue_result.sample,
+            memory_bytes=tuple(memory_samples),
+            budget_utilization=budget_result.sample,
+            limiter_wait_seconds=wait_result.sample,
         )
 
     def checked(self, body: Mapping[str, Any]) -> Checked:
@@ -367,6 +367,14 @@ def published_count_holds(pod: PodState, published: AgentState) -> bool:
 def _reports_work(pod: PodState) -> bool:
     """Whose in-flight count is worth asking: ready agents, and draining ones that still run."""
     return pod.ready or (pod.draining_since is not None and not pod.deleting and pod.phase == "Running")
+
+
+async def _no_result() -> QueryResult:
+    return QueryResult(None)
+
+
+async def _no_samples() -> list[Sample]:
+    return []
 
 
 async def _none() -> None:

@@ -223,16 +223,19 @@ async def _run_pool(
         controller.agent_states = agent_state_source(parsed, memo.agent_states)
         woken = wake.is_set()
         wake.clear()
+        due = loop.time() - last_cycle >= interval
+        if (woken or due) and FENCE.holds():
+            # Before the cycle: the pods it creates read their token (and Redis password) from
+            # the pool's Secret (a new pool's first step is woken). Before the observation too,
+            # so these writes (every refresh_seconds) do not age what the cycle decides on.
+            for error in await access.ensure(parsed):
+                log.warning("pool %s/%s: %s", namespace, name, error)
+                await controller.event("Warning", "AccessFailed", error)
         observed_at = time.monotonic()
         pods, by_name = await controller.observe(list(agent_pods.get(key, [])))
         depth = await controller.queue_depth_now(parsed)
-        due = loop.time() - last_cycle >= interval
         if controller.busy_changed(pods) or woken or due or controller.queue_crossed(parsed, depth):
             last_cycle = loop.time()
-            # Before the cycle: the pods it creates read their token (and Redis password) from it.
-            for error in await access.ensure(parsed) if FENCE.holds() else []:
-                log.warning("pool %s/%s: %s", namespace, name, error)
-                await controller.event("Warning", "AccessFailed", error)
             await controller.cycle(body, pods, by_name, observed_at, depth)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), POLL_SECONDS)

@@ -40,7 +40,10 @@ class PrometheusReader:
         self.url = url
         # No retries inside a query: the pool's loop asks again next cycle (a back-off inside
         # one query once stalled every reconcile while Prometheus was down).
-        self._http = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=timeout)
+        # Prometheus runs 20 queries at once by default (--query.max-concurrency): more connections
+        # would only wait there. All of them kept alive, so none is opened again per cycle.
+        connections = httpx.Limits(max_connections=20, max_keepalive_connections=20)
+        self._http = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=timeout, limits=connections)
 
     async def close(self) -> None:
         await self._http.aclose()

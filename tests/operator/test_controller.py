@@ -475,3 +475,44 @@ def test_the_queue_planned_with_is_prometheus_raised_to_the_count_in_redis(
 ) -> None:
     got = with_queue_count(scraped, count).queue_depth
     assert (got.value if got else None) == planned
+
+
+@dataclass
+class SlowPrometheus(FakePrometheus):
+    """Answers once every query it was sent is waiting: a reader that sends them one after the
+    other never gets an answer (and the test times out)."""
+
+    expected: int = 4
+    waiting: int = 0
+    all_sent: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def _answer(self) -> None:
+        self.waiting += 1
+        if self.waiting == self.expected:
+            self.all_sent.set()
+        await asyncio.wait_for(self.all_sent.wait(), 5)
+
+    async def query(self, promql: str) -> QueryResult:
+        await self._answer()
+        return QueryResult(Sample(1.0, dt.datetime.now(dt.UTC)))
+
+    async def query_range(self, promql: str, window: dt.timedelta, step: dt.timedelta) -> list[Sample]:
+        await self._answer()
+        return [Sample(2.0, dt.datetime.now(dt.UTC))]
+
+
+def test_a_pools_queries_go_to_prometheus_together_not_one_after_the_other() -> None:
+    """At 100 pools a cycle's Prometheus reads are most of its decision latency: queue depth,
+    budget, limiter wait and memory take one round trip."""
+    spec = raw_spec(rateLimit={"budget": "openai"}, memory={"mode": "Auto", "min": "64Mi", "max": "1Gi"})
+    s = make(spec)
+
+    async def read() -> Metrics:
+        s.controller.prometheus = SlowPrometheus()  # type: ignore[assignment]
+        parsed = s.controller.checked(s.custom.stored)[0]
+        assert parsed is not None
+        return await s.controller.read_metrics(parsed)
+
+    metrics = asyncio.run(read())
+    assert metrics.queue_depth is not None and metrics.budget_utilization is not None
+    assert metrics.limiter_wait_seconds is not None and len(metrics.memory_bytes) == 1
