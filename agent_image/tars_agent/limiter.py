@@ -301,7 +301,7 @@ class SharedLimiter:
         self._state_key = state_key(budget.name)
         self._channel = pause_channel(budget.name)
         keys = [self._state_key, agents_key(budget.name)]
-        head: list[str | int | float] = [repr(reserve_fraction), len(budget.limits)]
+        head: list[str | int | float] = [repr(reserve_fraction), 0, len(budget.limits)]  # 0: no leases
         for p in budget.limits:
             head += [p.name, p.limit, p.window_us, p.burst]
         self._batch_script = _BatchScript(redis, limiter_lua.BATCH, keys, head)
@@ -490,13 +490,13 @@ class SharedLimiter:
                 if head is None:
                     if len(packed) >= 256:  # near their deadlines callers' max_ahead_us vary
                         packed.clear()
-                    head = packed[key] = _resp(_op_args(op, n)[: 3 + n])
+                    head = packed[key] = _resp(_op_args(op, n)[: 4 + n])
                 parts.append(head)
                 parts.append(_resp((op.deadline_us,)))
                 parts.append(self._zeros)
             else:
                 parts.append(_resp(_op_args(op, n)))
-        return list(await self._batch_script(5 + (3 + 2 * n) * len(batch), b"".join(parts)))
+        return list(await self._batch_script(5 + (4 + 2 * n) * len(batch), b"".join(parts)))
 
     def _dispatch(self, batch: list[_Request], reply: list[str | int | bytes]) -> None:
         received = self._monotonic()
@@ -897,19 +897,21 @@ class SharedLimiter:
 
 
 def _op_args(op: gcra.Op, n: int) -> list[str | int]:
-    """One op as the script's 3 + 2n fields (limiter_lua.BATCH)."""
+    """One op as the script's 4 + 2n fields (limiter_lua.BATCH)."""
     zeros = [0] * n
     if isinstance(op, gcra.Reserve):
         code = "R" if op.returning else "r"
-        return [code, op.priority, op.max_ahead_us, *op.costs, op.deadline_us, *zeros[1:]]
+        return [code, op.priority, op.max_ahead_us, 0, *op.costs, op.deadline_us, *zeros[1:]]
+    if isinstance(op, gcra.Lease):
+        return ["l", 0, 0, op.wanted, *op.costs, *zeros]
     if isinstance(op, gcra.Confirm):
-        return ["c", 0, 0, *op.costs, *op.reserved]
+        return ["c", 0, 0, 0, *op.costs, *op.reserved]
     if isinstance(op, gcra.GiveBack):
-        return ["g", 0, 0, *op.costs, *op.reserved]
+        return ["g", 0, 0, 0, *op.costs, *op.reserved]
     if isinstance(op, gcra.Charge):
-        return ["k", 0, 0, *op.units, *zeros]
+        return ["k", 0, 0, 0, *op.units, *zeros]
     if isinstance(op, gcra.Empty):
-        return ["e", 0, 0, *(int(e) for e in op.buckets), *zeros]
+        return ["e", 0, 0, 0, *(int(e) for e in op.buckets), *zeros]
     if isinstance(op, gcra.Override):
-        return ["o", op.ttl_us, 0, *op.limits, *zeros]
-    return ["p", op.pause_us, 0, *zeros, *zeros]
+        return ["o", op.ttl_us, 0, 0, *op.limits, *zeros]
+    return ["p", op.pause_us, 0, 0, *zeros, *zeros]

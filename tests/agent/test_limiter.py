@@ -693,6 +693,6 @@ async def test_the_batch_packs_reservations_as_their_op_args() -> None:
     for op in ops:
         await limiter._run([_Request(op, None)])
     expected = [
-        (5 + 7, _resp(("", _AGENT_TTL_US, "", pause_channel(budget.name), 1, *_op_args(op, 2)))) for op in ops
+        (5 + 8, _resp(("", _AGENT_TTL_US, "", pause_channel(budget.name), 1, *_op_args(op, 2)))) for op in ops
     ]
     assert sent == expected
