@@ -334,6 +334,7 @@ class SharedLimiter:
         self._lease_us = int(lease_s * 1_000_000)
         self._leases: list[_Lease] = []  # oldest first
         self._lease_asked = False  # a Lease op queued or in flight: one at a time
+        self._held = 0  # admissions left in the live leases
         self._demand = 0.0  # acquires in about the last lease life (decayed with that time constant)
         self._demand_at = 0.0
         self.lease_stats = LeaseStats()
@@ -805,7 +806,8 @@ class SharedLimiter:
     def _spend_lease(self, priority: str, tokens: int, costs: tuple[int, ...]) -> Reservation | None:
         """An admission from a live lease, without a script call; None: no lease holds `costs`
         (a lease is asked for then, to go with this caller's reservation, when the demand calls for
-        one). Renews ahead: when the newest lease is half spent or half through its life."""
+        one). Renews ahead, when what the leases hold lasts a quarter of a lease life at the
+        current demand: a lease of half a life's demand is then spent about 3/4 into its life."""
         now = self._monotonic()
         self._demand = self._demand * math.exp((self._demand_at - now) / self._lease_s) + 1.0
         self._demand_at = now
@@ -818,14 +820,12 @@ class SharedLimiter:
                 for i, cost in enumerate(costs):
                     left[i] -= cost
                 lease.spent += 1
+                self._held -= 1
                 break
         else:
             self._ask_lease(costs)
             return None
-        newest = leases[-1]
-        if not self._lease_asked and (
-            2 * newest.spent >= newest.granted or 2 * (newest.until - now) < self._lease_s
-        ):
+        if not self._lease_asked and 4 * self._held <= self._demand:
             self._ask_lease(costs)
         self.lease_stats.spent += 1
         _, seen_now, received = self._seen
@@ -836,12 +836,12 @@ class SharedLimiter:
         return Reservation(priority, tokens, server_now, False, server_now, (), costs, leased=True)
 
     def _ask_lease(self, costs: tuple[int, ...]) -> None:
-        """Ask for a lease of what the process spends in a lease life, less what it holds; in the
-        next script call, and never while one is asked, in degraded mode or without pushes."""
+        """Ask for a lease of what the process spends in half a lease life; in the next script
+        call, and never while one is asked, in degraded mode or without pushes."""
         if self._lease_asked or self.degraded or not self._pushes_pauses():
             return
-        held = sum(lease.granted - lease.spent for lease in self._leases)
-        if math.ceil(self._demand) - held < gcra.LEASE_MIN:
+        wanted = math.ceil(self._demand / 2)
+        if wanted < gcra.LEASE_MIN:
             return
         cap = min(
             (
@@ -851,7 +851,7 @@ class SharedLimiter:
             ),
             default=0,
         )
-        wanted = min(math.ceil(self._demand) - held, cap)
+        wanted = min(wanted, cap)
         if wanted >= gcra.LEASE_MIN:
             self._lease_asked = True
             self._submit(gcra.Lease(costs, wanted), wait=False)
@@ -865,11 +865,14 @@ class SharedLimiter:
         lease = _Lease(sent + self._lease_s, [granted * c for c in op.costs], granted)
         if self._pushes_pauses():
             self._leases.append(lease)
+            self._held += granted
         else:  # the subscription went down during the call: a pause might not reach this process
-            self._lost(lease)
+            self.lease_stats.lost += granted
 
     def _lost(self, lease: _Lease) -> None:
-        self.lease_stats.lost += max(lease.granted - lease.spent, 0)  # tokens: costs may differ
+        """A live lease ends (expired or voided): what it held is charged and never spent."""
+        self._held -= lease.granted - lease.spent
+        self.lease_stats.lost += max(lease.granted - lease.spent, 0)  # tokens: spends may cost less
 
     def _void_leases(self) -> None:
         """A pause, an empty bucket upstream or no subscription to hear of a pause: no admission
