@@ -161,6 +161,7 @@ class _Lease:
     until: float  # monotonic: spent before then (from before the call that granted it)
     left: list[int]  # units per limit
     granted: int  # admissions
+    costs: tuple[int, ...]  # of each admission granted
     spent: int = 0
 
 
@@ -816,11 +817,19 @@ class SharedLimiter:
             self._lost(leases.pop(0))
         for lease in leases:
             left = lease.left
-            if all(have >= cost for have, cost in zip(left, costs, strict=True)):
+            for i, cost in enumerate(costs):  # plain loops: all() over a generator costs ~1.5 us
+                if left[i] < cost:
+                    break
+            else:
                 for i, cost in enumerate(costs):
                     left[i] -= cost
                 lease.spent += 1
                 self._held -= 1
+                for i, cost in enumerate(lease.costs):
+                    if left[i] < cost:  # spent: out of the list, which every acquire walks
+                        leases.remove(lease)
+                        self._lost(lease)
+                        break
                 break
         else:
             self._ask_lease(costs)
@@ -862,7 +871,7 @@ class SharedLimiter:
             return
         self.lease_stats.leases += 1
         self.lease_stats.granted += granted
-        lease = _Lease(sent + self._lease_s, [granted * c for c in op.costs], granted)
+        lease = _Lease(sent + self._lease_s, [granted * c for c in op.costs], granted, op.costs)
         if self._pushes_pauses():
             self._leases.append(lease)
             self._held += granted
