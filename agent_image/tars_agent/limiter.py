@@ -336,6 +336,7 @@ class SharedLimiter:
         self._leases: list[_Lease] = []  # oldest first
         self._lease_asked = False  # a Lease op queued or in flight: one at a time
         self._held = 0  # admissions left in the live leases
+        self._voids = 0  # leases voided so far (see _void_leases): a grant older than a void is void
         self._demand = 0.0  # acquires in about the last lease life (decayed with that time constant)
         self._demand_at = 0.0
         self.lease_stats = LeaseStats()
@@ -478,6 +479,7 @@ class SharedLimiter:
             self._in_flight = batch
             live = self._subscribed  # subscribed before the call was sent: before the batch ran
             sent = self._monotonic()  # before the batch ran: a lease's life counts from here
+            voids = self._voids
             try:
                 reply = await self._run(batch)
             except RedisTimeoutError as exc:
@@ -511,7 +513,7 @@ class SharedLimiter:
             self._local = None
             if self._metrics:
                 self._metrics.limiter_degraded.set(0)
-            self._dispatch(batch, reply, sent)
+            self._dispatch(batch, reply, sent, voids)
 
     def _forget_lease_ask(self, dropped: list[_Request]) -> None:
         """A Lease op that will not reach Redis (the call failed): another may be asked later."""
@@ -545,7 +547,11 @@ class SharedLimiter:
                 parts.append(_resp(_op_args(op, n)))
         return list(await self._batch_script(5 + (4 + 2 * n) * len(batch), b"".join(parts)))
 
-    def _dispatch(self, batch: list[_Request], reply: list[str | int | bytes], sent: float) -> None:
+    def _dispatch(
+        self, batch: list[_Request], reply: list[str | int | bytes], sent: float, voids: int
+    ) -> None:
+        """Hand every op's answer to its caller; `sent`, `voids`: when the call was sent and the
+        leases voided by then (a lease it grants counts from the one, and is void after another)."""
         received = self._monotonic()
         n = len(self.budget.limits)
         now, pause_until, agents = int(reply[0]), int(reply[1]), int(reply[2])
@@ -561,7 +567,7 @@ class SharedLimiter:
         width = 3 + n
         for request in batch:
             if isinstance(request.op, gcra.Lease):
-                self._granted(request.op, int(reply[at]), int(reply[at + 1]), sent)
+                self._granted(request.op, int(reply[at]), int(reply[at + 1]), sent, voids)
             future = request.future
             if future is None:
                 at += width
@@ -865,17 +871,17 @@ class SharedLimiter:
             self._lease_asked = True
             self._submit(gcra.Lease(costs, wanted), wait=False)
 
-    def _granted(self, op: gcra.Lease, status: int, granted: int, sent: float) -> None:
+    def _granted(self, op: gcra.Lease, status: int, granted: int, sent: float, voids: int) -> None:
         self._lease_asked = False
         if status != 3:
             return
         self.lease_stats.leases += 1
         self.lease_stats.granted += granted
         lease = _Lease(sent + self._lease_s, [granted * c for c in op.costs], granted, op.costs)
-        if self._pushes_pauses():
+        if self._pushes_pauses() and self._voids == voids:
             self._leases.append(lease)
             self._held += granted
-        else:  # the subscription went down during the call: a pause might not reach this process
+        else:  # a pause pushed before this reply came, or no subscription: it might go unheard
             self.lease_stats.lost += granted
 
     def _lost(self, lease: _Lease) -> None:
@@ -886,6 +892,7 @@ class SharedLimiter:
     def _void_leases(self) -> None:
         """A pause, an empty bucket upstream or no subscription to hear of a pause: no admission
         from a lease from now on (what they held stays charged: the budget under-uses it)."""
+        self._voids += 1
         for lease in self._leases:
             self._lost(lease)
         self._leases.clear()

@@ -945,3 +945,34 @@ async def test_admissions_from_leases_count_in_the_utilization(redis_server: Red
     finally:
         await limiter.aclose()
         await client.aclose()
+
+
+async def test_a_lease_whose_grant_comes_after_a_pause_push_is_void(redis_server: RedisServer) -> None:
+    """The reply granting a lease and the push of a pause from another agent travel on two
+    connections: when the push is handled first, the lease (granted before the pause) is void."""
+    client = fast_redis(redis_server.url)
+    limiter = SharedLimiter(client, Budget(f"lease-race-{uuid.uuid4().hex}", (AMPLE,)))
+    try:
+        await until_leased(limiter)
+        run = limiter._run
+        granting: list[bool] = []
+
+        async def push_first(batch: list[_Request]) -> list[str | int | bytes]:
+            reply = await run(batch)
+            if any(isinstance(r.op, gcra.Lease) for r in batch):
+                granting.append(True)
+                limiter._void_leases()  # what the listener does on a pause's push
+            return reply
+
+        limiter._run = push_first  # type: ignore[method-assign]
+        lost = limiter.lease_stats.lost
+        for _ in range(10_000):
+            if granting:
+                break
+            await limiter.acquire("normal", 0, timeout_s=5)
+            await asyncio.sleep(0)
+        await async_eventually(lambda: not limiter._lease_asked, 5, "the ask answered")
+        assert not limiter._leases and limiter.lease_stats.lost > lost
+    finally:
+        await limiter.aclose()
+        await client.aclose()
