@@ -196,6 +196,8 @@ class Contender:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.slots: list[tuple[int, int]] = []  # (actual start us, reserved slot us)
+        # ours: acquires, those spent from a lease, and the leases' admissions granted and lost
+        self.leases: Counter[str] = Counter()
 
     async def setup(self) -> None:
         """Connect and warm up before the clock starts."""
@@ -382,11 +384,16 @@ class Tars(Contender):
     async def acquire(self, priority: str) -> None:
         reservation = await self.limiter.acquire(priority, 0, 3600)
         self.slots.append((time.time_ns() // 1000, reservation.slot_us))
+        self.leases["acquired"] += 1
+        self.leases["leased"] += getattr(reservation, "leased", False)  # a limiter before leases: none
 
     async def close(self) -> None:
         await self.client.aclose()
         await self.limiter.aclose()  # the give-backs of cancelled callers reach Redis first
         await self.conn.aclose()
+        stats = getattr(self.limiter, "lease_stats", None)
+        if stats is not None:
+            self.leases.update(granted=stats.granted, lost=stats.lost)
 
 
 CONTENDER_CLASSES: dict[str, type[Contender]] = {
@@ -491,6 +498,7 @@ async def run_worker(spec: WorkerSpec, ready: Queue[int], start: Queue[tuple[flo
         "priorities": [who.priority for who in callers],
         "latencies_ms": latencies,
         "slots": contender.slots,
+        "leases": dict(contender.leases),
         "errors": dict(errors),
         "stuck": len(stuck),
         "cpu_s": cpu_s,
@@ -615,8 +623,10 @@ def run_processes(
     log = httpx.get(f"{infra.mock_base}/admin/log", timeout=30).json() if mode == "calls" else None
     done = [n for r in results for n in r["done"]]
     errors: Counter[str] = Counter()
+    leases: Counter[str] = Counter()
     for r in results:
         errors.update(r["errors"])
+        leases.update(r["leases"])
     return {
         "t0": t0,
         "duration_s": duration_s,
@@ -629,6 +639,7 @@ def run_processes(
         "waits_by_priority": [(p, ms) for r in results for p, ms in r["latencies_ms"]],
         "slots": [tuple(s) for r in results for s in r["slots"]],
         "errors": dict(errors),
+        "leases": dict(leases),
         "stuck": sum(r["stuck"] for r in results),
         "redis_commands": commands,
         "cpu_s": sum(r["cpu_s"] for r in results),
@@ -699,6 +710,9 @@ def phase_row(contender: str, run: dict[str, Any]) -> dict[str, Any]:
         "p50_ms": percentile(run["latencies_ms"], 50),
         "p99_ms": percentile(run["latencies_ms"], 99),
         "lateness_p99_ms": p99(lateness) if lateness else None,
+        # ours: the acquires served from a lease, and the leases' admissions never spent
+        "leased_pct": pct(run["leases"].get("leased", 0), run["leases"].get("acquired", 0)),
+        "lease_lost_pct": pct(run["leases"].get("lost", 0), run["leases"].get("granted", 0)),
         "stuck": run["stuck"],
     }
 
@@ -731,7 +745,7 @@ def grid_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def phases_table(phases: dict[str, dict[str, dict[str, Any]]]) -> str:
     header = ["contender", "decisions/s", "cpu us/dec", "redis us/dec", "uncont. p50 ms", "p99 ms"]
-    header += ["contended adm/s", "cmds/adm", "Jain", "starved", "p99 late ms"]
+    header += ["contended adm/s", "cmds/adm", "Jain", "starved", "p99 late ms", "leased %", "lost %"]
     body = []
     for name in sorted({c for rows in phases.values() for c in rows}, key=CONTENDERS.index):
         dec = phases["decisions"].get(name, {})
@@ -750,6 +764,8 @@ def phases_table(phases: dict[str, dict[str, dict[str, Any]]]) -> str:
                 fmt(con.get("jain"), 2),
                 str(con.get("callers_starved", "n/a")),
                 fmt(con.get("lateness_p99_ms")),
+                fmt(dec.get("leased_pct")),
+                fmt(dec.get("lease_lost_pct")),
             ]
         )
     return render_table(header, body)

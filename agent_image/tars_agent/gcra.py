@@ -225,6 +225,37 @@ def reserve(
     return Verdict(True, slot, tuple(max(t, slot) + inc for t, inc in zip(tats, incs, strict=True)), limiting)
 
 
+# A lease: `granted` admissions of `costs` each, charged in the shared buckets at once and spent by
+# one process without a script call while the budget is ample (limiter.py). Its admissions may start
+# anywhere in [grant, grant + lease_us]: each bucket advances from grant + lease_us, and the lease must
+# end within half the non-critical tolerance of the grant. So every admission's share of tat-time
+# lies in [start, start + tau], as a reservation's does (see `reserve`): no closed window exceeds the
+# limit whenever within its life the lease is spent; and after the grant every class still finds
+# half its usable burst free, so a lease never delays a reservation of any class. Fewer than
+# LEASE_MIN admissions are no lease (a reservation costs less).
+LEASE_MIN = 2
+
+
+def lease(
+    tats: tuple[int, ...], now_us: int, costs: tuple[int, ...], limits: Limits, wanted: int, lease_us: int
+) -> tuple[int, tuple[int, ...]]:
+    """The admissions granted (at most `wanted`; 0: none) and the buckets after them."""
+    granted = wanted
+    incs: list[int] = []
+    for i in range(len(tats)):
+        inc = limits.increment(i, costs[i])
+        if inc > 0:
+            start = max(tats[i], now_us + lease_us)
+            half = math.floor(float(limits.tolerance(i, False, costs[i])) / 2.0)
+            granted = min(granted, math.floor(float(now_us + half - start) / float(inc)))
+        incs.append(inc)
+    if granted < LEASE_MIN:
+        return 0, tats
+    return granted, tuple(
+        max(t, now_us + lease_us) + granted * inc if inc > 0 else t for t, inc in zip(tats, incs, strict=True)
+    )
+
+
 def give_back(
     tats: tuple[int, ...], reserved: tuple[int, ...], costs: tuple[int, ...], limits: Limits
 ) -> tuple[int, ...]:
@@ -304,6 +335,14 @@ class Reserve(NamedTuple):
         return self.priority == CRITICAL
 
 
+class Lease(NamedTuple):
+    """A lease of up to `wanted` admissions of `costs` each (see `lease`); granted only while no
+    pause holds and no class holds a ticket ahead of now (contended traffic is reserved)."""
+
+    costs: tuple[int, ...]
+    wanted: int
+
+
 class Confirm(NamedTuple):
     """A caller woke at its slot: is the budget paused? If so its reservation goes back."""
 
@@ -338,7 +377,7 @@ class Override(NamedTuple):
     ttl_us: int
 
 
-Op = Reserve | Confirm | GiveBack | Charge | Empty | Pause | Override
+Op = Reserve | Lease | Confirm | GiveBack | Charge | Empty | Pause | Override
 
 # The classes' ticket queues in the stored state, in this order (limiter_lua's CLASSES).
 CLASSES = ("critical", "high", "normal", "low")
@@ -395,8 +434,10 @@ def keep_ms(state: State, now_us: int) -> int:
 
 @dataclass(frozen=True)
 class OpResult:
-    status: int  # Reserve: 1 admitted, 0 refused, 2 too large; Confirm: 1 go, 0 paused; else 1
-    value: int  # Reserve: the slot; Confirm: the pause end; else 0
+    # Reserve: 1 admitted, 0 refused, 2 too large; Lease: 3 granted, 0 none; Confirm: 1 go, 0 paused;
+    # else 1
+    status: int
+    value: int  # Reserve: the slot; Lease: the admissions granted; Confirm: the pause end; else 0
     limiting: int
     tats: tuple[int, ...]  # the buckets after this op
 
@@ -417,8 +458,10 @@ def run_batch(
     params: tuple[LimitParams, ...],
     reserve_fraction: float,
     ops: tuple[Op, ...],
+    lease_us: int = 0,
 ) -> BatchResult:
-    """One script call: the ops in order on the stored state at one server instant."""
+    """One script call: the ops in order on the stored state at one server instant (`lease_us`:
+    the life of a lease; 0: none granted)."""
     state = state or State()
     stored = dict(state.buckets)
     base = [stored.get(p.name) for p in params]
@@ -455,6 +498,14 @@ def run_batch(
             if v.admitted:
                 weighted = [w + float(c) for w, c in zip(weighted, op.costs, strict=True)]
                 touched = True
+        elif isinstance(op, Lease):
+            status = 0
+            calm = lease_us > 0 and pause_until_us <= now_us and all(q <= now_us for q in queue.values())
+            if calm:
+                granted, leased = lease(tats, now_us, op.costs, limits, op.wanted, lease_us)
+                if granted:
+                    status, value, tats, touched = 3, granted, leased, True
+                    weighted = [w + float(granted * c) for w, c in zip(weighted, op.costs, strict=True)]
         elif isinstance(op, Confirm):
             if now_us < pause_until_us:
                 status, value = 0, pause_until_us

@@ -6,6 +6,8 @@ decision cannot interleave with another. Keep the arithmetic in the same order
 as gcra.py: tests compare both on the same inputs.
 """
 
+from tars_agent.gcra import LEASE_MIN
+
 _COMMON = """
 local function effective(limit, burst, ov)
   if ov == nil or ov >= limit then return limit, burst end
@@ -64,11 +66,12 @@ end
 """
 
 # KEYS: state (string), agents (sorted set)
-# ARGV: reserve_fraction, n, n x (name, limit, window_us, burst), agent member ('' = none),
-#       agent ttl_us, prune ('1': drop the agents not heard of), pause channel,
-#       m, then m ops of 3 + 2n fields each: code, a, b, x_1..x_n, y_1..y_n
+# ARGV: reserve_fraction, lease_us (0: no leases), n, n x (name, limit, window_us, burst),
+#       agent member ('' = none), agent ttl_us, prune ('1': drop the agents not heard of),
+#       pause channel, m, then m ops of 4 + 2n fields each: code, a, b, c, x_1..x_n, y_1..y_n
 #   r: reserve   a = priority, b = max_ahead_us, x = costs, y_1 = deadline_us
 #   R: the same, for a caller refused before for its horizon (takes no new ticket)
+#   l: lease     c = admissions wanted, x = costs of each (gcra.lease)
 #   c: confirm   x = costs, y = the tats the reservation left (given back when paused)
 #   g: give back x = costs, y = the tats the reservation left
 #   k: charge    x = units
@@ -81,16 +84,17 @@ end
 # Commands: TIME, GET, and SET only when something changed; a heartbeat adds ZADD and ZCOUNT.
 BATCH = (
     _COMMON
-    + """
-local now = server_now()
-local n = tonumber(ARGV[2])
+    + f"local LEASE_MIN = {LEASE_MIN}\n"
+    + """local now = server_now()
+local n = tonumber(ARGV[3])
 local reserve = tonumber(ARGV[1])
+local lease_us = tonumber(ARGV[2])
 local s = load(KEYS[1])
 local ov_live = now < s.ov_exp
 local names, base, ovs = {}, {}, {}
 local limit, burst, window = {}, {}, {}
 for i = 1, n do
-  local a = 2 + (i - 1) * 4
+  local a = 3 + (i - 1) * 4
   names[i] = ARGV[a + 1]
   base[i] = s.b[names[i]]
   ovs[i] = 0
@@ -100,7 +104,7 @@ for i = 1, n do
   limit[i], burst[i] = effective(tonumber(ARGV[a + 2]), tonumber(ARGV[a + 4]), ov)
   window[i] = tonumber(ARGV[a + 3])
 end
-local p = 2 + 4 * n
+local p = 3 + 4 * n
 local function tolerance(i, critical, cost)
   local usable = burst[i]
   if not critical then usable = math.min(math.max(burst[i] * (1.0 - reserve), cost), burst[i]) end
@@ -140,13 +144,13 @@ local queue = {0, 0, 0, 0}
 if now < s.queue_exp then queue = s.queue end
 local CLASS = {critical = 1, high = 2, normal = 3, low = 4}
 local m = tonumber(ARGV[p + 5])
-local width = 3 + 2 * n
+local width = 4 + 2 * n
 local out = {}
 local touched = false
 local function give_back(o)
   for i = 1, n do
-    if tats[i] == tonumber(ARGV[o + 3 + n + i]) then
-      tats[i] = tats[i] - inc(i, tonumber(ARGV[o + 3 + i]))
+    if tats[i] == tonumber(ARGV[o + 4 + n + i]) then
+      tats[i] = tats[i] - inc(i, tonumber(ARGV[o + 4 + i]))
     end
   end
 end
@@ -164,7 +168,7 @@ for j = 1, m do
     local too_large = false
     local incs = {}
     for i = 1, n do
-      local cost = tonumber(ARGV[o + 3 + i])
+      local cost = tonumber(ARGV[o + 4 + i])
       incs[i] = inc(i, cost)
       local tau = tolerance(i, critical, cost)
       if incs[i] > tau then too_large = true end
@@ -175,7 +179,7 @@ for j = 1, m do
       status, value, limiting = 2, now, -1
     elseif slot - now > tonumber(ARGV[o + 3]) then
       status, value = 0, slot
-      local deadline = math.max(tonumber(ARGV[o + 3 + n + 1]), tonumber(ARGV[o + 3]))
+      local deadline = math.max(tonumber(ARGV[o + 4 + n + 1]), tonumber(ARGV[o + 3]))
       if code == 'r' and tonumber(ARGV[o + 3]) < deadline then  -- refused for its horizon: a ticket
         local spacing = 0
         for i = 1, n do spacing = math.max(spacing, incs[i]) end
@@ -190,9 +194,35 @@ for j = 1, m do
       value = slot
       for i = 1, n do
         tats[i] = math.max(tats[i], slot) + incs[i]
-        used[i] = used[i] + tonumber(ARGV[o + 3 + i])
+        used[i] = used[i] + tonumber(ARGV[o + 4 + i])
       end
       touched = true
+    end
+  elseif code == 'l' then  -- gcra.lease: none while paused or while any class holds a ticket ahead
+    status = 0
+    local calm = lease_us > 0 and pause_until <= now
+    for c = 1, 4 do
+      if queue[c] > now then calm = false end
+    end
+    if calm then
+      local granted = tonumber(ARGV[o + 4])
+      local incs = {}
+      for i = 1, n do
+        local cost = tonumber(ARGV[o + 4 + i])
+        incs[i] = inc(i, cost)
+        if incs[i] > 0 then
+          local start = math.max(tats[i], now + lease_us)
+          local half = math.floor(tolerance(i, false, cost) / 2)
+          granted = math.min(granted, math.floor((now + half - start) / incs[i]))
+        end
+      end
+      if granted >= LEASE_MIN then
+        status, value, touched = 3, granted, true
+        for i = 1, n do
+          if incs[i] > 0 then tats[i] = math.max(tats[i], now + lease_us) + granted * incs[i] end
+          used[i] = used[i] + granted * tonumber(ARGV[o + 4 + i])
+        end
+      end
     end
   elseif code == 'c' then
     if now < pause_until then
@@ -203,18 +233,18 @@ for j = 1, m do
     give_back(o)
   elseif code == 'k' then  -- gcra.charge
     for i = 1, n do
-      local units = tonumber(ARGV[o + 3 + i])
+      local units = tonumber(ARGV[o + 4 + i])
       if units ~= 0 then tats[i] = math.max(tats[i], now) + inc(i, units) end
       used[i] = used[i] + units
     end
     touched = true
   elseif code == 'e' then
     for i = 1, n do
-      if ARGV[o + 3 + i] == '1' then empty(i) end
+      if ARGV[o + 4 + i] == '1' then empty(i) end
     end
   elseif code == 'o' then
     for i = 1, n do
-      local v = tonumber(ARGV[o + 3 + i])
+      local v = tonumber(ARGV[o + 4 + i])
       if v ~= 0 then ovs[i] = v end
     end
     s.ov_exp, touched = now + tonumber(ARGV[o + 2]), true

@@ -224,7 +224,7 @@ def test_reconcile_refund_never_goes_before_now(tat: int, now: int, delta: int, 
 @st.composite
 def batch_ops(draw: st.DrawFn, n: int) -> list[tuple[str, int, int, tuple[int, ...]]]:
     """Abstract ops; reserved tats for confirm/give-back are filled in from earlier reservations."""
-    kinds = st.sampled_from(["r", "r", "r", "c", "g", "k", "e", "p", "o"])
+    kinds = st.sampled_from(["r", "r", "r", "l", "l", "c", "g", "k", "e", "p", "o"])
     costs = st.tuples(*[st.integers(0, 30) for _ in range(n)])
     return draw(
         st.lists(st.tuples(kinds, st.integers(0, 1), st.integers(0, 40_000), costs), min_size=1, max_size=12)
@@ -237,6 +237,7 @@ def batch_ops(draw: st.DrawFn, n: int) -> list[tuple[str, int, int, tuple[int, .
     batches=st.lists(batch_ops(3), min_size=1, max_size=6),
     reserve=st.floats(0, 0.9),
     foreign=st.booleans(),
+    lease_us=st.sampled_from([0, 100, 2_000]),
 )
 def test_lua_batch_agrees_with_the_pure_model(
     redis_server: RedisServer,
@@ -244,6 +245,7 @@ def test_lua_batch_agrees_with_the_pure_model(
     batches: list[list[tuple[str, int, int, tuple[int, ...]]]],
     reserve: float,
     foreign: bool,
+    lease_us: int,
 ) -> None:
     """Run real batches in Redis (server clock) and replay each with gcra.run_batch at the server
     time the script reports: every op's answer and the stored state must match exactly, and the
@@ -273,6 +275,8 @@ def test_lua_batch_agrees_with_the_pure_model(
                     ops.append(
                         gcra.Reserve(priority, amount, tuple(max(c, 1) for c in costs), deadline, returning)
                     )
+                elif kind == "l":
+                    ops.append(gcra.Lease(costs, amount % 60))
                 elif kind in "cg":
                     usable = [(t, c) for t, c in reserved if len(t) == n]
                     if usable:
@@ -288,7 +292,7 @@ def test_lua_batch_agrees_with_the_pure_model(
                     ops.append(gcra.Override(tuple(c * 200 for c in costs), amount * flag))
             if not ops:
                 continue
-            args: list[str | int | float] = [repr(reserve), n]
+            args: list[str | int | float] = [repr(reserve), lease_us, n]
             for p in calling:
                 args += [p.name, p.limit, p.window_us, p.burst]
             args += ["agent-a", 10_000_000, "1" if number == 0 else "", f"ch-{budget}", len(ops)]
@@ -297,7 +301,7 @@ def test_lua_batch_agrees_with_the_pure_model(
             before = client.get(state_key(budget))
             reply = script(keys=keys, args=args)
             now = int(reply[0])
-            expected = gcra.run_batch(state, now, calling, reserve, tuple(ops))
+            expected = gcra.run_batch(state, now, calling, reserve, tuple(ops), lease_us)
             assert int(reply[1]) == expected.pause_until_us
             assert int(reply[2]) == 1  # one agent heard of
             assert tuple(float(x) for x in reply[3 : 3 + n]) == expected.used
@@ -377,7 +381,7 @@ def test_lua_reads_expired_parts_of_the_state_as_the_model_does(redis_server: Re
             gcra.Reserve("normal", 0, (1, 40), 30_000_000),
             gcra.Override((200, 0), 5_000_000),
         )
-        args: list[str | int | float] = ["0.1", 2]
+        args: list[str | int | float] = ["0.1", 0, 2]
         for p in params:
             args += [p.name, p.limit, p.window_us, p.burst]
         args += ["", 10_000_000, "", f"ch-{budget}", len(ops)]
@@ -411,3 +415,199 @@ def test_a_returning_caller_may_reserve_a_little_beyond_its_horizon_only() -> No
 def test_a_state_of_another_format_is_no_state() -> None:
     assert gcra.decode_state(None) is None
     assert gcra.decode_state(b"s0 1 2") is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    params=limit_params(),
+    steps=st.lists(
+        st.tuples(
+            st.integers(0, 3_000_000),
+            st.integers(1, 50),
+            PRIORITY,
+            st.integers(0, 20_000_000),
+            st.integers(0, 200),
+            st.lists(st.floats(0, 1), max_size=200),
+        ),
+        min_size=1,
+        max_size=120,
+    ),
+    reserve=st.floats(0, 0.9),
+    lease_us=st.integers(0, 3_000_000),
+)
+def test_leases_spent_anywhere_in_their_life_never_exceed_the_limit(
+    params: LimitParams,
+    steps: list[tuple[int, int, str, int, int, list[float]]],
+    reserve: float,
+    lease_us: int,
+) -> None:
+    """Leases and reservations of every class in any order; a lease's admissions start at any
+    instants of its life (some never): no closed window holds more than the limit."""
+    limits = one(params, reserve)
+    now, tats = 1_000_000, (0,)
+    admitted: list[tuple[int, int]] = []
+    for dt, cost, priority, ahead, wanted, uses in steps:
+        now += dt
+        granted, leased = gcra.lease(tats, now, (cost,), limits, wanted, lease_us)
+        if granted:
+            assert gcra.LEASE_MIN <= granted <= wanted
+            tats = leased
+            admitted += [(now + round(u * lease_us), cost) for u in uses[:granted]]
+            continue
+        v = gcra.reserve(tats, now, (cost,), limits, priority == "critical", ahead)
+        if v.admitted:
+            tats = v.tats
+            admitted.append((v.slot_us, cost))
+    if admitted:
+        assert max_in_closed_window(sorted(admitted), params.window_us) <= params.limit
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    params=limit_params(),
+    prior=st.lists(st.tuples(st.integers(1, 20), st.integers(0, 100)), max_size=30),
+    cost=st.integers(1, 20),
+    priority=PRIORITY,
+    reserve=st.floats(0, 0.9),
+)
+def test_after_any_lease_a_request_of_any_class_is_admitted_at_once(
+    params: LimitParams, prior: list[tuple[int, int]], cost: int, priority: str, reserve: float
+) -> None:
+    """A lease is granted only while it leaves half the usable burst free: a request of any class
+    that needs at most that much room is admitted at once after it (no lease delays anyone)."""
+    limits = one(params, reserve)
+    now, tats = 5_000_000, (0,)
+    for c, wanted in prior:
+        granted, leased = gcra.lease(tats, now, (c,), limits, wanted, 1_000)
+        if granted:
+            tats = leased
+            if 2 * limits.increment(0, cost) <= limits.tolerance(0, False, cost):
+                v = gcra.reserve(tats, now, (cost,), limits, priority == "critical", 0)
+                assert v.admitted and v.slot_us == now
+        else:
+            tats = gcra.reserve(tats, now, (c,), limits, True, 10**12).tats
+        now += 1_000
+
+
+def test_no_lease_while_paused_or_while_a_class_holds_a_ticket() -> None:
+    """Contended traffic (tickets ahead) and a paused budget are served by reservations only."""
+    params = (LimitParams("rpm", 600_000, 60_000_000, 10_000),)
+    now = 10_000_000
+    ample = gcra.State(buckets=(("rpm", gcra.Bucket(now - 1, now + 100_000_000)),))  # full
+    lease = gcra.Lease((1,), 100)
+    assert gcra.run_batch(ample, now, params, 0.1, (lease,), 200_000).results[0].status == 3
+    assert gcra.run_batch(ample, now, params, 0.1, (lease,), 0).results[0].status == 0  # leases off
+    ticket = gcra.State(0, now + 1_000_000, (0, 0, now + 5, 0), 0, ample.buckets)
+    assert gcra.run_batch(ticket, now, params, 0.1, (lease,), 200_000).results[0].status == 0
+    paused = gcra.run_batch(ample, now, params, 0.1, (gcra.Pause(1_000), lease), 200_000)
+    assert paused.results[1].status == 0
+    cold = gcra.run_batch(None, now, params, 0.1, (lease,), 200_000)  # a fresh bucket: half full
+    assert cold.results[0].status == 0
+
+
+@st.composite
+def leasable_params(draw: st.DrawFn) -> LimitParams:
+    """Limits whose burst lasts long enough for a lease (and some that do not)."""
+    limit = draw(st.integers(100, 5000))
+    burst = draw(st.integers(limit // 10, limit // 2))
+    return LimitParams("l", limit, draw(st.integers(1_000_000, 60_000_000)), burst)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    limits=st.lists(leasable_params(), min_size=1, max_size=3),
+    # full (a tat long past) or anywhere near now
+    offsets=st.lists(
+        st.one_of(st.just(-(10**10)), st.integers(-2_000_000, 2_000_000)), min_size=3, max_size=3
+    ),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["l", "l", "l", "r", "p"]), st.integers(0, 500), PRIORITY),
+        min_size=1,
+        max_size=8,
+    ),
+    costs=st.tuples(st.integers(0, 5), st.integers(0, 5), st.integers(0, 5)),
+    ticket=st.sampled_from([False, False, False, True]),
+    lease_us=st.sampled_from([1_000, 1_000, 200_000, 0]),
+)
+def test_lua_leases_agree_with_the_pure_model(
+    redis_server: RedisServer,
+    limits: list[LimitParams],
+    offsets: list[int],
+    ops: list[tuple[str, int, str]],
+    costs: tuple[int, int, int],
+    ticket: bool,
+    lease_us: int,
+) -> None:
+    """Leases on buckets seeded anywhere from full to past their burst (a ticket ahead or not),
+    between reservations and pauses: the script and gcra.run_batch answer and store the same."""
+    params = tuple(
+        LimitParams(f"l{i}", p.limit, p.window_us, p.burst, "tokens") for i, p in enumerate(limits)
+    )
+    n = len(params)
+    client = redis.Redis(port=redis_server.port)
+    try:
+        budget = f"lease-{uuid.uuid4().hex}"
+        seconds, micros = client.time()
+        t = seconds * 1_000_000 + micros
+        queue = f"{t + 60_000_000} 0 {t + 3_000_000} 0 0" if ticket else "0 0 0 0 0"
+        buckets = " ".join(
+            f"{p.name} {max(t + offset, 0)} {t + 100_000_000} 0 {t} 0"
+            for p, offset in zip(params, offsets, strict=False)
+        )
+        seed = f"s1 0 {queue} 0 {buckets}"
+        client.set(state_key(budget), seed)
+        batch: list[gcra.Op] = []
+        for kind, amount, priority in ops:
+            if kind == "l":
+                batch.append(gcra.Lease(costs[:n], gcra.LEASE_MIN + amount))
+            elif kind == "r":
+                batch.append(gcra.Reserve(priority, amount * 1_000, tuple(max(c, 1) for c in costs[:n])))
+            else:
+                batch.append(gcra.Pause(amount))
+        args: list[str | int | float] = ["0.1", lease_us, n]
+        for p in params:
+            args += [p.name, p.limit, p.window_us, p.burst]
+        args += ["", 10_000_000, "", f"ch-{budget}", len(batch)]
+        for op in batch:
+            args += _op_args(op, n)
+        reply = client.register_script(limiter_lua.BATCH)(
+            keys=[state_key(budget), agents_key(budget)], args=args
+        )
+        now = int(reply[0])
+        expected = gcra.run_batch(gcra.decode_state(seed), now, params, 0.1, tuple(batch), lease_us)
+        assert tuple(float(x) for x in reply[3 : 3 + n]) == expected.used
+        assert tuple(int(x) for x in reply[3 + n : 3 + 2 * n]) == expected.tats
+        at = 3 + 2 * n
+        for op, result in zip(batch, expected.results, strict=True):
+            got = (
+                int(reply[at]),
+                int(reply[at + 1]),
+                int(reply[at + 2]),
+                tuple(int(x) for x in reply[at + 3 : at + 3 + n]),
+            )
+            assert got == (result.status, result.value, result.limiting, result.tats), op
+            at += 3 + n
+        raw = client.get(state_key(budget))
+        if expected.written:
+            assert gcra.decode_state(raw) == expected.state
+    finally:
+        client.close()
+
+
+def test_a_lease_spent_at_the_end_of_its_life_leaves_no_window_over_the_limit() -> None:
+    """The worst case a lease's life makes: granted on a full bucket, every admission spent at its
+    last instant, then a saturating demand for a whole window from that instant. Each bucket
+    advances from the end of the lease's life, so the window still holds the limit, no more."""
+    params = LimitParams("rpm", 600, 60_000_000, 300)
+    limits = one(params)
+    grant, life = 1_000_000_000, 2_000_000
+    granted, tats = gcra.lease((grant - 10**9,), grant, (1,), limits, 100, life)
+    assert granted == 100
+    admitted = [(grant + life, 1)] * granted
+    now = grant + life
+    while now <= grant + life + params.window_us:
+        while (v := gcra.reserve(tats, now, (1,), limits, True, 0)).admitted:
+            tats = v.tats
+            admitted.append((v.slot_us, 1))
+        now += 10_000
+    assert max_in_closed_window(sorted(admitted), params.window_us) == params.limit

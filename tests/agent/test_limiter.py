@@ -693,6 +693,286 @@ async def test_the_batch_packs_reservations_as_their_op_args() -> None:
     for op in ops:
         await limiter._run([_Request(op, None)])
     expected = [
-        (5 + 7, _resp(("", _AGENT_TTL_US, "", pause_channel(budget.name), 1, *_op_args(op, 2)))) for op in ops
+        (5 + 8, _resp(("", _AGENT_TTL_US, "", pause_channel(budget.name), 1, *_op_args(op, 2)))) for op in ops
     ]
     assert sent == expected
+
+
+# -- leases: while the budget is ample a busy process spends admissions without a script call ----
+
+# the most a minute the GCRA takes, and its default burst of one second: leases of up to 62,500
+AMPLE = LimitParams("rpm", 30_000_000, 60_000_000, 500_000)
+
+
+async def until_leased(limiter: SharedLimiter, priority: str = "normal", tokens: int = 0) -> int:
+    """Acquire (yielding between) until one comes from a lease; how many it took."""
+    for taken in range(1, 2_000):
+        if (await limiter.acquire(priority, tokens, timeout_s=5)).leased:
+            return taken
+        await asyncio.sleep(0)
+    raise AssertionError("no lease in 2,000 acquires")
+
+
+async def test_an_ample_budget_is_spent_from_leases_with_few_script_calls(redis_server: RedisServer) -> None:
+    """One caller acquiring in a loop: after the first few script calls nearly every admission
+    comes from a lease (no network), renewed ahead in the background, never two asks at once."""
+    client = fast_redis(redis_server.url)
+    limiter = SharedLimiter(client, Budget(f"lease-{uuid.uuid4().hex}", (AMPLE,)))
+    try:
+        await until_leased(limiter)
+        before = await evalsha_calls(client)
+        asks = 0
+        run = limiter._run
+
+        async def one_ask_at_a_time(batch: list[_Request]) -> list[str | int | bytes]:
+            nonlocal asks
+            in_batch = sum(isinstance(r.op, gcra.Lease) for r in batch)
+            asks += in_batch
+            assert in_batch + sum(isinstance(r.op, gcra.Lease) for r in limiter._pending) <= 1
+            return await run(batch)
+
+        limiter._run = one_ask_at_a_time  # type: ignore[method-assign]
+        leased = 0
+        for _ in range(3_000):
+            leased += (await limiter.acquire("normal", 0, timeout_s=5)).leased
+            await asyncio.sleep(0)
+        calls = await evalsha_calls(client) - before
+        assert leased >= 0.97 * 3_000, leased
+        assert asks > 0 and calls <= 0.03 * 3_000, (asks, calls)
+        stats = limiter.lease_stats
+        assert stats.granted >= stats.spent >= leased
+    finally:
+        await limiter.aclose()
+        await client.aclose()
+
+
+async def test_leased_and_reserved_admissions_of_many_agents_never_exceed_the_budget(
+    redis_server: RedisServer,
+) -> None:
+    """Four agents x eight callers on a budget whose burst is long enough for leases, at half the
+    budget for a second, then saturating it for 1.5 s: leased and reserved admissions together,
+    at their Redis-clock instants (a leased one's lies between its lease's grant and the end of
+    its life), never exceed the limit in any closed window, and both kinds occur (the budget
+    goes from ample to saturated)."""
+    params = LimitParams("rps", 3_000, 1_000_000, 600)  # a burst of 250 ms: leases live 30 ms
+    budget = Budget(f"lease-window-{uuid.uuid4().hex}", (params,))
+    clients = [fast_redis(redis_server.url) for _ in range(4)]
+    limiters = [SharedLimiter(c, budget, lease_s=0.03) for c in clients]
+    admissions: list[tuple[int, int]] = []
+    kinds: list[bool] = []
+    light_until = time.monotonic() + 1.0
+    until = light_until + 1.5
+
+    async def caller(limiter: SharedLimiter) -> None:
+        while time.monotonic() < until:
+            try:
+                r = await limiter.acquire("normal", 0, timeout_s=max(until - time.monotonic(), 0.0))
+            except LimiterTimeout:
+                return
+            admissions.append((r.slot_us, 1))
+            kinds.append(r.leased)
+            # half the budget for a second (ample: leases), then all they can get (saturated)
+            await asyncio.sleep(0.02 if time.monotonic() < light_until else 0)
+
+    try:
+        await asyncio.gather(*(caller(lim) for lim in limiters for _ in range(8)))
+        assert max_in_closed_window(sorted(admissions), params.window_us) <= params.limit
+        assert sum(kinds) > 100 and len(kinds) - sum(kinds) > 100, (sum(kinds), len(kinds))
+    finally:
+        for lim, c in zip(limiters, clients, strict=True):
+            await lim.aclose()
+            await c.aclose()
+
+
+async def test_contended_waiters_take_no_lease_and_keep_their_order(redis_server: RedisServer) -> None:
+    """Four agents x 50 waiters on a budget ample enough for leases when idle: once the waiters
+    hold tickets the script grants no lease; each agent's slots follow its arrival order."""
+    budget = Budget(f"lease-fifo-{uuid.uuid4().hex}", (LimitParams("rpm", 6_000, 60_000_000, 100),))
+    clients = [fast_redis(redis_server.url) for _ in range(4)]
+    limiters = [SharedLimiter(c, budget) for c in clients]
+    try:
+        per_agent = await asyncio.gather(
+            *(
+                asyncio.gather(*(lim.acquire("normal", 0, timeout_s=10) for _ in range(50)))
+                for lim in limiters
+            )
+        )
+        for reservations in per_agent:
+            slots = [r.slot_us for r in reservations]
+            assert slots == sorted(slots)
+            assert not any(r.leased for r in reservations)
+        assert sum(lim.lease_stats.granted for lim in limiters) <= 4 * gcra.LEASE_MIN * 2
+    finally:
+        for lim, c in zip(limiters, clients, strict=True):
+            await lim.aclose()
+            await c.aclose()
+
+
+async def test_a_429_voids_every_agents_leases_within_100ms(redis_server: RedisServer) -> None:
+    """Agent A spends leases; agent B gets a 429 and pauses the budget for 1 s. No admission of A
+    starts later than 100 ms after the pause and before its end: the push voids A's leases."""
+    budget = Budget(f"lease-pause-{uuid.uuid4().hex}", (AMPLE,))
+    pod_a, pod_b = fast_redis(redis_server.url), fast_redis(redis_server.url)
+    a, b = SharedLimiter(pod_a, budget), SharedLimiter(pod_b, budget)
+    try:
+        await until_leased(a)
+        starts: list[tuple[float, bool]] = []
+        stop = asyncio.Event()
+
+        async def caller() -> None:
+            while not stop.is_set():
+                r = await a.acquire("normal", 0, timeout_s=10)
+                starts.append((time.monotonic(), r.leased))
+                await asyncio.sleep(0.01)  # a lease lasts about its life: longer than 100 ms
+
+        callers = [asyncio.create_task(caller()) for _ in range(4)]
+        await async_eventually(lambda: sum(leased for _, leased in starts) >= 20, 5, "A on a lease")
+        before = time.monotonic()
+        await b.pause(1.0)
+        paused = time.monotonic()
+        await asyncio.sleep(1.3)
+        stop.set()
+        await asyncio.gather(*callers)
+        held = [t for t, _ in starts if before + 0.1 < t < paused + 0.9]
+        assert not held, [round(t - before, 3) for t in held]
+        assert any(t > paused + 0.9 for t, _ in starts)  # A goes on after the pause
+        assert a.lease_stats.lost > 0  # the voided lease's admissions: charged, never spent
+    finally:
+        await a.aclose()
+        await b.aclose()
+        await pod_a.aclose()
+        await pod_b.aclose()
+
+
+async def test_a_lease_is_spent_while_redis_is_down_until_it_expires_and_never_renewed(
+    tmp_path: Path,
+) -> None:
+    """redis-server is stopped (SIGSTOP) while an agent holds a lease of 1 s: low (which fails
+    closed in degraded mode) is still admitted from the lease until its life ends, never after,
+    and no lease is asked for while the limiter is degraded."""
+    server = RedisServer(tmp_path)
+    server.start()
+    client = fast_redis(server.url)
+    hourly = LimitParams("rph", 36_000_000, 3_600_000_000, 600_000)  # a burst of a minute
+    budget = Budget(f"lease-down-{uuid.uuid4().hex}", (hourly,))
+    limiter = SharedLimiter(client, budget, lease_s=1.0, redis_retry_interval_s=0.5)
+    try:
+        seconds, micros = await client.time()
+        t = seconds * 1_000_000 + micros  # a full bucket (a fresh one starts half full: no lease)
+        await client.set(state_key(budget.name), f"s1 0 0 0 0 0 0 0 rph {t - 1} {t + 100_000_000} 0 {t} 0")
+        await until_leased(limiter, "low")
+        for _ in range(300):  # a demand of a few hundred a lease life: leases that large
+            await limiter.acquire("low", 0, timeout_s=5)
+            await asyncio.sleep(0)
+        await async_eventually(lambda: not limiter._lease_asked, 5, "no ask in flight")
+        asked_while_degraded = []
+        submit = limiter._submit
+
+        def recorded(op: gcra.Op, wait: bool, **kwargs: Any) -> _Request:
+            if limiter.degraded and isinstance(op, gcra.Lease):
+                asked_while_degraded.append(op)
+            return submit(op, wait, **kwargs)
+
+        limiter._submit = recorded  # type: ignore[method-assign]
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            ends = max(lease.until for lease in limiter._leases)
+            leased_after_end, leased_before_end, refused = 0, 0, 0
+            stopped = time.monotonic()
+            while time.monotonic() - stopped < 2.5:
+                try:
+                    r = await limiter.acquire("low", 0, timeout_s=0.3)
+                    if r.leased:
+                        if time.monotonic() > ends:
+                            leased_after_end += 1
+                        else:
+                            leased_before_end += 1
+                except LimiterTimeout:
+                    refused += 1
+                await asyncio.sleep(0.005)
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        assert leased_before_end > 10 and leased_after_end == 0 and refused > 0
+        assert limiter.degraded or refused > 0
+        assert not asked_while_degraded
+    finally:
+        await limiter.aclose()
+        await client.aclose()
+        server.stop()
+
+
+async def test_a_lease_in_tokens_serves_the_requests_it_holds_room_for(redis_server: RedisServer) -> None:
+    """A budget with a token limit: a lease holds requests and tokens (the cost of the request
+    that asked, times its admissions); a request costing more tokens than the lease holds goes to
+    Redis, and a lease is never spent below zero in any limit."""
+    budget = Budget(
+        f"lease-tokens-{uuid.uuid4().hex}",
+        (AMPLE, LimitParams("tpm", 60_000_000, 60_000_000, 3_000_000, "tokens")),
+    )
+    client = fast_redis(redis_server.url)
+    limiter = SharedLimiter(client, budget)
+    try:
+        await until_leased(limiter, tokens=100)
+        held = sum(lease.left[1] for lease in limiter._leases)
+        big = await limiter.acquire("normal", held + 1, timeout_s=5)
+        assert not big.leased  # more tokens than any lease holds: a reservation
+        small = await limiter.acquire("normal", 50, timeout_s=5)
+        assert small.leased  # fewer tokens than a lease admission's: from the lease
+        assert all(units >= 0 for lease in limiter._leases for units in lease.left)
+    finally:
+        await limiter.aclose()
+        await client.aclose()
+
+
+async def test_admissions_from_leases_count_in_the_utilization(redis_server: RedisServer) -> None:
+    client = fast_redis(redis_server.url)
+    metrics = AgentMetrics(process_collector=False)
+    budget = Budget(f"lease-util-{uuid.uuid4().hex}", (AMPLE,))
+    limiter = SharedLimiter(client, budget, metrics=metrics)
+    try:
+        taken = await until_leased(limiter)
+        for _ in range(500):
+            await limiter.acquire("normal", 0, timeout_s=5)
+            await asyncio.sleep(0)
+        assert limiter.lease_stats.spent > 400
+        await limiter.try_acquire("critical", 0)  # a script call: the latest count of what was used
+        value = metrics.registry.get_sample_value(
+            metric_names.LIMITER_BUDGET_UTILIZATION, {"budget": budget.name, "window": "rpm"}
+        )
+        sustained = AMPLE.limit - AMPLE.burst
+        assert value is not None and value >= (taken + 500) / sustained * 0.99
+    finally:
+        await limiter.aclose()
+        await client.aclose()
+
+
+async def test_a_lease_whose_grant_comes_after_a_pause_push_is_void(redis_server: RedisServer) -> None:
+    """The reply granting a lease and the push of a pause from another agent travel on two
+    connections: when the push is handled first, the lease (granted before the pause) is void."""
+    client = fast_redis(redis_server.url)
+    limiter = SharedLimiter(client, Budget(f"lease-race-{uuid.uuid4().hex}", (AMPLE,)))
+    try:
+        await until_leased(limiter)
+        run = limiter._run
+        granting: list[bool] = []
+
+        async def push_first(batch: list[_Request]) -> list[str | int | bytes]:
+            reply = await run(batch)
+            if any(isinstance(r.op, gcra.Lease) for r in batch):
+                granting.append(True)
+                limiter._void_leases()  # what the listener does on a pause's push
+            return reply
+
+        limiter._run = push_first  # type: ignore[method-assign]
+        lost = limiter.lease_stats.lost
+        for _ in range(10_000):
+            if granting:
+                break
+            await limiter.acquire("normal", 0, timeout_s=5)
+            await asyncio.sleep(0)
+        await async_eventually(lambda: not limiter._lease_asked, 5, "the ask answered")
+        assert not limiter._leases and limiter.lease_stats.lost > lost
+    finally:
+        await limiter.aclose()
+        await client.aclose()
