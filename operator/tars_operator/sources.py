@@ -102,8 +102,10 @@ class PrometheusReader:
             data = await self._get("/api/v1/query_range", params)
         except PrometheusError:
             return []  # no samples is what the memory policy handles
+        # Every series has the same steps: one datetime per step, shared by the agents' samples.
+        times: dict[float, dt.datetime] = {}
         return [
-            Sample(float(value), dt.datetime.fromtimestamp(float(at), dt.UTC))
+            Sample(float(value), times.get(at) or times.setdefault(at, dt.datetime.fromtimestamp(at, dt.UTC)))
             for one in data.get("result") or []
             for at, value in one["values"]
             if value not in ("NaN", "+Inf", "-Inf")

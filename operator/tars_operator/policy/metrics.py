@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 
-@dataclass(frozen=True)
+# Slots: a pool's memory window holds thousands of samples (its agents x the window's steps), 100
+# pools some 100,000 (~130 -> ~90 bytes each with the times shared, see PrometheusReader).
+@dataclass(frozen=True, slots=True)
 class Sample:
     value: float
     at: datetime
