@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import redis
@@ -231,6 +233,24 @@ def batch_ops(draw: st.DrawFn, n: int) -> list[tuple[str, int, int, tuple[int, .
     )
 
 
+def assert_reply_is_the_models(
+    reply: Sequence[Any], expected: gcra.BatchResult, ops: Sequence[object], n: int
+) -> None:
+    """The script's reply to a batch, field by field, against the model's run of the same ops."""
+    assert tuple(float(x) for x in reply[3 : 3 + n]) == expected.used
+    assert tuple(int(x) for x in reply[3 + n : 3 + 2 * n]) == expected.tats
+    at = 3 + 2 * n
+    for op, result in zip(ops, expected.results, strict=True):
+        got = (
+            int(reply[at]),
+            int(reply[at + 1]),
+            int(reply[at + 2]),
+            tuple(int(x) for x in reply[at + 3 : at + 3 + n]),
+        )
+        assert got == (result.status, result.value, result.limiting, result.tats), op
+        at += 3 + n
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     limits=st.lists(limit_params(max_window_us=20_000), min_size=1, max_size=3),
@@ -304,20 +324,10 @@ def test_lua_batch_agrees_with_the_pure_model(
             expected = gcra.run_batch(state, now, calling, reserve, tuple(ops), lease_us)
             assert int(reply[1]) == expected.pause_until_us
             assert int(reply[2]) == 1  # one agent heard of
-            assert tuple(float(x) for x in reply[3 : 3 + n]) == expected.used
-            assert tuple(int(x) for x in reply[3 + n : 3 + 2 * n]) == expected.tats
-            at = 3 + 2 * n
+            assert_reply_is_the_models(reply, expected, ops, n)
             for op, result in zip(ops, expected.results, strict=True):
-                got = (
-                    int(reply[at]),
-                    int(reply[at + 1]),
-                    int(reply[at + 2]),
-                    tuple(int(x) for x in reply[at + 3 : at + 3 + n]),
-                )
-                assert got == (result.status, result.value, result.limiting, result.tats), op
                 if isinstance(op, gcra.Reserve) and result.status == 1:
                     reserved.append((result.tats, op.costs))
-                at += 3 + n
             raw = client.get(state_key(budget))
             if expected.written:
                 assert gcra.decode_state(raw) == expected.state
@@ -575,18 +585,7 @@ def test_lua_leases_agree_with_the_pure_model(
         )
         now = int(reply[0])
         expected = gcra.run_batch(gcra.decode_state(seed), now, params, 0.1, tuple(batch), lease_us)
-        assert tuple(float(x) for x in reply[3 : 3 + n]) == expected.used
-        assert tuple(int(x) for x in reply[3 + n : 3 + 2 * n]) == expected.tats
-        at = 3 + 2 * n
-        for op, result in zip(batch, expected.results, strict=True):
-            got = (
-                int(reply[at]),
-                int(reply[at + 1]),
-                int(reply[at + 2]),
-                tuple(int(x) for x in reply[at + 3 : at + 3 + n]),
-            )
-            assert got == (result.status, result.value, result.limiting, result.tats), op
-            at += 3 + n
+        assert_reply_is_the_models(reply, expected, batch, n)
         raw = client.get(state_key(budget))
         if expected.written:
             assert gcra.decode_state(raw) == expected.state
