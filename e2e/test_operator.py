@@ -170,6 +170,14 @@ def wait_cycles(op: OperatorEnv, namespace: str, pool: str, cycles: int = 5) -> 
     )
 
 
+def queue_in_prometheus(op: OperatorEnv, namespace: str, pool: str) -> float | None:
+    """The pool's queue depth as Prometheus has it now (the operator's default query)."""
+    result = op.prometheus.query(
+        f'sum(max by (priority) (tars_queue_depth{{namespace="{namespace}",pool="{pool}"}}))'
+    )
+    return float(result[0]["value"][1]) if result else None
+
+
 def fast_scaling(**overrides: Any) -> dict[str, Any]:
     scaling = {
         "interval": "2s",
@@ -189,6 +197,13 @@ def test_queue_depth_scales_up_and_scale_in_removes_only_idle_agents(op: Operato
     )
     wait_ready_agents(kube, namespace, "scale", 1, 90)
     op.set_control(namespace, "scale", "queue", 9)  # 4 above the threshold of 5 -> 2 extra (targetPerAgent 2)
+    # The operator reads the queue from Prometheus; what is timed below is the operator, so first
+    # Prometheus must scrape the agents. The chart's PodMonitor, installed with this module, reaches
+    # Prometheus through a config Secret the kubelet syncs (~1 min; a CI run once spent 45 s of the
+    # 60 s below waiting for it).
+    eventually(
+        lambda: queue_in_prometheus(op, namespace, "scale") == 9, 120, "Prometheus scraping the queue of 9"
+    )
     wait_ready_agents(kube, namespace, "scale", 3, 60)
     status = wait_status(kube, namespace, "scale", "queueDepth", 9, 30)
     assert status["desiredReplicas"] == 3
