@@ -199,8 +199,8 @@ def test_queue_depth_scales_up_and_scale_in_removes_only_idle_agents(op: Operato
     op.set_control(namespace, "scale", "queue", 9)  # 4 above the threshold of 5 -> 2 extra (targetPerAgent 2)
     # The operator reads the queue from Prometheus; what is timed below is the operator, so first
     # Prometheus must scrape the agents. The chart's PodMonitor, installed with this module, reaches
-    # Prometheus through a config Secret the kubelet syncs (~1 min; a CI run once spent 45 s of the
-    # 60 s below waiting for it).
+    # Prometheus through prometheus-operator's config Secret and its reloader: up to a minute. A CI
+    # run timed out on the 60 s below; rerun alone, the scale-up came 45 s after the queue rose.
     eventually(
         lambda: queue_in_prometheus(op, namespace, "scale") == 9, 120, "Prometheus scraping the queue of 9"
     )
