@@ -2,7 +2,7 @@
 
 Why not a client library: kubernetes_asyncio's generated package imports every model of every
 API group, ~60 MB of RSS and ~0.9 s of start-up here (`python -X importtime -c "import kopf"`
-with and without it installed), most of what the operator held at 200 agents; and kopf imports
+with and without it installed), nearly half of what the operator held at 200 agents; kopf imports
 it whenever it is installed. lightkube (the light one) cannot delete with a UID precondition nor
 patch pods/resize, which the controller relies on. What this module needs is small: JSON in and
 out, four patch types, and the credentials kopf's own login functions already parse.
