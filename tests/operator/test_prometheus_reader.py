@@ -7,11 +7,11 @@ import datetime as dt
 import itertools
 import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
+from e2e.harness import eventually
 
 from tars_localcluster.config import cached_tool
 from tars_operator.sources import PrometheusReader, QueryResult
@@ -42,12 +42,13 @@ def prometheus_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=(tmp / "log").open("w"),
     )
+
+    def ready() -> bool:
+        assert server.poll() is None, f"prometheus exited: {(tmp / 'log').read_text()[-2000:]}"
+        return _ready(url)
+
     try:
-        deadline = time.monotonic() + 60
-        while not _ready(url):
-            assert server.poll() is None, f"prometheus exited: {(tmp / 'log').read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "prometheus not ready within 60 s"
-            time.sleep(0.1)
+        eventually(ready, 60, "prometheus ready")
         yield url
     finally:
         server.terminate()
