@@ -24,7 +24,7 @@ from tars_contract import contract
 from tars_operator import builders, models, observability, queries
 from tars_operator.kubeclient import API_ERRORS, ApiError, KubeApi
 from tars_operator.leader import Fence
-from tars_operator.policy.metrics import Metrics, Sample
+from tars_operator.policy.metrics import MemoryUsage, Metrics, Sample
 from tars_operator.policy.observe import PodState, pod_state
 from tars_operator.policy.plan import ControllerState, Plan, plan
 from tars_operator.sources import AgentClient, AgentState, AgentStateReader, PrometheusReader, QueryResult
@@ -140,11 +140,14 @@ class PoolController:
         wait = prom.query(queries.limiter_wait_seconds(self.name, self.namespace)) if limit else _no_result()
         step = max(spec.scaling.interval.delta, dt.timedelta(seconds=2))
         memory = (
-            prom.query_range(queries.agent_memory(self.name, self.namespace), spec.memory.window.delta, step)
+            prom.query_by_label(
+                queries.agent_memory_usage(self.name, self.namespace, spec.memory.window.delta, step),
+                queries.MEMORY_STAT_LABEL,
+            )
             if spec.memory.mode != "Off"
-            else _no_samples()
+            else _no_stats()
         )
-        queue_result, budget_result, wait_result, memory_samples = await asyncio.gather(
+        queue_result, budget_result, wait_result, memory_stats = await asyncio.gather(
             queue, budget, wait, memory
         )
         if queue_result.error is not None:
@@ -152,7 +155,7 @@ class PoolController:
             return Metrics(queue_depth_error=queue_result.error)
         return Metrics(
             queue_depth=queue_result.sample,
-            memory_bytes=tuple(memory_samples),
+            memory=memory_usage(memory_stats),
             budget_utilization=budget_result.sample,
             limiter_wait_seconds=wait_result.sample,
         )
@@ -373,8 +376,16 @@ async def _no_result() -> QueryResult:
     return QueryResult(None)
 
 
-async def _no_samples() -> list[Sample]:
-    return []
+async def _no_stats() -> dict[str, Sample]:
+    return {}
+
+
+def memory_usage(stats: Mapping[str, Sample]) -> MemoryUsage | None:
+    """The three numbers of queries.agent_memory_usage, or None unless all three came back."""
+    if not all(stat in stats for stat in queries.MEMORY_STATS):
+        return None
+    p95, peak, samples = (stats[stat].value for stat in queries.MEMORY_STATS)
+    return MemoryUsage(p95, peak, int(samples))
 
 
 async def _none() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +29,9 @@ class QueryResult:
 
 
 class PrometheusReader:
-    """Instant and range queries against Prometheus' HTTP API (/api/v1/query, /query_range).
+    """Instant queries against Prometheus' HTTP API (/api/v1/query).
 
-    Two GETs of JSON need no client library. prometheus-api-client, used before, is synchronous: every
+    A GET of JSON need no client library. prometheus-api-client, used before, is synchronous: every
     query took a thread of asyncio's default executor, which all pools share, and it brought
     requests, dateparser, regex and pytz along (at 2,000 agents the operator's RSS went from 172 to
     153 MB without it: bench/README.md, operator_scale)."""
@@ -90,27 +89,23 @@ class PrometheusReader:
             return QueryResult(None, None)
         return QueryResult(Sample(number, dt.datetime.fromtimestamp(float(at), dt.UTC)))
 
-    async def query_range(self, promql: str, window: dt.timedelta, step: dt.timedelta) -> list[Sample]:
-        """Every sample of every series in the window; empty when the query fails."""
-        end = time.time()
-        params = {
-            "query": promql,
-            "start": f"{end - window.total_seconds():.3f}",
-            "end": f"{end:.3f}",
-            "step": str(max(1, int(step.total_seconds()))),
-        }
+    async def query_by_label(self, promql: str, label: str) -> dict[str, Sample]:
+        """Each series' sample under its value of `label`; empty when the query fails, a series has
+        no such label, or its value is not a number (the caller then has no data, which its policy
+        handles)."""
         try:
-            data = await self._get("/api/v1/query_range", params)
+            data = await self._get("/api/v1/query", {"query": promql})
         except PrometheusError:
-            return []  # no samples is what the memory policy handles
-        # Every series has the same steps: one datetime per step, shared by the agents' samples.
-        times: dict[float, dt.datetime] = {}
-        return [
-            Sample(float(value), times.get(at) or times.setdefault(at, dt.datetime.fromtimestamp(at, dt.UTC)))
-            for one in data.get("result") or []
-            for at, value in one["values"]
-            if value not in ("NaN", "+Inf", "-Inf")
-        ]
+            return {}
+        samples: dict[str, Sample] = {}
+        vector = data.get("result") or [] if data.get("resultType") == "vector" else []
+        for series in vector:
+            key = series.get("metric", {}).get(label)
+            at, text = series["value"]
+            if key is None or text in ("NaN", "+Inf", "-Inf"):
+                continue
+            samples[key] = Sample(float(text), dt.datetime.fromtimestamp(float(at), dt.UTC))
+        return samples
 
 
 class PrometheusError(Exception):

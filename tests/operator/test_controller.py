@@ -20,11 +20,11 @@ from e2e.harness import async_eventually
 from factories import raw_spec
 from prometheus_client import REGISTRY
 
-from tars_operator import builders
+from tars_operator import builders, queries
 from tars_operator.controller import AgentPod, PoolController, with_queue_count
 from tars_operator.kubeclient import ApiError
 from tars_operator.leader import Fence
-from tars_operator.policy.metrics import Metrics, Sample
+from tars_operator.policy.metrics import MemoryUsage, Metrics, Sample
 from tars_operator.policy.observe import PodState
 from tars_operator.sources import AgentState, QueryResult
 
@@ -98,8 +98,8 @@ class FakePrometheus:
     async def query(self, promql: str) -> QueryResult:
         return QueryResult(Sample(0.0, dt.datetime.now(dt.UTC)))
 
-    async def query_range(self, promql: str, window: dt.timedelta, step: dt.timedelta) -> list[Sample]:
-        return []
+    async def query_by_label(self, promql: str, label: str) -> dict[str, Sample]:
+        return {}
 
 
 @dataclass
@@ -496,9 +496,9 @@ class SlowPrometheus(FakePrometheus):
         await self._answer()
         return QueryResult(Sample(1.0, dt.datetime.now(dt.UTC)))
 
-    async def query_range(self, promql: str, window: dt.timedelta, step: dt.timedelta) -> list[Sample]:
+    async def query_by_label(self, promql: str, label: str) -> dict[str, Sample]:
         await self._answer()
-        return [Sample(2.0, dt.datetime.now(dt.UTC))]
+        return {stat: Sample(2.0, dt.datetime.now(dt.UTC)) for stat in queries.MEMORY_STATS}
 
 
 def test_a_pools_queries_go_to_prometheus_together_not_one_after_the_other() -> None:
@@ -515,4 +515,4 @@ def test_a_pools_queries_go_to_prometheus_together_not_one_after_the_other() -> 
 
     metrics = asyncio.run(read())
     assert metrics.queue_depth is not None and metrics.budget_utilization is not None
-    assert metrics.limiter_wait_seconds is not None and len(metrics.memory_bytes) == 1
+    assert metrics.limiter_wait_seconds is not None and metrics.memory == MemoryUsage(2.0, 2.0, 2)

@@ -6,18 +6,18 @@ import pytest
 from factories import T0, idle
 
 from tars_operator.models import Memory
-from tars_operator.policy.memory import MIN_SAMPLES, decide, percentile
-from tars_operator.policy.metrics import Sample
+from tars_operator.policy.memory import MIN_SAMPLES, decide
+from tars_operator.policy.metrics import MemoryUsage
 from tars_operator.policy.observe import PodState
 
 MI = 2**20
 
 
-def samples(*values_mi: float, age: timedelta = timedelta(minutes=1)) -> list[Sample]:
-    return [Sample(v * MI, T0 - age) for v in values_mi]
+def usage(p95_mi: float, peak_mi: float | None = None, samples: int = MIN_SAMPLES) -> MemoryUsage:
+    return MemoryUsage(p95_mi * MI, (peak_mi if peak_mi is not None else p95_mi) * MI, samples)
 
 
-FLAT_100 = samples(*[100] * MIN_SAMPLES)  # p95 100Mi -> 100/0.7 = 142.9 -> 143Mi
+FLAT_100 = usage(100)  # p95 100Mi -> 100/0.7 = 142.9 -> 143Mi
 
 
 def oom(name: str, limit_mi: int, ago: timedelta = timedelta(minutes=2)) -> PodState:
@@ -31,53 +31,32 @@ def oom(name: str, limit_mi: int, ago: timedelta = timedelta(minutes=2)) -> PodS
         ("Recommend", 512, None, FLAT_100, [], 512, 143, "Recommend"),
         ("Auto", 512, 512, FLAT_100, [], 143, 143, "Resized"),
         # Too few samples: keep the limit in force.
-        ("Auto", 512, 512, FLAT_100[:-1], [], 512, None, "NotEnoughData"),
+        ("Auto", 512, 512, usage(100, samples=MIN_SAMPLES - 1), [], 512, None, "NotEnoughData"),
         # No template limit, no data: start safe at memory.max.
-        ("Auto", None, None, [], [], 2048, None, "NotEnoughData"),
+        ("Auto", None, None, None, [], 2048, None, "NotEnoughData"),
         # Within hysteresis (+/-): no change.
         ("Auto", None, 150, FLAT_100, [], 150, 143, "WithinHysteresis"),
         ("Auto", None, 130, FLAT_100, [], 130, 143, "WithinHysteresis"),
         # The peak sets a floor: 10 % above the highest usage.
-        ("Auto", None, 1000, samples(*[100] * 19, 400), [], 440, 440, "Resized"),
+        ("Auto", None, 1000, usage(100, peak_mi=400), [], 440, 440, "Resized"),
         # Bounds.
-        ("Auto", None, 1000, samples(*[10] * MIN_SAMPLES), [], 128, 128, "Resized"),
-        ("Auto", None, 512, samples(*[3000] * MIN_SAMPLES), [], 2048, 2048, "Resized"),
+        ("Auto", None, 1000, usage(10), [], 128, 128, "Resized"),
+        ("Auto", None, 512, usage(3000), [], 2048, 2048, "Resized"),
         # OOM at the limit in force: x1.5, even without samples.
-        ("Auto", None, 512, [], [oom("a", 512)], 768, 768, "OOMKilled"),
+        ("Auto", None, 512, None, [oom("a", 512)], 768, 768, "OOMKilled"),
         # OOM at an older, smaller limit: already handled, no second bump.
-        ("Auto", None, 768, [], [oom("a", 512)], 768, None, "NotEnoughData"),
+        ("Auto", None, 768, None, [oom("a", 512)], 768, None, "NotEnoughData"),
         # OOM outside the window is forgotten.
-        ("Auto", None, 512, [], [oom("a", 512, ago=timedelta(hours=2))], 512, None, "NotEnoughData"),
+        ("Auto", None, 512, None, [oom("a", 512, ago=timedelta(hours=2))], 512, None, "NotEnoughData"),
         # OOM at max: cannot go higher.
-        ("Auto", None, 2048, [], [oom("a", 2048)], 2048, 2048, "OOMKilledAtMax"),
-        # Samples outside the window (old, or from the future) do not count.
-        (
-            "Auto",
-            512,
-            512,
-            samples(*[100] * MIN_SAMPLES, age=timedelta(hours=2)),
-            [],
-            512,
-            None,
-            "NotEnoughData",
-        ),
-        (
-            "Auto",
-            512,
-            512,
-            samples(*[100] * MIN_SAMPLES, age=-timedelta(minutes=5)),
-            [],
-            512,
-            None,
-            "NotEnoughData",
-        ),
+        ("Auto", None, 2048, None, [oom("a", 2048)], 2048, 2048, "OOMKilledAtMax"),
     ],
 )
 def test_decide(
     mode: str,
     template: int | None,
     applied: int | None,
-    data: list[Sample],
+    data: MemoryUsage | None,
     pods: list[PodState],
     limit: int | None,
     rec: int | None,
@@ -105,37 +84,29 @@ def test_decision_carries_the_numbers_behind_it() -> None:
     assert "oomKilled=a" in decision.message and "p95=100Mi" in decision.message
 
 
-@pytest.mark.parametrize(
-    ("values", "q", "expected"), [([1, 2, 3, 4], 0.5, 2), (list(range(1, 101)), 0.95, 95), ([7], 0.95, 7)]
-)
-def test_percentile_nearest_rank(values: list[float], q: float, expected: float) -> None:
-    assert percentile(values, q) == expected
-
-
 def test_an_oom_kill_is_answered_once_even_when_the_pod_is_resized_in_place() -> None:
     killed = oom("a", 512)
-    first = decide(Memory(mode="Auto"), None, 512 * MI, [], [killed], T0)
+    first = decide(Memory(mode="Auto"), None, 512 * MI, None, [killed], T0)
     assert first.limit == 768 * MI and first.oom_at == killed.last_oom
     # Resized in place, the pod reports the same kill at its new limit: no second bump.
     resized = idle("a", last_oom=killed.last_oom, memory_limit=768 * MI)
-    again = decide(Memory(mode="Auto"), None, 768 * MI, [], [resized], T0, oom_handled=first.oom_at)
+    again = decide(Memory(mode="Auto"), None, 768 * MI, None, [resized], T0, oom_handled=first.oom_at)
     assert again.limit == 768 * MI and again.oom_pod is None and not again.changed
     # A new kill at the new limit is answered.
     later = idle("a", last_oom=T0 - timedelta(seconds=10), memory_limit=768 * MI)
     assert (
-        decide(Memory(mode="Auto"), None, 768 * MI, [], [later], T0, oom_handled=first.oom_at).limit
+        decide(Memory(mode="Auto"), None, 768 * MI, None, [later], T0, oom_handled=first.oom_at).limit
         == 1152 * MI
     )
 
 
 def test_no_lowering_within_the_window_after_an_oom_kill() -> None:
-    small = [Sample(40 * MI, T0 - timedelta(seconds=i)) for i in range(MIN_SAMPLES)]
+    small = usage(40)
     resized = idle("a", last_oom=T0 - timedelta(minutes=1), memory_limit=768 * MI)
     held = decide(Memory(mode="Auto"), None, 768 * MI, small, [resized], T0, oom_handled=resized.last_oom)
     assert held.limit == 768 * MI and held.reason == "HoldAfterOOMKill"
     later = T0 + timedelta(hours=2)
-    fresh = [Sample(40 * MI, later - timedelta(seconds=i)) for i in range(MIN_SAMPLES)]
     lowered = decide(
-        Memory(mode="Auto"), None, 768 * MI, fresh, [resized], later, oom_handled=resized.last_oom
+        Memory(mode="Auto"), None, 768 * MI, small, [resized], later, oom_handled=resized.last_oom
     )
     assert lowered.reason == "Resized" and lowered.limit == 128 * MI

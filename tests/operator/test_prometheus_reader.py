@@ -1,10 +1,9 @@
 """sources.PrometheusReader against a real Prometheus (the binary `make cluster-build` builds):
-values, no data, a PromQL Prometheus refuses, and a Prometheus that is not there."""
+values, labelled values, no data, a PromQL Prometheus refuses, and a Prometheus that is not there."""
 
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -97,14 +96,21 @@ async def test_an_unreachable_prometheus_is_an_error_that_names_it() -> None:
     reader = PrometheusReader(url, timeout=2.0)
     try:
         result = await reader.query("vector(1)")
-        assert await reader.query_range("vector(1)", dt.timedelta(minutes=1), dt.timedelta(seconds=10)) == []
+        assert await reader.query_by_label('label_replace(vector(1), "stat", "a", "", "")', "stat") == {}
     finally:
         await reader.close()
     assert result.sample is None and result.error is not None
     assert url in result.error and "ConnectError" in result.error
 
 
-async def test_a_range_query_returns_every_sample_of_the_window(reader: PrometheusReader) -> None:
-    samples = await reader.query_range("vector(3)", dt.timedelta(minutes=1), dt.timedelta(seconds=10))
-    assert 6 <= len(samples) <= 7 and {s.value for s in samples} == {3.0}
-    assert all(b.at - a.at == dt.timedelta(seconds=10) for a, b in itertools.pairwise(samples))
+async def test_a_labelled_query_returns_each_series_under_its_label(reader: PrometheusReader) -> None:
+    before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    promql = (
+        'label_replace(vector(3), "stat", "a", "", "") or label_replace(vector(4), "stat", "b", "", "")'
+        ' or vector(5) or label_replace(vector(0) / 0, "stat", "nan", "", "")'
+    )
+    samples = await reader.query_by_label(promql, "stat")
+    # The unlabelled series and the NaN are left out: nothing there to use.
+    assert {stat: s.value for stat, s in samples.items()} == {"a": 3.0, "b": 4.0}
+    assert all(s.at >= before for s in samples.values())
+    assert await reader.query_by_label("sum(rate(x[1m])", "stat") == {}, "a refused query: no data"

@@ -2,12 +2,14 @@
 
 Rule, from the agents' working-set samples within `memory.window` (at least 12 of them):
   usage  = max(p95 / targetUtilization, peak x 1.1)
-i.e. the p95 sits at `targetUtilization` of the limit, and the limit never falls below
-the highest observed usage plus 10 %. After an OOMKilled at (or above) the limit in
-force, the recommendation is at least 1.5 x that limit -- even without enough samples;
-each kill is answered once (status.memoryOomHandled), since a pod resized in place keeps
-its record of the kill at its new limit, and within `window` after a kill the limit is not
-lowered (the samples since the kill do not show what caused it).
+where p95 is the highest of the agents' own 95th percentiles (Prometheus' quantile_over_time,
+see queries.agent_memory_usage) and peak the highest sample: the hungriest agent's p95 sits at
+`targetUtilization` of the limit, and the limit never falls below the highest observed usage
+plus 10 %. After an OOMKilled at (or above) the limit in force, the recommendation is at least
+1.5 x that limit -- even without enough samples; each kill is answered once
+(status.memoryOomHandled), since a pod resized in place keeps its record of the kill at its
+new limit, and within `window` after a kill the limit is not lowered (the samples since the
+kill do not show what caused it).
 The result is bounded by [memory.min, memory.max] and rounded up to a whole Mi.
 Modes: Off -- nothing computed, the template's limit stands; Recommend -- reported in
 status.memoryRecommendation only; Auto -- becomes the limit of new pods (the pod
@@ -18,18 +20,16 @@ for noise. Auto starts from the template's limit, or memory.max when it has none
 until data arrives).
 """
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from tars_operator.models import Memory
-from tars_operator.policy.metrics import Sample
+from tars_operator.policy.metrics import MemoryUsage
 from tars_operator.policy.observe import PodState
 from tars_operator.units import ceil_mebibytes
 
 MIN_SAMPLES = 12
-PERCENTILE = 0.95
 PEAK_MARGIN = 1.1
 OOM_FACTOR = 1.5
 RAISE_ABOVE = 1.10
@@ -52,17 +52,11 @@ class MemoryDecision:
     oom_at: datetime | None = None  # when the OOM kill this decision answers happened
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (no interpolation: the answer is a value that was observed)."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
 def decide(
     memory: Memory,
     template_limit: int | None,
     applied: int | None,
-    samples: Sequence[Sample],
+    usage: MemoryUsage | None,
     pods: Sequence[PodState],
     now: datetime,
     oom_handled: datetime | None = None,
@@ -76,11 +70,11 @@ def decide(
     if memory.mode == "Auto":
         in_force = min(max(in_force, lo), hi)
     window = memory.window.delta
-    values = [s.value for s in samples if now - window <= s.at <= now]
+    count = usage.samples if usage is not None else 0
     p95 = peak = None
     candidates: list[float] = []
-    if len(values) >= MIN_SAMPLES:
-        p95, peak = percentile(values, PERCENTILE), max(values)
+    if usage is not None and count >= MIN_SAMPLES:
+        p95, peak = usage.p95, usage.peak
         candidates.append(max(p95 / memory.target_utilization, peak * PEAK_MARGIN))
     oomed = [
         p
@@ -95,7 +89,7 @@ def decide(
     if oom_pod is not None and oom_pod.memory_limit is not None:
         candidates.append(oom_pod.memory_limit * OOM_FACTOR)
     numbers = (
-        f"samples={len(values)} p95={_mi(p95)} peak={_mi(peak)} target={memory.target_utilization}"
+        f"samples={count} p95={_mi(p95)} peak={_mi(peak)} target={memory.target_utilization}"
         f" inForce={_mi(in_force)}" + (f" oomKilled={oom_pod.name}" if oom_pod else "")
     )
     if not candidates:
@@ -106,7 +100,7 @@ def decide(
             False,
             "NotEnoughData",
             f"need {MIN_SAMPLES} samples in {window}; {numbers}",
-            samples=len(values),
+            samples=count,
         )
     rec = min(max(ceil_mebibytes(max(candidates)), lo), hi)
     base = MemoryDecision(
@@ -117,7 +111,7 @@ def decide(
         f"recommend {_mi(rec)}: {numbers}",
         p95,
         peak,
-        len(values),
+        count,
         oom_pod.name if oom_pod else None,
     )
     if memory.mode == "Recommend":
@@ -142,7 +136,7 @@ def decide(
         f"limit {_mi(limit)} (was {_mi(applied)}), recommend {_mi(rec)}: {numbers}",
         p95,
         peak,
-        len(values),
+        count,
         base.oom_pod,
         oom_pod.last_oom if oom_pod else None,
     )

@@ -7,16 +7,25 @@ are stale; samples from further in the future mean a clock is wrong. Either way 
 is treated as unavailable -- the callers then hold, they never guess.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 
-# Slots: a pool's memory window holds thousands of samples (its agents x the window's steps), 100
-# pools some 100,000 (~130 -> ~90 bytes each with the times shared, see PrometheusReader).
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Sample:
     value: float
     at: datetime
+
+
+@dataclass(frozen=True)
+class MemoryUsage:
+    """The pool's agents' memory over its memory.window, as Prometheus summed it up
+    (queries.agent_memory_usage): the highest of the agents' p95s, the highest sample, and
+    how many samples there were."""
+
+    p95: float
+    peak: float
+    samples: int
 
 
 @dataclass(frozen=True)
@@ -26,7 +35,7 @@ class Metrics:
     queue_depth: Sample | None = None
     budget_utilization: Sample | None = None  # 0..1 of the budget spent in its window
     limiter_wait_seconds: Sample | None = None  # mean wait per limiter acquisition, last minute
-    memory_bytes: tuple[Sample, ...] = field(default=())  # agent working-set samples over the window
+    memory: MemoryUsage | None = None  # None: no samples, or the query failed
     queue_depth_error: str | None = None  # why queue_depth is None, when the query failed
 
 

@@ -200,7 +200,7 @@ def _plan_valid(
         spec.memory,
         builders.template_memory_limit(spec),
         prev.memory_limit.bytes if prev.memory_limit else None,
-        metrics.memory_bytes,
+        metrics.memory,
         pods,
         now,
         prev.memory_oom_handled,
