@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ from tars_operator.controller import AgentPod, PoolController, agent_state_sourc
 from tars_operator.events import COMPONENT, EventRecorder, ObjectRef
 from tars_operator.kubeclient import KubeApi, kube_login
 from tars_operator.leader import Fence
+from tars_operator.policy import rotation
 from tars_operator.pool_keys import forget_pool_keys
 from tars_operator.security import AccessConfig, PoolAccess
 from tars_operator.settings import OperatorSettings
@@ -159,6 +161,14 @@ def asks_for_a_cycle(previous: Mapping[str, Any], current: Mapping[str, Any]) ->
     return any(before.get(k) != after.get(k) for k in ("generation", "labels", "annotations"))
 
 
+def first_cycle_phase(uid: str, interval: float) -> float:
+    """How far into its interval a pool's first cycle counts as begun, fixed by its UID in
+    [0, interval). After an operator start every pool's first cycle comes at once; counted from
+    there, their due cycles (and so their Prometheus reads: 400 queries at once at 100 pools)
+    would fall on the same second ever after."""
+    return rotation.jitter(uid, dt.timedelta(seconds=interval)).total_seconds()
+
+
 async def _forget_redis_keys(redis: aioredis.Redis, namespace: str, name: str) -> None:
     """A deleted pool's keys in the default Redis; a failure is logged (the pool is gone: no
     object to post an Event to) and its keys then expire by their TTLs, but for waiting tasks."""
@@ -235,7 +245,8 @@ async def _run_pool(
         pods, by_name = await controller.observe(list(agent_pods.get(key, [])))
         depth = await controller.queue_depth_now(parsed)
         if controller.busy_changed(pods) or woken or due or controller.queue_crossed(parsed, depth):
-            last_cycle = loop.time()
+            first = last_cycle == float("-inf")
+            last_cycle = loop.time() - (first_cycle_phase(runner.uid, interval) if first else 0.0)
             await controller.cycle(body, pods, by_name, observed_at, depth)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), POLL_SECONDS)
