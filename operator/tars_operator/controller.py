@@ -100,30 +100,34 @@ class PoolController:
         state is read first; only agents without a usable one are asked GET /status. When that
         read fails, every count is unknown this cycle (which blocks scale-in, never reads as idle)."""
         mine = [p for p in indexed if p.owner_uid == self.uid]
-        working = [p.name for p in mine if _reports_work(p.state)]
+        working = [p for p in mine if _reports_work(p.state)]
         published = (
-            await self.agent_states.read(self.namespace, self.name, working)
+            await self.agent_states.read(self.namespace, self.name, [p.name for p in working])
             if self.agent_states is not None and working
             else {}
         )
-        reports = await asyncio.gather(
-            *(self._agent_state(p, published) if _reports_work(p.state) else _none() for p in mine)
-        )
+        reports: dict[str, AgentState | None] = {}
+        asked: list[AgentPod] = []  # no usable published state: GET /status
+        for pod in working:
+            state = published.get(pod.name) if published is not None else None
+            if published is None:
+                reports[pod.name] = None  # unreadable this cycle: unknown, read again next second
+            elif state is not None and published_count_holds(pod.state, state):
+                reports[pod.name] = state
+            else:
+                asked.append(pod)
+        # Only the agents asked over HTTP get a task each: at 100 pools a task per agent and second
+        # (2,000/s) was CPU the pool loops share with everything else.
+        if asked:
+            answers = await asyncio.gather(*(self.agents.state(p.ip) for p in asked))
+            reports.update(zip((p.name for p in asked), answers, strict=True))
         states = [
-            replace(p.state, inflight=r.inflight, slots=r.slots) if r else replace(p.state, inflight=None)
-            for p, r in zip(mine, reports, strict=True)
+            replace(p.state, inflight=r.inflight, slots=r.slots)
+            if (r := reports.get(p.name))
+            else replace(p.state, inflight=None)
+            for p in mine
         ]
         return states, {p.name: p for p in mine}
-
-    async def _agent_state(
-        self, pod: AgentPod, published: Mapping[str, AgentState] | None
-    ) -> AgentState | None:
-        if published is None:
-            return None  # the published states could not be read: unknown, asked again next second
-        state = published.get(pod.name)
-        if state is not None and published_count_holds(pod.state, state):
-            return state
-        return await self.agents.state(pod.ip)
 
     def busy_changed(self, pods: Sequence[PodState]) -> bool:
         """True when the set of busy agents changed since the last cycle (a reason to act now)."""
@@ -386,7 +390,3 @@ def memory_usage(stats: Mapping[str, Sample]) -> MemoryUsage | None:
         return None
     p95, peak, samples = (stats[stat].value for stat in queries.MEMORY_STATS)
     return MemoryUsage(p95, peak, int(samples))
-
-
-async def _none() -> None:
-    return None

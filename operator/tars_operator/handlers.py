@@ -261,8 +261,10 @@ async def _run_pool(
             first = last_cycle == float("-inf")
             last_cycle = loop.time() - (first_cycle_phase(runner.uid, interval) if first else 0.0)
             await controller.cycle(body, pods, by_name, observed_at, depth)
+        # asyncio.timeout, not wait_for: no task per pool and second for the wait.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), POLL_SECONDS)
+            async with asyncio.timeout(POLL_SECONDS):
+                await wake.wait()
 
     async def on_crash(exc: Exception, delay: float) -> None:
         log.error("pool %s/%s: the loop crashed; restarting in %.0fs", namespace, name, delay, exc_info=exc)
