@@ -225,7 +225,8 @@ class PoolController:
         )
         labels = {"namespace": self.namespace, "pool": self.name}
         observability.DECISION_SECONDS.labels(**labels).observe(time.monotonic() - observed_at)
-        created = await self.apply(result, by_name)
+        written = says(body.get("status") or {}, result.status)
+        created = await self.apply(result, by_name, status_written=written)
         self.state = result.expect(created)
         observability.RECONCILE_SECONDS.labels(**labels).observe(time.monotonic() - started)
         desired = result.status.get("desiredReplicas")
@@ -272,26 +273,32 @@ class PoolController:
         if self.fence.holds():
             await self.emit(kind, reason, message)
 
-    async def apply(self, result: Plan, by_name: Mapping[str, AgentPod]) -> list[str]:
+    async def apply(
+        self, result: Plan, by_name: Mapping[str, AgentPod], status_written: bool = False
+    ) -> list[str]:
         """Apply a plan step by step; returns the names of the pods the API created. A replica
-        whose leadership lapsed stops at that step: what it created is still returned."""
+        whose leadership lapsed stops at that step: what it created is still returned.
+        `status_written`: the pool's copy already says what the plan's status says (no write)."""
         created: list[str] = []
         with contextlib.suppress(_Fenced):
-            await self._apply(result, by_name, created)
+            await self._apply(result, by_name, created, status_written)
         return created
 
-    async def _apply(self, result: Plan, by_name: Mapping[str, AgentPod], created: list[str]) -> None:
+    async def _apply(
+        self, result: Plan, by_name: Mapping[str, AgentPod], created: list[str], status_written: bool
+    ) -> None:
         labels = {"namespace": self.namespace, "pool": self.name}
         # The decision first, then its pods: a watcher never sees more agents than desiredReplicas
         # (creating a dozen pods takes seconds on a busy API server). The status is the plan's,
         # which no outcome below changes; a failed write is a Warning and the pods still go.
-        outcome, written = await self._guard(
-            "status",
-            "writing the pool's status",
-            self.kube.patch_namespaced_agent_pool_status(self.name, self.namespace, result.status),
-        )
-        if outcome == "done" and isinstance(written, Mapping):
-            self.written_status = written.get("status") or {}
+        if not status_written:
+            outcome, written = await self._guard(
+                "status",
+                "writing the pool's status",
+                self.kube.patch_namespaced_agent_pool_status(self.name, self.namespace, result.status),
+            )
+            if outcome == "done" and isinstance(written, Mapping):
+                self.written_status = written.get("status") or {}
         for create in result.creates:
             outcome, new_pod = await self._guard(
                 "create",
@@ -360,6 +367,13 @@ def agent_state_source(
     """Where a pool's agents' published state is read: agents publish to their pool's Redis and the
     operator reads the default one only, so a pool with a Redis of its own is asked over HTTP."""
     return reader if spec is not None and spec.redis is None else None
+
+
+def says(current: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
+    """Whether a pool's status `current` already holds every field of `status` (the merge patch
+    would change nothing). Compared with the watched copy, which follows our own writes within
+    moments: one that has not arrived yet costs a write, never a lost one."""
+    return all(current.get(field) == value for field, value in status.items())
 
 
 def published_count_holds(pod: PodState, published: AgentState) -> bool:

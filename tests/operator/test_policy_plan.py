@@ -189,14 +189,15 @@ _TEN_S = timedelta(seconds=10)
 @pytest.mark.parametrize(
     ("value", "sampled_at", "prev_depth", "prev_time", "expected"),
     [
-        (30.0, _T + timedelta(seconds=1), 30, _T, _T),  # same count within the interval: unchanged
-        (30.0, _T + timedelta(seconds=10), 30, _T, _T + timedelta(seconds=10)),  # interval passed
+        (30.0, _T + timedelta(seconds=1), 30, _T, _T),  # the same count: unchanged
+        (30.0, _T + timedelta(seconds=299), 30, _T, _T),  # ... for up to 5 minutes
+        (30.0, _T + timedelta(minutes=5), 30, _T, _T + timedelta(minutes=5)),  # renewed
         (31.0, _T + timedelta(seconds=1), 30, _T, _T + timedelta(seconds=1)),  # a new count
         (30.0, _T, None, None, _T),  # the first sample
         (None, _T, 30, _T - timedelta(seconds=5), _T - timedelta(seconds=5)),  # no value: as it was
     ],
 )
-def test_the_queue_sample_time_moves_with_a_new_count_or_once_an_interval(
+def test_the_queue_sample_time_moves_with_a_new_count_or_every_5_minutes(
     value: float | None,
     sampled_at: datetime,
     prev_depth: int | None,

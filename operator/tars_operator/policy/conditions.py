@@ -3,8 +3,9 @@
 Rule: a condition's lastTransitionTime changes only when its status changes (reason and
 message may change in between, as metav1.Condition intends); each carries the
 generation it was computed for. Conditions of other types already present (written by
-someone else) are kept. The status is written whole, once per cycle: a merge patch
-replaces lists anyway, so the conditions list is always sent complete.
+someone else) are kept. The status is written whole, at most once per cycle and only when
+it changed (controller.says): a merge patch replaces lists anyway, so the conditions list is
+always sent complete.
 """
 
 from collections.abc import Sequence

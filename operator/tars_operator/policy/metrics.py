@@ -64,4 +64,5 @@ def read(sample: Sample | None, now: datetime, interval: timedelta, error: str |
         return Reading(
             None, "ClockSkew", f"sample is {-age.total_seconds():.0f}s in the future; check the clocks"
         )
-    return Reading(sample.value, "Fresh", f"sampled {max(age.total_seconds(), 0):.0f}s ago")
+    # Not the age itself: it differs on every read, and a status that differs is written again.
+    return Reading(sample.value, "Fresh", f"sampled within the last {max_age.total_seconds():.0f}s")

@@ -27,6 +27,8 @@ from tars_operator.policy.observe import Counts, PodState, count, surge_pods
 from tars_operator.units import format_mebibytes
 from tars_operator.validation import Checked
 
+# How often status.queueDepthSampleTime is renewed while the count holds (queue_sample_time).
+SAMPLE_TIME_RENEWAL = timedelta(minutes=5)
 # Conditions whose change of status deserves an Event, with their unhealthy status.
 _ALARMS = {"Ready": "False", "MetricsAvailable": "False", "SpecValid": "False", "BudgetSaturated": "True"}
 
@@ -315,13 +317,15 @@ def _plan_valid(
 def queue_sample_time(
     value: float | None, sample: Sample | None, prev: AgentPoolStatus, interval: timedelta
 ) -> datetime | None:
-    """The queue depth's sample time in status. An unchanged count sampled again within the
-    interval keeps the time it had: a status that changes is written, and every write comes back as
-    a watch event that wakes the pool's loop, so a time new on every cycle (a count read each
-    second) would keep the loop writing."""
+    """The queue depth's sample time in status: when the count in status was sampled, renewed
+    while it holds every SAMPLE_TIME_RENEWAL (or interval, if longer), as a kubelet reports an
+    unchanged node status every 5 minutes. A time new on every cycle made every cycle's status
+    differ, so every pool wrote it once an interval: ~10 writes a second at 100 pools, each
+    echoed back to the operator as a watch event."""
     if value is None or sample is None:
         return prev.queue_depth_sample_time
     since = prev.queue_depth_sample_time
-    if prev.queue_depth == round(value) and since is not None and sample.at - since < interval:
+    renewal = max(SAMPLE_TIME_RENEWAL, interval)
+    if prev.queue_depth == round(value) and since is not None and sample.at - since < renewal:
         return since
     return sample.at
