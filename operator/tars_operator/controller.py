@@ -35,6 +35,11 @@ log = logging.getLogger("tars_operator")
 # A write gives up after this long (or when the leader's fence lapses, if sooner): an API server
 # that does not answer must not hold a cycle, nor let a write land after leadership ended.
 WRITE_TIMEOUT_S = 5.0
+# The agents' memory is summed up 60 times a window (or once an interval, if that is longer):
+# once a minute for the default hour. Between reads at most 1/60 of the samples change, sizing
+# has hysteresis, and an OOM kill is seen in the pod's status at once; each read makes
+# Prometheus evaluate the window three times over (at 100 pools every 10 s, most of its CPU).
+MEMORY_READS_PER_WINDOW = 60
 Outcome = Literal["done", "gone", "failed"]
 EventSink = Callable[[str, str, str], Awaitable[None]]  # (type, reason, message)
 
@@ -79,6 +84,9 @@ class PoolController:
     state: ControllerState = field(default_factory=ControllerState)
     scraped: Metrics = field(default_factory=Metrics)  # as Prometheus answered at the last read
     metrics_read_at: float = float("-inf")
+    # The agents' memory as Prometheus last summed it up, and when (MEMORY_READS_PER_WINDOW).
+    memory: MemoryUsage | None = None
+    memory_read_at: float = float("-inf")
     last_busy: frozenset[str] = frozenset()
     # The status as our last write left it (the patch response): the watch's copy can lag it,
     # and a cycle planned from a stale status repeats what the last one did (a second OOM bump).
@@ -142,13 +150,18 @@ class PoolController:
         queue = prom.query(queries.queue_depth(spec, self.name, self.namespace))
         budget = prom.query(queries.budget_utilization(limit.budget)) if limit else _no_result()
         wait = prom.query(queries.limiter_wait_seconds(self.name, self.namespace)) if limit else _no_result()
-        step = max(spec.scaling.interval.delta, dt.timedelta(seconds=2))
+        interval = spec.scaling.interval.delta
+        step = max(interval, dt.timedelta(seconds=2))
+        memory_due = spec.memory.mode != "Off" and (
+            time.monotonic() - self.memory_read_at
+            >= max(spec.memory.window.delta / MEMORY_READS_PER_WINDOW, interval).total_seconds()
+        )
         memory = (
             prom.query_by_label(
                 queries.agent_memory_usage(self.name, self.namespace, spec.memory.window.delta, step),
                 queries.MEMORY_STAT_LABEL,
             )
-            if spec.memory.mode != "Off"
+            if memory_due
             else _no_stats()
         )
         queue_result, budget_result, wait_result, memory_stats = await asyncio.gather(
@@ -157,9 +170,11 @@ class PoolController:
         if queue_result.error is not None:
             # Prometheus (or the pool's query) failed: nothing else it said is trusted either.
             return Metrics(queue_depth_error=queue_result.error)
+        if memory_due and (fresh := memory_usage(memory_stats)) is not None:
+            self.memory, self.memory_read_at = fresh, time.monotonic()
         return Metrics(
             queue_depth=queue_result.sample,
-            memory=memory_usage(memory_stats),
+            memory=self.memory if spec.memory.mode != "Off" else None,
             budget_utilization=budget_result.sample,
             limiter_wait_seconds=wait_result.sample,
         )

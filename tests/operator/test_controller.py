@@ -552,3 +552,35 @@ def test_a_pool_whose_status_would_not_change_sends_no_write() -> None:
     assert len(s.custom.writes) == 1, [w for w in s.custom.writes[1:]]
     cycle_reading(7, age=1)  # a new count is news
     assert len(s.custom.writes) == 2 and s.custom.writes[1]["queueDepth"] == 7
+
+
+@dataclass
+class CountingPrometheus:
+    """Counts the memory summaries asked for; every other query answers 0, sampled now."""
+
+    memory_reads: int = 0
+
+    async def query(self, promql: str) -> QueryResult:
+        return QueryResult(Sample(0.0, dt.datetime.now(dt.UTC)))
+
+    async def query_by_label(self, promql: str, label: str) -> dict[str, Sample]:
+        self.memory_reads += 1
+        return {stat: Sample(2.0**27, dt.datetime.now(dt.UTC)) for stat in queries.MEMORY_STATS}
+
+
+def test_the_agents_memory_is_summed_up_once_a_minute_not_every_interval() -> None:
+    """Each summary makes Prometheus evaluate the memory window three times over: at 100 pools
+    and a 10 s interval that took most of its CPU. Between summaries the last one stands."""
+    spec = raw_spec(memory={"mode": "Recommend", "window": "1h"}, scaling={"interval": "10s"})
+    s = make(spec)
+    prometheus = CountingPrometheus()
+    s.controller.prometheus = prometheus  # type: ignore[assignment]
+    parsed = s.controller.checked(s.custom.stored)[0]
+    assert parsed is not None
+
+    reads = [asyncio.run(s.controller.read_metrics(parsed)) for _ in range(3)]
+    assert prometheus.memory_reads == 1
+    assert all(m.memory == MemoryUsage(2.0**27, 2.0**27, 2**27) for m in reads)
+    s.controller.memory_read_at -= 60  # a minute later
+    asyncio.run(s.controller.read_metrics(parsed))
+    assert prometheus.memory_reads == 2
