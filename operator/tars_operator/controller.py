@@ -35,6 +35,9 @@ log = logging.getLogger("tars_operator")
 # A write gives up after this long (or when the leader's fence lapses, if sooner): an API server
 # that does not answer must not hold a cycle, nor let a write land after leadership ended.
 WRITE_TIMEOUT_S = 5.0
+# How long a cycle waits for Prometheus once it has answered before (refresh_metrics). Locally
+# it answers in milliseconds; its client's timeout is 5 s.
+METRICS_WAIT_S = 0.5
 # The agents' memory is summed up 60 times a window (or once an interval, if that is longer):
 # once a minute for the default hour. Between reads at most 1/60 of the samples change, sizing
 # has hysteresis, and an OOM kill is seen in the pod's status at once; each read makes
@@ -66,6 +69,10 @@ def index_entry(pod: Mapping[str, Any]) -> AgentPod:
     )
 
 
+def _nothing() -> None:
+    pass
+
+
 def reason_label(reason: str) -> str:
     """A bounded metric label from a free-text reason ("scale-up: QueueAboveThreshold" -> "scale-up")."""
     return reason.split(":", 1)[0].split(" ", 1)[0][:40]
@@ -83,7 +90,11 @@ class PoolController:
     emit: EventSink
     state: ControllerState = field(default_factory=ControllerState)
     scraped: Metrics = field(default_factory=Metrics)  # as Prometheus answered at the last read
-    metrics_read_at: float = float("-inf")
+    metrics_read_at: float = float("-inf")  # when the last read of Prometheus answered
+    metrics_read: asyncio.Task[None] | None = None  # a read under way (refresh_metrics)
+    metrics_late: bool = False  # a cycle stopped waiting for the read under way
+    # Called when a read a cycle stopped waiting for has answered: the pool's loop wakes for it.
+    metrics_arrived: Callable[[], None] = _nothing
     # The agents' memory as Prometheus last summed it up, and when (MEMORY_READS_PER_WINDOW).
     memory: MemoryUsage | None = None
     memory_read_at: float = float("-inf")
@@ -143,6 +154,40 @@ class PoolController:
         changed = busy != self.last_busy
         self.last_busy = busy
         return changed
+
+    async def refresh_metrics(self, spec: models.AgentPoolSpec) -> None:
+        """Read Prometheus into `scraped` when a read is due (every interval). Once one read has
+        answered, a cycle waits for the next at most METRICS_WAIT_S: a slower answer lands in the
+        background and calls metrics_arrived (the loop's wake), and this cycle plans with the one
+        before, so a slow or hung Prometheus (up to its 5 s timeout) never holds up a decision
+        on the queue Redis shows or on the pods."""
+        interval = spec.scaling.interval.delta.total_seconds()
+        if self.metrics_read is None and time.monotonic() - self.metrics_read_at >= interval:
+            self.metrics_read = asyncio.create_task(
+                self._read_metrics(spec), name=f"metrics {self.namespace}/{self.name}"
+            )
+        if self.metrics_read is None:
+            return
+        answered_before = self.metrics_read_at > float("-inf")
+        done, _ = await asyncio.wait({self.metrics_read}, timeout=METRICS_WAIT_S if answered_before else None)
+        self.metrics_late = not done
+
+    async def _read_metrics(self, spec: models.AgentPoolSpec) -> None:
+        try:
+            self.scraped = await self.read_metrics(spec)
+        except Exception:  # read_metrics returns failures as data: anything else is a bug to see
+            log.exception("pool %s/%s: reading its metrics failed unexpectedly", self.namespace, self.name)
+        finally:
+            self.metrics_read_at = time.monotonic()
+            self.metrics_read = None
+            if self.metrics_late:
+                self.metrics_late = False
+                self.metrics_arrived()
+
+    def stop(self) -> None:
+        """Cancel a read of Prometheus still under way (the pool's loop has ended)."""
+        if self.metrics_read is not None:
+            self.metrics_read.cancel()
 
     async def read_metrics(self, spec: models.AgentPoolSpec) -> Metrics:
         """The pool's queries, all at once: one round trip to Prometheus, not one per query."""
@@ -219,10 +264,7 @@ class PoolController:
         checked = self.checked(body)
         parsed = checked[0]
         if parsed is not None:
-            interval = parsed.scaling.interval.delta.total_seconds()
-            if time.monotonic() - self.metrics_read_at >= interval:
-                self.scraped = await self.read_metrics(parsed)
-                self.metrics_read_at = time.monotonic()
+            await self.refresh_metrics(parsed)
         self.cycle_queue_depth = queue_depth.value if queue_depth is not None else None
         pool = builders.PoolRef(
             self.name, self.namespace, self.uid, int(body["metadata"].get("generation", 1))

@@ -235,6 +235,7 @@ async def _run_pool(
         fence=FENCE,  # read now: __main__ set the elector's before kopf started
     )
     wake = _wake(key)
+    controller.metrics_arrived = wake.set
     loop = asyncio.get_running_loop()
     last_cycle = float("-inf")
 
@@ -272,7 +273,10 @@ async def _run_pool(
         message = f"{type(exc).__name__}: {exc}; restarting in {delay:.0f}s"
         await controller.event("Warning", "ReconcileCrashed", message)
 
-    await supervise(step, on_crash, Backoff())
+    try:
+        await supervise(step, on_crash, Backoff())
+    finally:
+        controller.stop()
 
 
 # The leader's fence, which PoolController asks before each write; __main__ sets the elector's.

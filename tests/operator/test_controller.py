@@ -21,7 +21,7 @@ from factories import raw_spec
 from prometheus_client import REGISTRY
 
 from tars_operator import builders, queries
-from tars_operator.controller import AgentPod, PoolController, with_queue_count
+from tars_operator.controller import METRICS_WAIT_S, AgentPod, PoolController, with_queue_count
 from tars_operator.kubeclient import ApiError
 from tars_operator.leader import Fence
 from tars_operator.policy.metrics import MemoryUsage, Metrics, Sample
@@ -584,3 +584,44 @@ def test_the_agents_memory_is_summed_up_once_a_minute_not_every_interval() -> No
     s.controller.memory_read_at -= 60  # a minute later
     asyncio.run(s.controller.read_metrics(parsed))
     assert prometheus.memory_reads == 2
+
+
+@dataclass
+class HangingPrometheus:
+    """Answers at once until `hang` is set; then every query waits until `release` is."""
+
+    hang: bool = False
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def query(self, promql: str) -> QueryResult:
+        if self.hang:
+            await self.release.wait()
+        return QueryResult(Sample(0.0, dt.datetime.now(dt.UTC)))
+
+    async def query_by_label(self, promql: str, label: str) -> dict[str, Sample]:
+        return {}
+
+
+async def test_a_hung_prometheus_does_not_hold_up_a_scale_up_that_redis_shows() -> None:
+    """Prometheus answers within its timeout (5 s) or not at all: a cycle that waited that long
+    for it left the pool deaf to its queue that long. The queue crossing Redis shows is planned
+    at once with the metrics read before; the late answer, when it comes, starts a cycle."""
+    s = make(raw_spec(warm={"min": 1}, replicas={"min": 1, "max": 10}))  # threshold 50
+    prometheus = HangingPrometheus()
+    s.controller.prometheus = prometheus  # type: ignore[assignment]
+    arrived = asyncio.Event()
+    s.controller.metrics_arrived = arrived.set
+    pods, by_name = await s.controller.observe([])
+    await s.controller.cycle(s.custom.stored, pods, by_name)  # the first read: answered at once
+    assert s.custom.writes[-1]["desiredReplicas"] == 1
+
+    prometheus.hang = True
+    s.controller.metrics_read_at -= 10  # an interval (10 s) later: a read is due
+    deep = Sample(400.0, dt.datetime.now(dt.UTC))
+    async with asyncio.timeout(2 * METRICS_WAIT_S):
+        await s.controller.cycle(s.custom.stored, pods, by_name, queue_depth=deep)
+    assert s.custom.writes[-1]["desiredReplicas"] > 1, "scaled up on Redis' count, without Prometheus"
+    assert not arrived.is_set()
+    prometheus.release.set()
+    async with asyncio.timeout(5):
+        await arrived.wait()  # the loop is woken for a cycle with what Prometheus said
