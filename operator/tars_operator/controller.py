@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from tars_contract import contract
 from tars_operator import builders, models, observability, queries
@@ -27,7 +27,14 @@ from tars_operator.leader import Fence
 from tars_operator.policy.metrics import MemoryUsage, Metrics, Sample
 from tars_operator.policy.observe import PodState, pod_state
 from tars_operator.policy.plan import ControllerState, Plan, plan
-from tars_operator.sources import AgentClient, AgentState, AgentStateReader, PrometheusReader, QueryResult
+from tars_operator.sources import (
+    AgentClient,
+    AgentState,
+    AgentStateReader,
+    PoolReading,
+    PrometheusReader,
+    QueryResult,
+)
 from tars_operator.validation import Checked, check
 
 log = logging.getLogger("tars_operator")
@@ -67,6 +74,14 @@ def index_entry(pod: Mapping[str, Any]) -> AgentPod:
         owner_uid=owners[0]["uid"] if owners else None,
         state=pod_state(pod, None),
     )
+
+
+class Observation(NamedTuple):
+    """A pool's pods as observed (see PoolController.observe), by name, and its queue depth in Redis."""
+
+    pods: list[PodState]
+    by_name: dict[str, AgentPod]
+    queue_depth: Sample | None
 
 
 def _nothing() -> None:
@@ -111,20 +126,28 @@ class PoolController:
     # The queue depth read from Redis that the last cycle planned with (None: none was read).
     cycle_queue_depth: float | None = None
 
-    async def observe(self, indexed: Sequence[AgentPod]) -> tuple[list[PodState], dict[str, AgentPod]]:
-        """The pool's own pods (controller owner = this pool), with the agents' in-flight counts.
+    async def observe(
+        self, indexed: Sequence[AgentPod], spec: models.AgentPoolSpec | None = None
+    ) -> Observation:
+        """The pool's own pods (controller owner = this pool), with the agents' in-flight counts,
+        and for `spec` its queue depth in Redis where that is what its query measures.
 
         Ready agents and draining ones count: a draining agent reports NotReady, and its
         in-flight count is what lets the drain end as soon as its work is done. Their published
         state is read first; only agents without a usable one are asked GET /status. When that
-        read fails, every count is unknown this cycle (which blocks scale-in, never reads as idle)."""
+        read fails, every count is unknown this cycle (which blocks scale-in, never reads as idle).
+        The queue depth: the default query (every agent's tars_queue_depth) on the default Redis,
+        read in the same round trip; None otherwise, or when Redis did not answer (Prometheus'
+        value stands)."""
         mine = [p for p in indexed if p.owner_uid == self.uid]
         working = [p for p in mine if _reports_work(p.state)]
-        published = (
-            await self.agent_states.read(self.namespace, self.name, [p.name for p in working])
-            if self.agent_states is not None and working
-            else {}
+        with_depth = spec is not None and spec.scaling.queue_depth.query is None
+        reading = (
+            await self.agent_states.read(self.namespace, self.name, [p.name for p in working], with_depth)
+            if self.agent_states is not None
+            else PoolReading({})
         )
+        published = reading.states
         reports: dict[str, AgentState | None] = {}
         asked: list[AgentPod] = []  # no usable published state: GET /status
         for pod in working:
@@ -146,7 +169,7 @@ class PoolController:
             else replace(p.state, inflight=None)
             for p in mine
         ]
-        return states, {p.name: p for p in mine}
+        return Observation(states, {p.name: p for p in mine}, reading.queue_depth)
 
     def busy_changed(self, pods: Sequence[PodState]) -> bool:
         """True when the set of busy agents changed since the last cycle (a reason to act now)."""
@@ -231,14 +254,6 @@ class PoolController:
             self.checked_spec = (generation, check(body.get("spec") or {}))
         return self.checked_spec[1]
 
-    async def queue_depth_now(self, spec: models.AgentPoolSpec | None) -> Sample | None:
-        """The pool's queue depth from Redis, where that is what its query measures: the default
-        query (every agent's tars_queue_depth) on the default Redis. None otherwise, or when Redis
-        did not answer (Prometheus' value stands)."""
-        if spec is None or spec.scaling.queue_depth.query is not None or self.agent_states is None:
-            return None
-        return await self.agent_states.queue_depth(self.namespace, self.name)
-
     def queue_crossed(self, spec: models.AgentPoolSpec | None, depth: Sample | None) -> bool:
         """Whether the queue went above the threshold, or back to it, since the last cycle: the
         scale decision need not wait for the next interval (and Prometheus' next scrape)."""
@@ -258,7 +273,7 @@ class PoolController:
     ) -> Plan:
         """One reconcile of `pods`; `observed_at` (time.monotonic()) is when their observation
         began, the start of the decision latency (default: now). `queue_depth`: the count in
-        Redis (queue_depth_now), see with_queue_count."""
+        Redis (observe), see with_queue_count."""
         started = time.monotonic()
         observed_at = started if observed_at is None else observed_at
         checked = self.checked(body)

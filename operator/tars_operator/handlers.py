@@ -256,8 +256,7 @@ async def _run_pool(
                 log.warning("pool %s/%s: %s", namespace, name, error)
                 await controller.event("Warning", "AccessFailed", error)
         observed_at = time.monotonic()
-        pods, by_name = await controller.observe(list(agent_pods.get(key, [])))
-        depth = await controller.queue_depth_now(parsed)
+        pods, by_name, depth = await controller.observe(list(agent_pods.get(key, [])), parsed)
         if controller.busy_changed(pods) or woken or due or controller.queue_crossed(parsed, depth):
             first = last_cycle == float("-inf")
             last_cycle = loop.time() - (first_cycle_phase(runner.uid, interval) if first else 0.0)

@@ -193,9 +193,19 @@ def parse_agent_state(raw: bytes | str | None) -> AgentState | None:
     return AgentState(inflight, draining, slots)
 
 
+@dataclass(frozen=True)
+class PoolReading:
+    """What one round trip to Redis told about a pool: its agents' published states, by pod name
+    (None: Redis did not answer, so nobody's is known), and its queue depth (None: not asked for,
+    or Redis did not answer)."""
+
+    states: dict[str, AgentState] | None
+    queue_depth: Sample | None = None
+
+
 class AgentStateReader:
-    """The agents' published state, read from the default Redis: one MGET per pool and cycle;
-    and the pool's queue depth, counted there as the agents count it."""
+    """The agents' published state, read from the default Redis, and the pool's queue depth,
+    counted there as the agents count it: one pipeline per pool and second."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
@@ -203,39 +213,47 @@ class AgentStateReader:
     async def close(self) -> None:
         await self._redis.aclose()
 
-    async def read(self, namespace: str, pool: str, pods: Sequence[str]) -> dict[str, AgentState] | None:
-        """Pod name -> its state, for the pods that published one; None when Redis did not answer
-        (then nobody's state is known this cycle: asking every agent over HTTP instead would add a
-        request per agent exactly when the operator or Redis is overloaded)."""
-        if not pods:
-            return {}
-        keys = [contract.agent_state_key(namespace, pool, pod) for pod in pods]
-        try:
-            values = await self._redis.mget(keys)
-        except (RedisError, OSError):
-            return None
-        return {
-            pod: state for pod, raw in zip(pods, values, strict=True) if (state := parse_agent_state(raw))
-        }
-
-    async def queue_depth(self, namespace: str, pool: str) -> Sample | None:
-        """Tasks waiting (not yet taken) in the pool's queue now, as the agents export it in
-        tars_queue_depth (contract.QUEUE_GROUP); None when Redis did not answer. One pipeline of
-        XLEN and XINFO GROUPS per priority: a second old at most, where Prometheus holds the
-        agents' value as of their last scrape."""
+    async def read(self, namespace: str, pool: str, pods: Sequence[str], queue_depth: bool) -> PoolReading:
+        """The states of `pods` that published one (an MGET), and with `queue_depth` the tasks
+        waiting (not yet taken) in the pool's queue now, as the agents export it in
+        tars_queue_depth: XLEN and XINFO GROUPS per priority, a second old at most where
+        Prometheus holds the agents' value as of their last scrape. One round trip for both.
+        When Redis does not answer nothing is known: asking every agent over HTTP instead would
+        add a request per agent exactly when the operator or Redis is overloaded."""
+        if not pods and not queue_depth:
+            return PoolReading({})
         streams = [contract.queue_stream_key(namespace, pool, p) for p in contract.QUEUE_PRIORITIES]
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for stream in streams:
+                if pods:
+                    pipe.mget([contract.agent_state_key(namespace, pool, pod) for pod in pods])
+                for stream in streams if queue_depth else []:
                     pipe.xlen(stream)
                     pipe.xinfo_groups(stream)
                 # a missing stream answers XINFO GROUPS with an error: nothing waits there
                 replies = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError):
+            return PoolReading(None)
+        states: dict[str, AgentState] | None = {}
+        if pods:
+            values, replies = replies[0], replies[1:]
+            states = (
+                None
+                if isinstance(values, BaseException)
+                else {
+                    pod: state
+                    for pod, raw in zip(pods, values, strict=True)
+                    if (state := parse_agent_state(raw))
+                }
+            )
+        return PoolReading(states, _waiting(replies) if queue_depth else None)
+
+
+def _waiting(replies: Sequence[Any]) -> Sample | None:
+    """The queue depth from XLEN and XINFO GROUPS replies, priority by priority."""
+    waiting = 0
+    for length, groups in zip(replies[::2], replies[1::2], strict=True):
+        if isinstance(length, BaseException):
             return None
-        waiting = 0
-        for length, groups in zip(replies[::2], replies[1::2], strict=True):
-            if isinstance(length, BaseException):
-                return None
-            waiting += contract.waiting_tasks(length, groups)
-        return Sample(float(waiting), dt.datetime.now(dt.UTC))
+        waiting += contract.waiting_tasks(length, groups)
+    return Sample(float(waiting), dt.datetime.now(dt.UTC))

@@ -14,7 +14,7 @@ from tars_agent.client import TaskClient
 from tars_agent.mockllm import MockLLM
 from tars_agent.queue import Consumer, TaskStore
 from tars_contract import contract
-from tars_operator.sources import AgentState, AgentStateReader
+from tars_operator.sources import AgentState, AgentStateReader, PoolReading
 
 from .conftest import AUTH, agent_settings, running_agent
 
@@ -65,10 +65,11 @@ async def test_the_operator_reads_what_the_agents_published_in_one_round_trip(
     try:
         async with running_agent(settings):
 
-            async def read() -> dict[str, AgentState]:
-                return await reader.read(
-                    settings.namespace, settings.pool, [settings.pod_name, "never-started"]
-                )
+            async def read() -> dict[str, AgentState] | None:
+                pods = [settings.pod_name, "never-started"]
+                reading = await reader.read(settings.namespace, settings.pool, pods, queue_depth=True)
+                assert reading.queue_depth is not None and reading.queue_depth.value == 0
+                return reading.states
 
             states = await async_eventually(read, 5, "the agent's published state")
             # The pod that never published is absent: the operator asks it over HTTP instead.
@@ -88,7 +89,7 @@ async def test_the_operator_counts_the_waiting_tasks_in_redis_as_the_agents_expo
     namespace, pool = "ns", f"depth-{uuid.uuid4().hex[:8]}"
     reader = AgentStateReader(aioredis.Redis.from_url(redis_url))
     try:
-        empty = await reader.queue_depth(namespace, pool)
+        empty = (await reader.read(namespace, pool, [], queue_depth=True)).queue_depth
         assert empty is not None and empty.value == 0  # no stream yet: nothing waits
         client = TaskClient(redis_client, namespace, pool)
         for priority, n in (("critical", 1), ("high", 2), ("normal", 3), ("low", 4)):
@@ -97,7 +98,7 @@ async def test_the_operator_counts_the_waiting_tasks_in_redis_as_the_agents_expo
         agent = Consumer(redis_client, namespace, pool, "agent")
         taken = await async_eventually(lambda: agent.take(block_ms=10), 5, "a task to take")  # in flight
         store = TaskStore(redis_client, namespace, pool)
-        depth = await reader.queue_depth(namespace, pool)
+        depth = (await reader.read(namespace, pool, [], queue_depth=True)).queue_depth
         assert depth is not None
         assert depth.value == sum((await store.waiting()).values()) == 9, taken
         assert abs((depth.at - dt.datetime.now(dt.UTC)).total_seconds()) < 5  # sampled now
@@ -105,9 +106,11 @@ async def test_the_operator_counts_the_waiting_tasks_in_redis_as_the_agents_expo
         await reader.close()
 
 
-async def test_the_operators_queue_depth_is_unknown_not_zero_when_redis_does_not_answer() -> None:
+async def test_the_operators_reading_is_unknown_not_empty_when_redis_does_not_answer() -> None:
+    """Neither "nobody published" nor "nothing waits": the pool then holds, it never scales in."""
     reader = AgentStateReader(aioredis.Redis(port=1, socket_connect_timeout=0.5))  # nothing listens
     try:
-        assert await reader.queue_depth("ns", "p") is None
+        assert await reader.read("ns", "p", ["a", "b"], queue_depth=True) == PoolReading(None, None)
+        assert await reader.read("ns", "p", ["a"], queue_depth=False) == PoolReading(None, None)
     finally:
         await reader.close()

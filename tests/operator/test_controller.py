@@ -26,7 +26,7 @@ from tars_operator.kubeclient import ApiError
 from tars_operator.leader import Fence
 from tars_operator.policy.metrics import MemoryUsage, Metrics, Sample
 from tars_operator.policy.observe import PodState
-from tars_operator.sources import AgentState, QueryResult
+from tars_operator.sources import AgentState, PoolReading, QueryResult
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -153,7 +153,7 @@ def agent(name: str, **fields: Any) -> AgentPod:
 
 
 async def cycle(s: Setup, body: Mapping[str, Any], indexed: Sequence[AgentPod]) -> None:
-    pods, by_name = await s.controller.observe(indexed)
+    pods, by_name, _ = await s.controller.observe(indexed)
     await s.controller.cycle(body, pods, by_name)
 
 
@@ -340,15 +340,14 @@ class FakeAgentStates:
     depth: Sample | None = None  # the pool's queue depth in Redis
     depth_reads: int = 0
 
-    async def read(self, namespace: str, pool: str, pods: Sequence[str]) -> dict[str, AgentState] | None:
+    async def read(self, namespace: str, pool: str, pods: Sequence[str], queue_depth: bool) -> PoolReading:
         self.reads.append(list(pods))
+        self.depth_reads += queue_depth
         if self.fail:
-            return None
-        return {p: self.states[p] for p in pods if p in self.states}
-
-    async def queue_depth(self, namespace: str, pool: str) -> Sample | None:
-        self.depth_reads += 1
-        return None if self.fail else self.depth
+            return PoolReading(None)
+        return PoolReading(
+            {p: self.states[p] for p in pods if p in self.states}, self.depth if queue_depth else None
+        )
 
 
 def test_published_states_replace_the_status_polls_and_only_agents_without_one_are_asked() -> None:
@@ -357,7 +356,7 @@ def test_published_states_replace_the_status_polls_and_only_agents_without_one_a
     states = FakeAgentStates({"p-aaaaa": AgentState(inflight=2, draining=False, slots=25)})
     s.controller.agent_states = states  # type: ignore[assignment]
     s.agents.inflight_by_ip[silent.ip or ""] = 0
-    pods, _ = asyncio.run(s.controller.observe([published, silent, starting]))
+    pods, _, _ = asyncio.run(s.controller.observe([published, silent, starting]))
     assert states.reads == [["p-aaaaa", "p-bbbbbbb"]]  # one read for the pool's working agents
     assert s.agents.asked == [silent.ip]  # GET /status only where nothing was published
     assert [p.inflight for p in pods] == [2, 0, None]
@@ -388,7 +387,7 @@ def test_when_the_published_states_cannot_be_read_every_count_is_unknown_without
     s = make(raw_spec(warm={"min": 0}, replicas={"min": 0, "max": 5}))
     pods = [agent("p-aaaaa"), agent("p-bbbbbbb")]
     s.controller.agent_states = FakeAgentStates(fail=True)  # type: ignore[assignment]
-    observed, _ = asyncio.run(s.controller.observe(pods))
+    observed, _, _ = asyncio.run(s.controller.observe(pods))
     assert s.agents.asked == []  # no GET /status per agent while Redis (or we) are overloaded
     assert [p.inflight for p in observed] == [None, None]  # unknown: never read as idle
     asyncio.run(cycle(s, s.custom.stored, pods))
@@ -408,10 +407,9 @@ def test_a_queue_crossing_seen_in_redis_is_planned_at_once_with_the_redis_value(
     states = FakeAgentStates(depth=Sample(400.0, dt.datetime.now(dt.UTC)))
     s.controller.agent_states = states  # type: ignore[assignment]
     parsed = s.controller.checked(s.custom.stored)[0]
-    depth = asyncio.run(s.controller.queue_depth_now(parsed))
+    pods, by_name, depth = asyncio.run(s.controller.observe([], parsed))
     assert depth is not None and depth.value == 400
     assert s.controller.queue_crossed(parsed, depth)
-    pods, by_name = asyncio.run(s.controller.observe([]))
     asyncio.run(s.controller.cycle(s.custom.stored, pods, by_name, queue_depth=depth))
     status = s.custom.writes[-1]
     assert status["queueDepth"] == 400
@@ -420,22 +418,32 @@ def test_a_queue_crossing_seen_in_redis_is_planned_at_once_with_the_redis_value(
     assert s.controller.queue_crossed(parsed, Sample(10.0, dt.datetime.now(dt.UTC)))  # back under
 
 
+def test_a_pools_agents_and_its_queue_are_read_from_redis_in_one_round_trip() -> None:
+    s = make(raw_spec(warm={"min": 1}, replicas={"min": 1, "max": 10}))
+    states = FakeAgentStates({"p-a": AgentState(inflight=1, draining=False)}, depth=Sample(3.0, NOW))
+    s.controller.agent_states = states  # type: ignore[assignment]
+    parsed = s.controller.checked(s.custom.stored)[0]
+    pods, _, depth = asyncio.run(s.controller.observe([agent("p-a", ready=True)], parsed))
+    assert [p.inflight for p in pods] == [1] and depth == Sample(3.0, NOW)
+    assert (states.reads, states.depth_reads) == ([["p-a"]], 1)
+
+
 def test_the_queue_depth_comes_from_redis_only_where_that_is_what_the_pools_query_measures() -> None:
     s = make(raw_spec(scaling={"queueDepth": {"query": "sum(my_queue)"}}))
     states = FakeAgentStates(depth=Sample(400.0, dt.datetime.now(dt.UTC)))
     s.controller.agent_states = states  # type: ignore[assignment]
     parsed = s.controller.checked(s.custom.stored)[0]
-    assert asyncio.run(s.controller.queue_depth_now(parsed)) is None  # its own query: Prometheus
+    assert asyncio.run(s.controller.observe([], parsed)).queue_depth is None  # its own query: Prometheus
     assert states.depth_reads == 0
     s.controller.agent_states = None  # a pool on a Redis of its own (agent_state_source)
-    assert asyncio.run(s.controller.queue_depth_now(parsed)) is None
+    assert asyncio.run(s.controller.observe([], parsed)).queue_depth is None
 
 
 def test_a_failing_prometheus_stays_visible_although_redis_knows_the_queue() -> None:
     s = make(raw_spec(warm={"min": 1}, replicas={"min": 1, "max": 10}))
     s.controller.prometheus = FailingPrometheus()  # type: ignore[assignment]
     depth = Sample(400.0, dt.datetime.now(dt.UTC))
-    pods, by_name = asyncio.run(s.controller.observe([]))
+    pods, by_name, _ = asyncio.run(s.controller.observe([]))
     asyncio.run(s.controller.cycle(s.custom.stored, pods, by_name, queue_depth=depth))
     status = s.custom.writes[-1]
     assert "queueDepth" not in status or status["queueDepth"] != 400
@@ -447,7 +455,7 @@ def test_an_unchanged_queue_read_from_redis_every_second_leaves_the_status_as_it
     loop: a sample time that moved on every cycle made a loop of ~15 writes a second per pool.
     The same count, read again (now, as from Redis), changes nothing and is not written again."""
     s = make(raw_spec(warm={"min": 0}, replicas={"min": 0, "max": 10}))  # nothing to create
-    pods, by_name = asyncio.run(s.controller.observe([]))
+    pods, by_name, _ = asyncio.run(s.controller.observe([]))
     for _ in range(3):
         now = dt.datetime.now(dt.UTC)
         asyncio.run(s.controller.cycle(s.custom.stored, pods, by_name, queue_depth=Sample(30.0, now)))
@@ -611,7 +619,7 @@ async def test_a_hung_prometheus_does_not_hold_up_a_scale_up_that_redis_shows() 
     s.controller.prometheus = prometheus  # type: ignore[assignment]
     arrived = asyncio.Event()
     s.controller.metrics_arrived = arrived.set
-    pods, by_name = await s.controller.observe([])
+    pods, by_name, _ = await s.controller.observe([])
     await s.controller.cycle(s.custom.stored, pods, by_name)  # the first read: answered at once
     assert s.custom.writes[-1]["desiredReplicas"] == 1
 
