@@ -162,3 +162,11 @@ def test_bench_lock_pins_what_the_agent_image_pins() -> None:
         f"bench/requirements.lock vs agent_image/requirements.lock: (bench, agent) {differ}, "
         f"not in the bench lock: {missing}; {FIX}"
     )
+
+
+@pytest.mark.parametrize("extra", ["agent", "operator"])
+def test_httpx_finds_sniffio_in_the_images(extra: str) -> None:
+    """httpcore imports sniffio on every lock it takes; without it the failed import searched
+    sys.path each time, ~55 us and several times per request (3 % of the operator's CPU at 100
+    pools, py-spy in bench/README.md operator_scale)."""
+    assert "sniffio" in parse_lock(LOCKS[extra]), f"sniffio is not pinned for .[{extra}]; {FIX}"
