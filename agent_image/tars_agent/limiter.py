@@ -911,7 +911,10 @@ class SharedLimiter:
         Only while the buckets seen last refuse it for its horizon and its class's queue holds a
         ticket of this process well beyond the horizon: it would take a ticket behind that one and
         sleep at least until that ticket's slot is inside its horizon, so waiting costs it nothing
-        but its place among the tickets other processes take meanwhile."""
+        but its place among the tickets other processes take meanwhile. The buckets as they were
+        at the reply, not aged to now: while the class holds tickets beyond its horizon their
+        holders, in every process, come back for the room that time makes, so it stays refused
+        unless the room is there at once (all a parked op may take)."""
         if op.returning or op.critical:
             return 0.0
         tats, seen_now, received = self._seen
@@ -922,8 +925,8 @@ class SharedLimiter:
         if tail - now <= op.max_ahead_us or tail - now > op.deadline_us:
             return 0.0  # before the model: these two answer 0 whatever it says
         limits = gcra.Limits(self.budget.limits, tuple(None for _ in tats), self._reserve)
-        verdict = gcra.reserve(tats, now, op.costs, limits, False, op.max_ahead_us, self._pause_until_us)
-        if verdict.admitted or verdict.too_large:
+        verdict = gcra.reserve(tats, seen_now, op.costs, limits, False, op.max_ahead_us, self._pause_until_us)
+        if verdict.admitted or verdict.too_large or verdict.slot_us <= now:
             return 0.0
         return min((tail - now - op.max_ahead_us) / 1_000_000, RIDE_ALONG_S)
 
