@@ -218,17 +218,21 @@ class _BatchScript:
         self, redis: aioredis.Redis, script: str, keys: Sequence[str], head: Sequence[str | int | float]
     ) -> None:
         self._redis = redis
-        self._script = script
         sha = hashlib.sha1(script.encode()).hexdigest()
-        # the keys and the args that never change (`head`) are packed once
+        # the keys and the args that never change (`head`) are packed once. The first call, and the
+        # first after Redis lost its scripts, sends the script itself (EVAL caches it): one command
+        # where EVALSHA, its NOSCRIPT, SCRIPT LOAD and EVALSHA again were three
         self._head = _resp(("EVALSHA", sha, len(keys), *keys, *head))
+        self._eval_head = _resp(("EVAL", script, len(keys), *keys, *head))
+        self._loaded = False
         self._head_parts = 3 + len(keys) + len(head)
         self._conn: AbstractConnection | None = None
         self._timeout: float | None = None  # the connection's socket_timeout, for the whole call
 
     async def __call__(self, count: int, args: bytes) -> Any:
         """EVALSHA with the keys and head args, then `count` more args packed by _resp."""
-        packed = b"*%d\r\n%s%s" % (self._head_parts + count, self._head, args)
+        parts = self._head_parts + count
+        packed = b"*%d\r\n%s%s" % (parts, self._head if self._loaded else self._eval_head, args)
         conn = self._conn
         if conn is None:
             conn = self._conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
@@ -241,10 +245,12 @@ class _BatchScript:
             await conn.disconnect(error=error)
 
         try:
-            return await conn.retry.call_with_retry(lambda: self._send(conn, packed), failed)
-        except NoScriptError:  # a Redis restarted or flushed: load it once, then as before
-            await self._redis.script_load(self._script)
-            return await conn.retry.call_with_retry(lambda: self._send(conn, packed), failed)
+            reply = await conn.retry.call_with_retry(lambda: self._send(conn, packed), failed)
+        except NoScriptError:  # a Redis restarted or flushed
+            packed = b"*%d\r\n%s%s" % (parts, self._eval_head, args)
+            reply = await conn.retry.call_with_retry(lambda: self._send(conn, packed), failed)
+        self._loaded = True
+        return reply
 
     async def _send(self, conn: AbstractConnection, packed: bytes) -> Any:
         try:

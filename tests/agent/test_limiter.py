@@ -363,6 +363,28 @@ async def test_the_batch_script_is_loaded_again_when_redis_lost_it(redis_server:
         await client.aclose()
 
 
+async def test_a_first_script_call_loads_the_script_in_one_command(redis_server: RedisServer) -> None:
+    """A process's first call sends the script itself (EVAL caches it), and so does the call after
+    an EVALSHA that Redis answered NOSCRIPT (it lost its scripts): never SCRIPT LOAD, then EVALSHA
+    again."""
+    client = fast_redis(redis_server.url)
+    limiter = SharedLimiter(client, Budget.from_rates(f"load-{uuid.uuid4().hex}", requests_per_minute=6000))
+    try:
+        for lost in (0, 1):  # a fresh process, then a Redis that lost its scripts
+            await client.script_flush()
+            await client.config_resetstat()
+            await limiter.acquire("critical", 0, timeout_s=1)
+            await limiter.acquire("critical", 0, timeout_s=1)
+            stats = await client.info("commandstats")
+            assert "cmdstat_script|load" not in stats, stats
+            assert stats["cmdstat_eval"]["calls"] == 1, stats
+            evalsha = stats["cmdstat_evalsha"]
+            assert (evalsha["calls"], evalsha["failed_calls"]) == (1 + lost, lost), stats
+    finally:
+        await limiter.aclose()
+        await client.aclose()
+
+
 async def evalsha_calls(client: aioredis.Redis) -> int:
     stats = await client.info("commandstats")
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
