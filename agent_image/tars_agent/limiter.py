@@ -220,8 +220,9 @@ class _BatchScript:
         self._redis = redis
         sha = hashlib.sha1(script.encode()).hexdigest()
         # the keys and the args that never change (`head`) are packed once. The first call, and the
-        # first after Redis lost its scripts, sends the script itself (EVAL caches it): one command
-        # where EVALSHA, its NOSCRIPT, SCRIPT LOAD and EVALSHA again were three
+        # one after a NOSCRIPT (Redis lost its scripts), sends the script itself (EVAL caches it):
+        # a fresh process's first call is one command, where EVALSHA, its NOSCRIPT, SCRIPT LOAD (on
+        # a connection of its own: a HELLO more) and EVALSHA again were four
         self._head = _resp(("EVALSHA", sha, len(keys), *keys, *head))
         self._eval_head = _resp(("EVAL", script, len(keys), *keys, *head))
         self._loaded = False
@@ -230,7 +231,8 @@ class _BatchScript:
         self._timeout: float | None = None  # the connection's socket_timeout, for the whole call
 
     async def __call__(self, count: int, args: bytes) -> Any:
-        """EVALSHA with the keys and head args, then `count` more args packed by _resp."""
+        """EVALSHA (EVAL until the script is known to be loaded) with the keys and head args, then
+        `count` more args packed by _resp."""
         parts = self._head_parts + count
         packed = b"*%d\r\n%s%s" % (parts, self._head if self._loaded else self._eval_head, args)
         conn = self._conn
