@@ -218,17 +218,23 @@ class _BatchScript:
         self, redis: aioredis.Redis, script: str, keys: Sequence[str], head: Sequence[str | int | float]
     ) -> None:
         self._redis = redis
-        self._script = script
         sha = hashlib.sha1(script.encode()).hexdigest()
-        # the keys and the args that never change (`head`) are packed once
+        # the keys and the args that never change (`head`) are packed once. The first call, and the
+        # one after a NOSCRIPT (Redis lost its scripts), sends the script itself (EVAL caches it):
+        # a fresh process's first call is one command, where EVALSHA, its NOSCRIPT, SCRIPT LOAD (on
+        # a connection of its own: a HELLO more) and EVALSHA again were four
         self._head = _resp(("EVALSHA", sha, len(keys), *keys, *head))
+        self._eval_head = _resp(("EVAL", script, len(keys), *keys, *head))
+        self._loaded = False
         self._head_parts = 3 + len(keys) + len(head)
         self._conn: AbstractConnection | None = None
         self._timeout: float | None = None  # the connection's socket_timeout, for the whole call
 
     async def __call__(self, count: int, args: bytes) -> Any:
-        """EVALSHA with the keys and head args, then `count` more args packed by _resp."""
-        packed = b"*%d\r\n%s%s" % (self._head_parts + count, self._head, args)
+        """EVALSHA (EVAL until the script is known to be loaded) with the keys and head args, then
+        `count` more args packed by _resp."""
+        parts = self._head_parts + count
+        packed = b"*%d\r\n%s%s" % (parts, self._head if self._loaded else self._eval_head, args)
         conn = self._conn
         if conn is None:
             conn = self._conn = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
@@ -241,10 +247,12 @@ class _BatchScript:
             await conn.disconnect(error=error)
 
         try:
-            return await conn.retry.call_with_retry(lambda: self._send(conn, packed), failed)
-        except NoScriptError:  # a Redis restarted or flushed: load it once, then as before
-            await self._redis.script_load(self._script)
-            return await conn.retry.call_with_retry(lambda: self._send(conn, packed), failed)
+            reply = await conn.retry.call_with_retry(lambda: self._send(conn, packed), failed)
+        except NoScriptError:  # a Redis restarted or flushed
+            packed = b"*%d\r\n%s%s" % (parts, self._eval_head, args)
+            reply = await conn.retry.call_with_retry(lambda: self._send(conn, packed), failed)
+        self._loaded = True
+        return reply
 
     async def _send(self, conn: AbstractConnection, packed: bytes) -> Any:
         try:
@@ -911,7 +919,10 @@ class SharedLimiter:
         Only while the buckets seen last refuse it for its horizon and its class's queue holds a
         ticket of this process well beyond the horizon: it would take a ticket behind that one and
         sleep at least until that ticket's slot is inside its horizon, so waiting costs it nothing
-        but its place among the tickets other processes take meanwhile."""
+        but its place among the tickets other processes take meanwhile. The buckets as they were
+        at the reply, not aged to now: while the class holds tickets beyond its horizon their
+        holders, in every process, come back for the room that time makes, so it stays refused
+        unless the room is there at once (all a parked op may take)."""
         if op.returning or op.critical:
             return 0.0
         tats, seen_now, received = self._seen
@@ -922,8 +933,8 @@ class SharedLimiter:
         if tail - now <= op.max_ahead_us or tail - now > op.deadline_us:
             return 0.0  # before the model: these two answer 0 whatever it says
         limits = gcra.Limits(self.budget.limits, tuple(None for _ in tats), self._reserve)
-        verdict = gcra.reserve(tats, now, op.costs, limits, False, op.max_ahead_us, self._pause_until_us)
-        if verdict.admitted or verdict.too_large:
+        verdict = gcra.reserve(tats, seen_now, op.costs, limits, False, op.max_ahead_us, self._pause_until_us)
+        if verdict.admitted or verdict.too_large or verdict.slot_us <= now:
             return 0.0
         return min((tail - now - op.max_ahead_us) / 1_000_000, RIDE_ALONG_S)
 

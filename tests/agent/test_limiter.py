@@ -363,6 +363,28 @@ async def test_the_batch_script_is_loaded_again_when_redis_lost_it(redis_server:
         await client.aclose()
 
 
+async def test_a_first_script_call_loads_the_script_in_one_command(redis_server: RedisServer) -> None:
+    """A process's first call sends the script itself (EVAL caches it), and so does the call after
+    an EVALSHA that Redis answered NOSCRIPT (it lost its scripts): never SCRIPT LOAD, then EVALSHA
+    again."""
+    client = fast_redis(redis_server.url)
+    limiter = SharedLimiter(client, Budget.from_rates(f"load-{uuid.uuid4().hex}", requests_per_minute=6000))
+    try:
+        for lost in (0, 1):  # a fresh process, then a Redis that lost its scripts
+            await client.script_flush()
+            await client.config_resetstat()
+            await limiter.acquire("critical", 0, timeout_s=1)
+            await limiter.acquire("critical", 0, timeout_s=1)
+            stats = await client.info("commandstats")
+            assert "cmdstat_script|load" not in stats, stats
+            assert stats["cmdstat_eval"]["calls"] == 1, stats
+            evalsha = stats["cmdstat_evalsha"]
+            assert (evalsha["calls"], evalsha["failed_calls"]) == (1 + lost, lost), stats
+    finally:
+        await limiter.aclose()
+        await client.aclose()
+
+
 async def evalsha_calls(client: aioredis.Redis) -> int:
     stats = await client.info("commandstats")
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
@@ -554,6 +576,39 @@ async def test_a_reservation_that_will_take_a_ticket_rides_along_with_the_next_c
     finally:
         await limiter.aclose()
         await client.aclose()
+
+
+async def test_time_alone_does_not_make_room_while_the_class_holds_tickets_beyond_the_horizon(
+    redis_server: RedisServer,
+) -> None:
+    """Agent B's 20 normal waiters keep the budget full (their tickets reach ~2.4 s ahead); agent
+    A's one waiter takes a ticket behind them and A makes no call for a while. A's last reply,
+    aged by the time since, shows room within the horizon, but B's waiters come back for it: A's
+    next two first acquires, 0.2 s apart, go together in one script call, behind A's waiter."""
+    budget = Budget(f"stale-{uuid.uuid4().hex}", (LimitParams("rps", 10, 1_000_000, 2),))
+    pod_a, pod_b = fast_redis(redis_server.url), fast_redis(redis_server.url)
+    a, b = SharedLimiter(pod_a, budget), SharedLimiter(pod_b, budget)
+    try:
+        crowd = [asyncio.create_task(b.acquire("normal", 0, timeout_s=30)) for _ in range(20)]
+        await async_eventually(lambda: "normal" in b._tails, 5, "B's waiters' tickets")
+        waiter = asyncio.create_task(a.acquire("normal", 0, timeout_s=30))
+        await async_eventually(lambda: "normal" in a._tails, 5, "A's waiter's ticket")
+        calls = recording(a)
+        # the scenario's spacing, not a synchronisation: A's view ages past its horizon's edge
+        await asyncio.sleep(0.4)
+        first = asyncio.create_task(a.acquire("normal", 0, timeout_s=30))
+        await asyncio.sleep(0.2)
+        second = asyncio.create_task(a.acquire("normal", 0, timeout_s=30))
+        newcomers = await asyncio.gather(first, second)
+        firsts = [sum(isinstance(op, gcra.Reserve) and not op.returning for op in ops) for ops in calls]
+        assert [n for n in firsts if n] == [2], calls  # both in one call
+        assert min(r.slot_us for r in newcomers) > (await waiter).slot_us  # behind A's waiter
+        await asyncio.gather(*crowd)
+    finally:
+        await a.aclose()
+        await b.aclose()
+        await pod_a.aclose()
+        await pod_b.aclose()
 
 
 async def test_the_live_agents_are_counted_and_their_set_expires(redis_server: RedisServer) -> None:
