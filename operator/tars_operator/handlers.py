@@ -80,20 +80,12 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.watching.label_selectors["pods"] = contract.POOL_LABEL
 
 
-# Young collections this far apart (Python's default: 700 allocations): the pools' loops make
-# objects that live a second or two (each second's observation), and at the default each of them
-# outlived two young collections into the old generation. At 100 pools that ran a full
-# collection every ~8 s, 300-420 ms each with the event loop stopped (gc.callbacks, bench/README.md
-# operator_scale): most of the decisions' p99.
-GC_YOUNG_THRESHOLD = 50_000
-
-
 def configure_gc() -> None:
-    """After startup: what is imported and set up by now lives as long as the process, so it is
-    frozen out of every collection (gc.freeze), and young collections are spaced out."""
+    """After startup what is imported and set up by now lives as long as the process: frozen out of
+    every collection (gc.freeze), so a full one does not walk it again. At 100 pools full
+    collections came every ~8 s and took 300-420 ms with the event loop stopped (gc.callbacks,
+    bench/README.md operator_scale)."""
     gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 @kopf.on.startup()
