@@ -216,8 +216,8 @@ class AgentStateReader:
     async def read(self, namespace: str, pool: str, pods: Sequence[str], queue_depth: bool) -> PoolReading:
         """The states of `pods` that published one (an MGET), and with `queue_depth` the tasks
         waiting (not yet taken) in the pool's queue now, as the agents export it in
-        tars_queue_depth: XLEN and XINFO GROUPS per priority, a second old at most where
-        Prometheus holds the agents' value as of their last scrape. One round trip for both.
+        tars_queue_depth (contract.WAITING_TASKS_SCRIPT), a second old at most where Prometheus
+        holds the agents' value as of their last scrape. One round trip for both.
         When Redis does not answer nothing is known: asking every agent over HTTP instead would
         add a request per agent exactly when the operator or Redis is overloaded."""
         if not pods and not queue_depth:
@@ -227,10 +227,10 @@ class AgentStateReader:
             async with self._redis.pipeline(transaction=False) as pipe:
                 if pods:
                     pipe.mget([contract.agent_state_key(namespace, pool, pod) for pod in pods])
-                for stream in streams if queue_depth else []:
-                    pipe.xlen(stream)
-                    pipe.xinfo_groups(stream)
-                # a missing stream answers XINFO GROUPS with an error: nothing waits there
+                if queue_depth:
+                    # EVAL, not EVALSHA: Redis keeps the script compiled by its hash either way,
+                    # and a Redis that lost its scripts needs no second round trip
+                    pipe.eval(contract.WAITING_TASKS_SCRIPT, len(streams), *streams, contract.QUEUE_GROUP)
                 replies = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError):
             return PoolReading(None)
@@ -250,10 +250,8 @@ class AgentStateReader:
 
 
 def _waiting(replies: Sequence[Any]) -> Sample | None:
-    """The queue depth from XLEN and XINFO GROUPS replies, priority by priority."""
-    waiting = 0
-    for length, groups in zip(replies[::2], replies[1::2], strict=True):
-        if isinstance(length, BaseException):
-            return None
-        waiting += contract.waiting_tasks(length, groups)
+    """The queue depth from WAITING_TASKS_SCRIPT's reply (None: it failed)."""
+    (waiting,) = replies
+    if isinstance(waiting, BaseException):
+        return None
     return Sample(float(waiting), dt.datetime.now(dt.UTC))
