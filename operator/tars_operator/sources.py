@@ -31,7 +31,7 @@ class QueryResult:
 class PrometheusReader:
     """Instant queries against Prometheus' HTTP API (/api/v1/query).
 
-    A GET of JSON need no client library. prometheus-api-client, used before, is synchronous: every
+    A GET of JSON needs no client library. prometheus-api-client, used before, is synchronous: every
     query took a thread of asyncio's default executor, which all pools share, and it brought
     requests, dateparser, regex and pytz along (at 2,000 agents the operator's RSS went from 172 to
     153 MB without it: bench/README.md, operator_scale)."""
