@@ -584,7 +584,8 @@ async def test_time_alone_does_not_make_room_while_the_class_holds_tickets_beyon
     """Agent B's 20 normal waiters keep the budget full (their tickets reach ~2.4 s ahead); agent
     A's one waiter takes a ticket behind them and A makes no call for a while. A's last reply,
     aged by the time since, shows room within the horizon, but B's waiters come back for it: A's
-    next two first acquires, 0.2 s apart, go together in one script call, behind A's waiter."""
+    next two first acquires, the second after the first has parked, go together in one script
+    call, behind A's waiter."""
     budget = Budget(f"stale-{uuid.uuid4().hex}", (LimitParams("rps", 10, 1_000_000, 2),))
     pod_a, pod_b = fast_redis(redis_server.url), fast_redis(redis_server.url)
     a, b = SharedLimiter(pod_a, budget), SharedLimiter(pod_b, budget)
@@ -594,10 +595,20 @@ async def test_time_alone_does_not_make_room_while_the_class_holds_tickets_beyon
         waiter = asyncio.create_task(a.acquire("normal", 0, timeout_s=30))
         await async_eventually(lambda: "normal" in a._tails, 5, "A's waiter's ticket")
         calls = recording(a)
-        # the scenario's spacing, not a synchronisation: A's view ages past its horizon's edge
-        await asyncio.sleep(0.4)
+
+        def aged_view_has_room() -> bool:
+            """A's last reply, aged to now, admits a normal op within its horizon: what the
+            ride-along once asked, and the moment B's returning waiters take that room."""
+            tats, seen_now, received = a._seen
+            now = seen_now + int((a._monotonic() - received) * 1_000_000)
+            limits = gcra.Limits(a.budget.limits, tuple(None for _ in tats), a._reserve)
+            horizon = gcra.max_ahead_us("normal", 30_000_000, False)
+            return gcra.reserve(tats, now, a._costs(0), limits, False, horizon, a._pause_until_us).admitted
+
+        await async_eventually(aged_view_has_room, 5, "A's view, aged, to show room within the horizon")
         first = asyncio.create_task(a.acquire("normal", 0, timeout_s=30))
-        await asyncio.sleep(0.2)
+        # it waits for A's next call instead of going alone; the second then goes with it
+        await async_eventually(lambda: a._parked, 5, "A's first acquire parked for A's next call")
         second = asyncio.create_task(a.acquire("normal", 0, timeout_s=30))
         newcomers = await asyncio.gather(first, second)
         firsts = [sum(isinstance(op, gcra.Reserve) and not op.returning for op in ops) for ops in calls]
