@@ -1,6 +1,7 @@
 """The upstream LLM client: httpx to an OpenAI-compatible chat-completions API.
 
-One pooled keep-alive client per process (optionally HTTP/2). Every attempt
+One pooled keep-alive client per process: httpx's API on aiohttp's HTTP/1.1 connections
+(httpx-aiohttp's transport, as the OpenAI SDK's aiohttp backend), or on httpx's own with HTTP/2. Every attempt
 first waits for the shared limiter; 429/5xx/timeouts are retried with
 exponential backoff and full jitter, with Retry-After as the minimum; a 429
 also pauses the whole budget in Redis. A circuit breaker stops calls to a dead
@@ -25,7 +26,9 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+import aiohttp
 import httpx
+from httpx_aiohttp import AiohttpTransport
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from tars_agent.cache import BoundedTTLCache
@@ -114,6 +117,18 @@ def parse_retry_after(headers: httpx.Headers) -> float | None:
         return None
 
 
+def transport_failure(exc: httpx.TransportError) -> str:
+    """'timeout (...)' or 'connection error (...)', naming the error underneath: httpx-aiohttp maps
+    every aiohttp connection error (refused, reset, disconnected) to httpx.ConnectTimeout."""
+    cause = exc.__cause__
+    named: BaseException = exc
+    timed_out = isinstance(exc, httpx.TimeoutException)
+    if isinstance(cause, aiohttp.ClientError | TimeoutError):
+        timed_out, named = isinstance(cause, TimeoutError), cause
+    detail = f"{type(named).__name__}: {named}" if str(named) else type(named).__name__
+    return f"{'timeout' if timed_out else 'connection error'} ({detail})"
+
+
 def backoff_delay(
     attempt: int, base_s: float, cap_s: float, retry_after_s: float | None, rand: float
 ) -> float:
@@ -153,14 +168,20 @@ class LLMClient:
         self._metrics = metrics
         self._sleep = sleep
         headers = {"Authorization": f"Bearer {config.api_key.get_secret_value()}"} if config.api_key else {}
+        limits = httpx.Limits(
+            max_connections=config.max_connections, max_keepalive_connections=config.max_keepalive
+        )
+        if transport is None and not config.http2:
+            # httpcore, h11 and anyio cost ~2.5x the CPU per streamed call of aiohttp's C parser:
+            # the agent's largest cost per task (bench/agent_cpu.py). aiohttp keeps every idle
+            # connection up to max_connections alive (max_keepalive is httpx's own transport's).
+            transport = AiohttpTransport(limits=limits)
         self._http = httpx.AsyncClient(
             base_url=config.base_url.rstrip("/"),
             headers=headers,
             http2=config.http2,
             timeout=httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s),
-            limits=httpx.Limits(
-                max_connections=config.max_connections, max_keepalive_connections=config.max_keepalive
-            ),
+            limits=limits,
             transport=transport,
         )
         self._inflight: dict[str, asyncio.Future[Completion]] = {}
@@ -278,14 +299,8 @@ class LLMClient:
             code = str(response.status_code)
             await self._check(response)
             return self._read_json(response)
-        except httpx.TimeoutException as exc:
-            raise _RetryableFailure(
-                None, None, f"timeout ({type(exc).__name__})", circuit_failure=True
-            ) from exc
         except httpx.TransportError as exc:
-            raise _RetryableFailure(
-                None, None, f"connection error ({type(exc).__name__})", circuit_failure=True
-            ) from exc
+            raise _RetryableFailure(None, None, transport_failure(exc), circuit_failure=True) from exc
         finally:
             if self._metrics:
                 self._metrics.llm_requests.labels(code).inc()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -256,3 +258,54 @@ async def test_api_key_is_sent_but_never_shown(mock_llm: MockLLM, caplog: pytest
         await wrong.aclose()
     finally:
         await client.aclose()
+
+
+async def _serve(handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> Any:
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def _failure(base_url: str, read_timeout_s: float = 5.0) -> str:
+    client = LLMClient(LLMConfig(base_url=base_url, max_retries=0, read_timeout_s=read_timeout_s))
+    try:
+        with pytest.raises(UpstreamError) as failed:
+            await client.complete(spec(stream=True), "normal", discard, time.monotonic() + 10)
+        return str(failed.value)
+    finally:
+        await client.aclose()
+
+
+async def test_a_refused_connection_is_named_so_not_a_timeout() -> None:
+    """The transport's errors reach the task's last_error: they must name what happened.
+    (httpx-aiohttp maps every aiohttp connection error to httpx.ConnectTimeout.)"""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nothing listens there now: connections are refused
+    message = await _failure(f"http://127.0.0.1:{port}/v1")
+    assert "connection error" in message and "timeout" not in message.lower(), message
+    assert str(port) in message, message  # names where it tried
+
+
+async def test_an_upstream_that_closes_without_answering_is_named_so() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    server = await _serve(hang_up)
+    try:
+        message = await _failure(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1")
+    finally:
+        server.close()
+    assert "connection error" in message and "disconnected" in message.lower(), message
+
+
+async def test_an_upstream_that_never_answers_is_named_a_timeout() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # reads until the client gives up
+
+    server = await _serve(silent)
+    try:
+        message = await _failure(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", 0.3)
+    finally:
+        server.close()
+    assert message.startswith("upstream failed after 1 attempts: timeout ("), message
