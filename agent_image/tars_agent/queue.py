@@ -49,10 +49,9 @@ from tars_agent.tasks import PRIORITIES, InvalidTask, Priority, Task, TaskResult
 from tars_contract.contract import (
     DEFAULT_QUEUE_MAX_DEPTH,
     QUEUE_GROUP,
+    WAITING_TASKS_SCRIPT,
     pool_key_prefix,
-    queue_group_field,
     queue_stream_key,
-    waiting_tasks,
 )
 
 DEAD_LETTER_MAXLEN = 10_000
@@ -290,7 +289,8 @@ return len
 )
 
 # KEYS: task hash, stream, output (of this attempt), chunks, config
-# ARGV: idle ttl, entry id, consumer, result ttl, prompt tokens, completion tokens, fence
+# ARGV: idle ttl, entry id, consumer, result ttl, prompt tokens, completion tokens, fence,
+#       bytes of output stored, the output's tail (appended first, as _APPEND would)
 _COMPLETE = (
     _COMMON
     + """
@@ -300,6 +300,11 @@ if redis.call('HGET', KEYS[1], 'status') == 'done' then
   return 'lost'
 end
 if not fenced(KEYS[1], ARGV[7]) then return 'lost' end
+if ARGV[9] ~= '' then
+  if redis.call('STRLEN', KEYS[3]) ~= tonumber(ARGV[8]) then return 'gap' end
+  redis.call('APPEND', KEYS[3], ARGV[9])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', CHUNKS_MAXLEN, '*', 'event', 'text', 'text', ARGV[9])
+end
 local t = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'status', 'done', 'worker', ARGV[3], 'prompt_tokens', ARGV[5],
            'completion_tokens', ARGV[6],
@@ -425,6 +430,7 @@ class TaskStore:
         self._idem_ttl = idempotency_ttl_s
         self._idle_ttl = pool_idle_ttl_s
         self._submit = redis.register_script(_SUBMIT)
+        self._waiting = redis.register_script(WAITING_TASKS_SCRIPT)
 
     async def submit(
         self, spec: TaskSpec, priority: Priority = "normal", idempotency_key: str | None = None
@@ -484,16 +490,8 @@ class TaskStore:
 
     async def waiting(self) -> dict[str, int]:
         """Tasks not yet taken, per priority (XLEN - pending: acked entries are deleted)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in self.keys.streams:
-                pipe.xlen(stream)
-                pipe.xinfo_groups(stream)
-            replies = await pipe.execute(raise_on_error=False)
-        out: dict[str, int] = {}
-        for i, priority in enumerate(PRIORITIES):
-            length, groups = replies[2 * i], replies[2 * i + 1]
-            out[priority] = waiting_tasks(length, groups) if isinstance(length, int) else 0
-        return out
+        counts = await self._waiting(keys=self.keys.streams, args=[QUEUE_GROUP])
+        return {priority: max(int(n), 0) for priority, n in zip(PRIORITIES, counts, strict=True)}
 
     async def stats(self) -> dict[str, Any]:
         waiting = await self.waiting()
@@ -548,6 +546,7 @@ class Consumer:
         # entries early in the pending list cannot hide dead ones behind them
         self._reclaim_cursor = dict.fromkeys(PRIORITIES, "0-0")
         self._ensure = redis.register_script(_ENSURE_GROUPS)
+        self._waiting = redis.register_script(WAITING_TASKS_SCRIPT)
         self._begin = redis.register_script(_BEGIN)
         self._append = redis.register_script(_APPEND)
         self._complete = redis.register_script(_COMPLETE)
@@ -580,17 +579,10 @@ class Consumer:
             return []
 
     async def _take(self, block_ms: int) -> list[Delivery]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in self.keys.streams:
-                pipe.xlen(stream)
-                pipe.xinfo_groups(stream)
-            replies = await pipe.execute()
-        waiting: dict[str, int] = {}
-        for i, priority in enumerate(PRIORITIES):
-            length, groups = replies[2 * i], replies[2 * i + 1]
-            if queue_group_field(groups, "name") is None:
-                raise ResponseError("NOGROUP consumer group missing")
-            waiting[priority] = waiting_tasks(length, groups)
+        counts = await self._waiting(keys=self.keys.streams, args=[QUEUE_GROUP])
+        if any(int(n) < 0 for n in counts):
+            raise ResponseError("NOGROUP consumer group missing")
+        waiting: dict[str, int] = {p: int(n) for p, n in zip(PRIORITIES, counts, strict=True)}
         chosen = self._selector.choose(waiting)
         # Nothing waits: wait in the group itself. Redis hands a new entry to one waiting
         # consumer (the one waiting longest) and the others wait on; a plain XREAD would wake
@@ -645,8 +637,12 @@ class Consumer:
             )
         return reply
 
-    async def complete(self, a: Attempt, prompt_tokens: int, completion_tokens: int) -> None:
-        """Store the result and acknowledge; safe to retry. ClaimLost if another attempt began."""
+    async def complete(
+        self, a: Attempt, prompt_tokens: int, completion_tokens: int, *, offset: int = 0, tail: str = ""
+    ) -> None:
+        """Append `tail` to the output (`offset` bytes of which are stored), store the result and
+        acknowledge, in one script call; safe to retry. ClaimLost if another attempt began,
+        OutputNotStored on a gap."""
         k, d = self.keys, a.delivery
         reply = await self._complete(
             keys=[
@@ -664,8 +660,15 @@ class Consumer:
                 prompt_tokens,
                 completion_tokens,
                 a.fence,
+                offset,
+                tail,
             ],
         )
+        if _s(reply) == "gap":
+            raise OutputNotStored(
+                f"task {d.task_id}: attempt {a.number} expected {offset} bytes of output in Redis at "
+                "its completion, found a different amount (output lost)"
+            )
         if _s(reply) == "lost":
             raise ClaimLost(
                 f"task {d.task_id}: attempt {a.number} lost its claim before it completed (the entry was "

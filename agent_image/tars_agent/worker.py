@@ -76,11 +76,15 @@ class OutputWriter:
             await self.flush()
 
     async def flush(self) -> None:
-        if self._parts:
-            text = "".join(self._parts)
-            self._parts, self._size = [], 0
+        if text := self.take():
             await self._flush(text)
         self._last = time.monotonic()
+
+    def take(self) -> str:
+        """The buffered text, which the caller stores itself (the completion carries the tail)."""
+        text = "".join(self._parts)
+        self._parts, self._size = [], 0
+        return text
 
 
 class Agent:
@@ -363,15 +367,17 @@ class Agent:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     async def _publish_state_loop(self) -> None:
-        """Keep what GET /status answers in Redis for the operator (contract.agent_state_key): at
-        once after a change, else every AGENT_STATE_REFRESH_SECONDS; it expires when the agent is
-        gone. A failed write only costs the operator a GET /status until the next one lands."""
+        """Keep what GET /status answers in Redis for the operator (contract.agent_state_key):
+        after a change (at most AGENT_STATE_MIN_GAP_SECONDS after the last write), else every
+        AGENT_STATE_REFRESH_SECONDS; it expires when the agent is gone. A failed write only costs
+        the operator a GET /status until the next one lands."""
         s = self.settings
         key = contract.agent_state_key(s.namespace, s.pool, s.pod_name)
         # Ends by itself once the agent stops (its last write says draining): a cancel that meets
         # the event set by the stop can be lost on 3.11, and run() waits for this loop.
         while not self._stop.is_set():
             self._state_changed.clear()
+            written = time.monotonic()
             try:
                 await self.redis.set(key, json.dumps(self.status()), ex=contract.AGENT_STATE_TTL_SECONDS)
             except RedisError as exc:
@@ -379,6 +385,8 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(contract.AGENT_STATE_REFRESH_SECONDS):
                     await self._state_changed.wait()
+            # the changes that follow within the gap go out with this one
+            await asyncio.sleep(max(written + contract.AGENT_STATE_MIN_GAP_SECONDS - time.monotonic(), 0))
 
     def _stop_lost(self, entry_ids: set[str]) -> None:
         """Cancel the local work on entries another agent took over (this agent stalled)."""
@@ -458,8 +466,12 @@ class Agent:
             result = await self.llm.complete(
                 d.task.spec, d.task.priority, writer.write, start + self.settings.task_timeout_seconds
             )
-            await writer.flush()
-            await self._store(lambda: c.complete(a, result.prompt_tokens, result.completion_tokens))
+            tail = writer.take()
+            await self._store(
+                lambda: c.complete(
+                    a, result.prompt_tokens, result.completion_tokens, offset=stored, tail=tail
+                )
+            )
             outcome = "done"
         except ClaimLost as exc:
             log.warning("%s; this attempt stopped", exc)

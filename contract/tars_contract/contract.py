@@ -3,8 +3,6 @@
 Both sides import these names, so a rename cannot leave one side behind.
 """
 
-from typing import Any
-
 # Labels and annotations on every agent pod.
 POOL_LABEL = "tars.dev/pool"
 
@@ -89,48 +87,28 @@ def queue_stream_key(namespace: str, pool: str, priority: str) -> str:
     return f"{pool_key_prefix(namespace, pool)}:q:{priority}"
 
 
-def waiting_tasks(length: int, groups: object) -> int:
-    """Tasks waiting in one priority's stream: its XLEN minus the group's pending count (XINFO
-    GROUPS), as the agents export tars_queue_depth; WAITING_TASKS_SCRIPT counts the same in Redis."""
-    return max(int(length) - int(queue_group_field(groups, "pending") or 0), 0)
-
-
-# The operator's count of waiting_tasks over a pool's streams, in Redis: one reply, and no XINFO
-# GROUPS of a stream that is not there (an idle pool's streams expire), whose error replies
-# redis-py turns into exceptions held in reference cycles: ~80 objects per read, 100 pools' worth
-# each second kept the operator's collector busy. KEYS: the streams; ARGV[1]: QUEUE_GROUP.
+# Tasks waiting in each of a pool's streams, counted in Redis: its XLEN minus the queue group's
+# pending count (taken, not yet acknowledged), as the agents export tars_queue_depth; -1 where the
+# stream or its group is missing (an idle pool's streams expire; the agents recreate them). One
+# reply, and no XINFO GROUPS of a missing stream from the client: its error replies, which
+# redis-py keeps as exceptions in reference cycles (~80 objects per read), kept the operator's
+# collector busy at 100 pools. KEYS: the streams; ARGV[1]: QUEUE_GROUP.
 WAITING_TASKS_SCRIPT = """
-local waiting = 0
-for _, stream in ipairs(KEYS) do
-  local length = redis.call('XLEN', stream)
-  if length > 0 then
-    local pending = 0
+local counts = {}
+for i, stream in ipairs(KEYS) do
+  counts[i] = -1
+  if redis.call('EXISTS', stream) == 1 then
     for _, group in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
       local fields = {}
-      for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
-      if fields['name'] == ARGV[1] then pending = fields['pending'] end
+      for j = 1, #group, 2 do fields[group[j]] = group[j + 1] end
+      if fields['name'] == ARGV[1] then
+        counts[i] = math.max(redis.call('XLEN', stream) - fields['pending'], 0)
+      end
     end
-    waiting = waiting + math.max(length - pending, 0)
   end
 end
-return waiting
+return counts
 """
-
-
-def queue_group_field(groups: object, name: str) -> Any:
-    """A field of group QUEUE_GROUP in an XINFO GROUPS reply (None if missing, or if the reply is
-    an error: a stream not created yet)."""
-    if not isinstance(groups, list):
-        return None
-    for group in groups:
-        fields = {_text(k): v for k, v in group.items()}
-        if _text(fields.get("name", "")) == QUEUE_GROUP:
-            return fields.get(name)
-    return None
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # Agents publish what GET /status answers ({"inflight": int, "draining": bool, "slots": int}: the
@@ -140,6 +118,9 @@ def _text(value: object) -> str:
 # one GET /status each, and asks /status only of agents whose key is missing.
 AGENT_STATE_REFRESH_SECONDS = 5.0
 AGENT_STATE_TTL_SECONDS = 15
+# Changes within this long of the last write go out together: in a burst, one write per start and
+# end of each task was ~4 % of an agent's CPU, for an operator that reads once a second.
+AGENT_STATE_MIN_GAP_SECONDS = 0.1
 
 
 def agent_state_key(namespace: str, pool: str, pod: str) -> str:

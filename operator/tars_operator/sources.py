@@ -250,8 +250,9 @@ class AgentStateReader:
 
 
 def _waiting(replies: Sequence[Any]) -> Sample | None:
-    """The queue depth from WAITING_TASKS_SCRIPT's reply (None: it failed)."""
-    (waiting,) = replies
-    if isinstance(waiting, BaseException):
+    """The queue depth from WAITING_TASKS_SCRIPT's reply (None: it failed); a missing stream
+    holds no task."""
+    (counts,) = replies
+    if isinstance(counts, BaseException):
         return None
-    return Sample(float(waiting), dt.datetime.now(dt.UTC))
+    return Sample(float(sum(max(int(n), 0) for n in counts)), dt.datetime.now(dt.UTC))

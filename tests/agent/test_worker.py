@@ -160,3 +160,28 @@ async def test_a_failed_output_append_fails_the_attempt_instead_of_leaving_a_gap
         result = await client.wait(task_id, timeout_s=20)
     assert (result.status, result.output) == ("done", "w0 w1 w2 w3 w4 w5")
     assert result.attempts == 2 and len(mock_llm.admitted) == 2
+
+
+async def test_an_answer_that_fits_one_write_is_stored_with_its_completion(
+    redis_client: aioredis.Redis, redis_url: str, mock_llm: MockLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output left in the writer at the end goes to Redis in the completion's own script call,
+    not in an append of its own: a round trip and a script call less per task."""
+    mock_llm.config.response_tokens = 4  # streamed at once: all of it is still buffered at the end
+    settings = agent_settings(redis_url, mock_llm.url)
+    client = TaskClient(redis_client, settings.namespace, settings.pool)
+    async with running_agent(settings) as agent:
+        real = agent.consumer.append_output
+        appends = 0
+
+        async def counted(a: Attempt, offset: int, text: str) -> int:
+            nonlocal appends
+            appends += 1
+            return await real(a, offset, text)
+
+        monkeypatch.setattr(agent.consumer, "append_output", counted)
+        task_id = (await client.submit_payload(user("q", stream=True))).task_id
+        result = await client.wait(task_id, timeout_s=20)
+        events = [fields["event"] for _, fields in await redis_client.xrange(client.keys.chunks(task_id))]
+    assert (result.status, result.output, appends) == ("done", "w0 w1 w2 w3", 0)
+    assert events == ["start", "text", "done"]  # a follower still sees the text before the end
