@@ -7,7 +7,7 @@ BENCH_VENV ?= $(TARS_CACHE)/venv-bench
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup lock images demo bench bench-limiters bench-coldwarm test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status bench-memory bench-pickup bench-scale bench-keda
+.PHONY: help setup lock images demo bench bench-limiters bench-coldwarm test test-fast e2e lint typecheck crds install run helm-lint cluster-build cluster-up cluster-down cluster-env cluster-status bench-memory bench-agent-cpu bench-pickup bench-scale bench-keda
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ bench-coldwarm: cluster-up ## cold vs warm agents on the local cluster's real no
 
 bench-memory: setup ## agent RSS per in-flight streaming request, and a 30 min RSS soak (~32 min; ARGS=--soak-minutes N)
 	$(PY) bench/agent_memory.py $(ARGS)
+
+bench-agent-cpu: setup ## agent CPU per task and burst pickup on loopback (~2 min; ARGS=--baseline <checkout of another commit>)
+	$(PY) bench/agent_cpu.py $(ARGS)
 
 bench-pickup: cluster-up ## warm pickup at 45 tasks/s, a 300-task burst, cold path, pod overshoot, on the real node (~8 min)
 	$(PY) bench/warm_pickup.py $(ARGS)
