@@ -563,14 +563,17 @@ class Consumer:
         except InvalidTask as exc:
             return Delivery(priority, _s(entry_id), payload, None, str(exc))
 
-    async def take(self, block_ms: int) -> list[Delivery]:
-        """Take the next task by the priority rule, waiting up to `block_ms` for one to arrive.
+    async def take(self, block_ms: int, count: int = 1) -> list[Delivery]:
+        """Take up to `count` tasks by the priority rule, waiting up to `block_ms` for one to
+        arrive when none waits.
 
-        Usually one task, or none when the wait ended empty. Several (at most one per priority)
-        only when tasks of several priorities arrived between the look at the queue and the wait:
-        they are this agent's then, to run (handing them back would put them behind newer ones)."""
+        Of a backlog, as many as `count` and the waiting tasks allow, in the shares that taking
+        them one at a time would give, in one round trip. From an empty queue, one task, or
+        none when the wait ended empty. Several (at most one per priority) then only when tasks
+        of several priorities arrived between the look at the queue and the wait: they are this
+        agent's then, to run (handing them back would put them behind newer ones)."""
         try:
-            return await self._take(block_ms)
+            return await self._take(block_ms, count)
         except ResponseError as exc:
             # NOGROUP, no such key: gone before the look; "... no longer exists": while waiting
             if not any(m in str(exc) for m in ("NOGROUP", "no such key", "no longer exists")):
@@ -578,24 +581,35 @@ class Consumer:
             await self.ensure_groups()  # an idle stream expired, or Redis came back empty: recreate
             return []
 
-    async def _take(self, block_ms: int) -> list[Delivery]:
+    def _shares(self, waiting: dict[str, int], count: int) -> dict[str, int]:
+        """How many of each priority `count` takes one at a time would take."""
+        left, shares = dict(waiting), dict.fromkeys(PRIORITIES, 0)
+        for _ in range(count):
+            chosen = self._selector.choose(left)
+            if chosen is None:
+                break
+            left[chosen] -= 1
+            shares[chosen] += 1
+        return {p: n for p, n in shares.items() if n}
+
+    async def _take(self, block_ms: int, count: int) -> list[Delivery]:
         counts = await self._waiting(keys=self.keys.streams, args=[QUEUE_GROUP])
         if any(int(n) < 0 for n in counts):
             raise ResponseError("NOGROUP consumer group missing")
-        waiting: dict[str, int] = {p: int(n) for p, n in zip(PRIORITIES, counts, strict=True)}
-        chosen = self._selector.choose(waiting)
-        # Nothing waits: wait in the group itself. Redis hands a new entry to one waiting
-        # consumer (the one waiting longest) and the others wait on; a plain XREAD would wake
-        # every idle agent of the pool to race for each task.
-        streams = [chosen] if chosen is not None else list(PRIORITIES)
-        reply: Any = await self.redis.xreadgroup(
-            QUEUE_GROUP,
-            self.name,
-            {self.keys.stream(p): ">" for p in streams},
-            count=1,
-            block=None if chosen is not None else block_ms,
-        )
-        by_stream = {_s(stream): entries for stream, entries in reply or []}
+        shares = self._shares({p: int(n) for p, n in zip(PRIORITIES, counts, strict=True)}, count)
+        replies: list[Any]
+        if shares:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for priority, n in shares.items():
+                    pipe.xreadgroup(QUEUE_GROUP, self.name, {self.keys.stream(priority): ">"}, count=n)
+                replies = await pipe.execute()
+        else:
+            # Nothing waits: wait in the group itself. Redis hands a new entry to one waiting
+            # consumer (the one waiting longest) and the others wait on; a plain XREAD would wake
+            # every idle agent of the pool to race for each task.
+            streams = {self.keys.stream(p): ">" for p in PRIORITIES}
+            replies = [await self.redis.xreadgroup(QUEUE_GROUP, self.name, streams, count=1, block=block_ms)]
+        by_stream = {_s(stream): entries for reply in replies for stream, entries in reply or []}
         return [
             self._delivery(priority, entry_id, fields)
             for priority in PRIORITIES

@@ -304,7 +304,7 @@ class Agent:
                 await self._wait_for_slot()
                 continue
             try:
-                deliveries = await self.consumer.take(TAKE_BLOCK_MS)
+                deliveries = await self.consumer.take(TAKE_BLOCK_MS, self.free_slots)
                 failures = 0
                 self.redis_ready = True
             except RedisError as exc:

@@ -196,6 +196,29 @@ async def test_consumer_takes_by_priority_rule_and_reclaims_a_dead_consumers_wor
     assert order.index("low") < len(order) - 4  # low is served before the rest are exhausted
 
 
+async def test_an_agent_with_free_slots_takes_a_backlog_by_the_priority_rule_in_one_look(
+    redis_client: aioredis.Redis,
+) -> None:
+    """In a burst, an agent with 25 free slots took its tasks one look and one XREADGROUP at a
+    time: two round trips per task. It takes what its slots hold at once now, in the shares
+    one-at-a-time taking would have given (8 critical : 1 low), and no more than waits."""
+    name = pool()
+    client = TaskClient(redis_client, "ns", name)
+    for priority in ("critical", "low"):
+        for _ in range(20):
+            await client.submit_payload(GOOD, priority)
+    batch = Consumer(redis_client, "ns", name, "batch-agent")
+    await batch.ensure_groups()  # as the agent does at its start
+    one_by_one = Consumer(redis_client, "ns", f"{name}-x", "single-agent")  # the same rule, alone
+    expected = [one_by_one._selector.choose({"critical": 20 - i, "low": 20}) for i in range(9)]
+    taken = await batch.take(block_ms=10, count=9)
+    assert Counter(d.priority for d in taken) == Counter(expected) == {"critical": 8, "low": 1}
+    assert len({d.task_id for d in taken}) == 9
+    rest = await batch.take(block_ms=10, count=100)
+    assert Counter(d.priority for d in rest) == {"critical": 12, "low": 19}
+    assert await batch.take(block_ms=10, count=5) == []  # nothing left: the wait ends empty
+
+
 async def test_a_new_task_wakes_one_idle_agent_not_all_of_them(redis_server: RedisServer) -> None:
     """Idle agents wait for work together; a task that arrives must go to one of them while the
     others go on waiting. Waking all to race for it cost every idle agent (and Redis) a round of
