@@ -583,7 +583,8 @@ class Consumer:
 
     def _shares(self, waiting: dict[str, int], count: int) -> dict[str, int]:
         """How many of each priority `count` takes one at a time would take."""
-        left, shares = dict(waiting), dict.fromkeys(PRIORITIES, 0)
+        left = dict(waiting)
+        shares: dict[str, int] = dict.fromkeys(PRIORITIES, 0)
         for _ in range(count):
             chosen = self._selector.choose(left)
             if chosen is None:
@@ -607,7 +608,7 @@ class Consumer:
             # Nothing waits: wait in the group itself. Redis hands a new entry to one waiting
             # consumer (the one waiting longest) and the others wait on; a plain XREAD would wake
             # every idle agent of the pool to race for each task.
-            streams = {self.keys.stream(p): ">" for p in PRIORITIES}
+            streams: dict[Any, Any] = {self.keys.stream(p): ">" for p in PRIORITIES}
             replies = [await self.redis.xreadgroup(QUEUE_GROUP, self.name, streams, count=1, block=block_ms)]
         by_stream = {_s(stream): entries for reply in replies for stream, entries in reply or []}
         return [
