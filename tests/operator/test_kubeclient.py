@@ -7,6 +7,7 @@ real server only shows rarely (a token rotated under a running operator) are inj
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import kopf
 import pytest
 from aiohttp import web
 
-from tars_operator.kubeclient import ApiError, KubeApi, kube_login
+from tars_operator.kubeclient import CONNECTIONS, ApiError, KubeApi, kube_login
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,8 +43,10 @@ class StandIn:
     seen: list[Recorded] = field(default_factory=list)
     answers: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     accepted_token: str | None = None  # when set, any other bearer token gets 401
+    peers: set[Any] = field(default_factory=set)  # the clients' connections (address, port)
 
     async def handle(self, request: web.Request) -> web.Response:
+        self.peers.add(request.transport.get_extra_info("peername") if request.transport else None)
         text = await request.text()
         body = json.loads(text) if text else None
         auth = request.headers.get("Authorization")
@@ -186,3 +189,12 @@ def test_the_operator_loads_no_generated_kubernetes_client() -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO)
     loaded = set(json.loads(out.stdout.replace("'", '"')))
     assert not loaded & {"kubernetes_asyncio", "kubernetes", "pykube"}
+
+
+async def test_a_burst_of_writes_shares_a_few_connections(server: StandIn, kube: KubeApi) -> None:
+    # 100 pools' first cycles create 2,000 pods at once; with aiohttp's default each burst opened
+    # 100 connections to the API server, each TLS one holding ~300 KB for as long as it stays open.
+    await asyncio.gather(*(kube.create_namespaced_pod("ns", {"n": i}) for i in range(200)))
+    assert len(server.seen) == 200
+    assert None not in server.peers
+    assert len(server.peers) <= CONNECTIONS

@@ -205,4 +205,54 @@ def test_the_queue_sample_time_moves_with_a_new_count_or_every_5_minutes(
     expected: datetime,
 ) -> None:
     prev = AgentPoolStatus(queue_depth=prev_depth, queue_depth_sample_time=prev_time)
-    assert queue_sample_time(value, Sample(value or 0.0, sampled_at), prev, _TEN_S) == expected
+    assert queue_sample_time(value, Sample(value or 0.0, sampled_at), prev, _TEN_S, timedelta(0)) == expected
+
+
+def test_pools_started_together_renew_their_queue_sample_time_spread_over_5_minutes() -> None:
+    # After an operator start every pool writes its queue's sample time in the same few seconds.
+    # Renewed 5 minutes after that, they all wrote their status again at once, every 5 minutes
+    # (100 status writes in a burst at 100 pools); each pool's phase (by its UID) spreads them.
+    pools = [PoolRef(f"p{i}", "agents", f"uid-{i}") for i in range(100)]
+    status = {"queueDepth": 0, "queueDepthSampleTime": T0.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    spec = check(raw_spec())
+    renewed_at: dict[str, timedelta] = {}
+    for step in range(1, 61):  # a cycle every 10 s for 10 minutes
+        now = T0 + step * _TEN_S
+        for pool in pools:
+            if pool.uid in renewed_at:
+                continue
+            metrics = Metrics(queue_depth=Sample(0, now))
+            got = plan(pool, spec, status, [], metrics, now, ControllerState(), OperatorDefaults())
+            if got.status["queueDepthSampleTime"] != status["queueDepthSampleTime"]:
+                renewed_at[pool.uid] = now - T0
+    assert len(renewed_at) == len(pools)  # each within its 5 minutes
+    assert max(renewed_at.values()) <= timedelta(minutes=5)
+    busiest = max(sum(1 for t in renewed_at.values() if t == s * _TEN_S) for s in range(1, 61))
+    assert busiest <= 10, f"{busiest} of 100 pools renewed in the same 10 s"
+
+
+_PHASE = timedelta(minutes=2)
+_FIVE_MIN = timedelta(minutes=5)
+
+
+@pytest.mark.parametrize(
+    ("sampled_at", "prev_time", "phase", "expected"),
+    [
+        # The boundaries of a pool with a phase of 2 minutes: 12:02, 12:07, 12:12, ... (from the epoch).
+        (_T + timedelta(seconds=119), _T, _PHASE, _T),  # before its boundary: unchanged
+        (_T + timedelta(minutes=2), _T, _PHASE, _T + timedelta(minutes=2)),  # at it: renewed
+        (_T + timedelta(minutes=6), _T + timedelta(minutes=2), _PHASE, _T + timedelta(minutes=2)),
+        (_T + timedelta(minutes=7), _T + timedelta(minutes=2), _PHASE, _T + timedelta(minutes=7)),
+        (_T + timedelta(minutes=4), _T, timedelta(0), _T),  # no phase: boundaries at 12:00, 12:05
+        (_T + timedelta(minutes=5), _T, timedelta(0), _T + timedelta(minutes=5)),
+        (_T - timedelta(minutes=9), _T, _PHASE, _T),  # a sample older than the time in status: kept
+        # Renewed at most 5 minutes after the time in status, whatever the phase.
+        (_T + _FIVE_MIN, _T, timedelta(minutes=4, seconds=59), _T + _FIVE_MIN),
+        (_T + _FIVE_MIN, _T, timedelta(seconds=1), _T + _FIVE_MIN),
+    ],
+)
+def test_the_queue_sample_time_is_renewed_at_the_pools_phase_of_each_5_minutes(
+    sampled_at: datetime, prev_time: datetime, phase: timedelta, expected: datetime
+) -> None:
+    prev = AgentPoolStatus(queue_depth=30, queue_depth_sample_time=prev_time)
+    assert queue_sample_time(30.0, Sample(30.0, sampled_at), prev, _TEN_S, phase) == expected

@@ -10,7 +10,7 @@ reports SpecValid=False.
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -29,6 +29,7 @@ from tars_operator.validation import Checked
 
 # How often status.queueDepthSampleTime is renewed while the count holds (queue_sample_time).
 SAMPLE_TIME_RENEWAL = timedelta(minutes=5)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Conditions whose change of status deserves an Event, with their unhealthy status.
 _ALARMS = {"Ready": "False", "MetricsAvailable": "False", "SpecValid": "False", "BudgetSaturated": "True"}
 
@@ -275,7 +276,9 @@ def _plan_valid(
         {
             **_counted_status(pool, counts),
             "queue_depth": round(queue.value) if queue.value is not None else prev.queue_depth,
-            "queue_depth_sample_time": queue_sample_time(queue.value, metrics.queue_depth, prev, interval),
+            "queue_depth_sample_time": queue_sample_time(
+                queue.value, metrics.queue_depth, prev, interval, renewal_phase(pool.uid, interval)
+            ),
             "desired_replicas": decision.desired,
             "last_decision_reason": f"{decision.reason}: {decision.message}"[:1024],
             "memory_limit": format_mebibytes(mem.limit) if mem.limit else None,
@@ -315,17 +318,29 @@ def _plan_valid(
 
 
 def queue_sample_time(
-    value: float | None, sample: Sample | None, prev: AgentPoolStatus, interval: timedelta
+    value: float | None, sample: Sample | None, prev: AgentPoolStatus, interval: timedelta, phase: timedelta
 ) -> datetime | None:
     """The queue depth's sample time in status: when the count in status was sampled, renewed
-    while it holds every SAMPLE_TIME_RENEWAL (or interval, if longer), as a kubelet reports an
+    while it holds once every SAMPLE_TIME_RENEWAL (or interval, if longer), as a kubelet reports an
     unchanged node status every 5 minutes. A time new on every cycle made every cycle's status
     differ, so every pool wrote it once an interval: ~10 writes a second at 100 pools, each
-    echoed back to the operator as a watch event."""
+    echoed back to the operator as a watch event.
+
+    The renewal falls when the sample time crosses the pool's next boundary, `phase` (in
+    [0, renewal), fixed by the pool's UID) past each multiple of the renewal since the epoch:
+    counted from the last write instead, pools whose count an operator start wrote in the same
+    seconds renewed it in the same seconds ever after (100 status writes at once at 100 pools)."""
     if value is None or sample is None:
         return prev.queue_depth_sample_time
     since = prev.queue_depth_sample_time
     renewal = max(SAMPLE_TIME_RENEWAL, interval)
-    if prev.queue_depth == round(value) and since is not None and sample.at - since < renewal:
+    if since is None or prev.queue_depth != round(value):
+        return sample.at
+    if (sample.at - _EPOCH - phase) // renewal <= (since - _EPOCH - phase) // renewal:
         return since
     return sample.at
+
+
+def renewal_phase(uid: str, interval: timedelta) -> timedelta:
+    """A pool's phase for queue_sample_time, fixed by its UID."""
+    return rotation.jitter(uid, max(SAMPLE_TIME_RENEWAL, interval))
