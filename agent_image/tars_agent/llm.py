@@ -1,8 +1,8 @@
 """The upstream LLM client: httpx to an OpenAI-compatible chat-completions API.
 
 One pooled keep-alive client per process: httpx's API on aiohttp's HTTP/1.1 connections
-(httpx-aiohttp's transport, as the OpenAI SDK's aiohttp backend), or on httpx's own with HTTP/2. Every attempt
-first waits for the shared limiter; 429/5xx/timeouts are retried with
+(httpx-aiohttp's transport, as the OpenAI SDK's aiohttp backend), or on httpx's own with
+HTTP/2. Every attempt first waits for the shared limiter; 429/5xx/timeouts are retried with
 exponential backoff and full jitter, with Retry-After as the minimum; a 429
 also pauses the whole budget in Redis. A circuit breaker stops calls to a dead
 upstream. Streamed responses go to `on_text` chunk by chunk and are not kept

@@ -603,7 +603,13 @@ class Consumer:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for priority, n in shares.items():
                     pipe.xreadgroup(QUEUE_GROUP, self.name, {self.keys.stream(priority): ">"}, count=n)
-                replies = await pipe.execute()
+                replies = await pipe.execute(raise_on_error=False)
+            failed = [r for r in replies if isinstance(r, Exception)]
+            replies = [r for r in replies if not isinstance(r, Exception)]
+            if failed and not any(entries for reply in replies for _, entries in reply or []):
+                raise failed[0]
+            # what the other reads delivered is pending under this agent now: it runs it, and
+            # the next take finds the failed priority's group missing again
         else:
             # Nothing waits: wait in the group itself. Redis hands a new entry to one waiting
             # consumer (the one waiting longest) and the others wait on; a plain XREAD would wake

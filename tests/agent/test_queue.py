@@ -9,6 +9,7 @@ import json
 import signal
 import uuid
 from collections import Counter
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -30,7 +31,7 @@ from tars_agent.queue import (
     retry_after_s,
 )
 from tars_agent.tasks import PRIORITIES, InvalidTask, parse_spec
-from tars_contract.contract import DEFAULT_QUEUE_MAX_DEPTH
+from tars_contract.contract import DEFAULT_QUEUE_MAX_DEPTH, QUEUE_GROUP
 
 from .conftest import RedisServer
 
@@ -217,6 +218,31 @@ async def test_an_agent_with_free_slots_takes_a_backlog_by_the_priority_rule_in_
     rest = await batch.take(block_ms=10, count=100)
     assert Counter(d.priority for d in rest) == {"critical": 12, "low": 19}
     assert await batch.take(block_ms=10, count=5) == []  # nothing left: the wait ends empty
+
+
+async def test_a_take_whose_read_fails_for_one_priority_keeps_what_it_read_of_the_others(
+    redis_client: aioredis.Redis,
+) -> None:
+    """The reads of a batched take go in one pipeline: one priority's group gone between the look
+    and the read (Redis restarted empty, a stream expired) must not drop the entries the other
+    reads delivered, pending under this agent, for a reclaim 30 s later."""
+    name = pool()
+    client = TaskClient(redis_client, "ns", name)
+    for priority in ("critical", "low"):
+        for _ in range(20):
+            await client.submit_payload(GOOD, priority)
+    agent = Consumer(redis_client, "ns", name, "agent")
+    await agent.ensure_groups()
+    look = agent._waiting
+
+    async def look_then_lose_low(**kwargs: Any) -> Any:
+        counts = await look(**kwargs)
+        await redis_client.xgroup_destroy(agent.keys.stream("low"), QUEUE_GROUP)
+        return counts
+
+    agent._waiting = look_then_lose_low  # type: ignore[method-assign]
+    taken = await agent.take(block_ms=10, count=9)
+    assert [d.priority for d in taken] == ["critical"] * 8
 
 
 async def test_a_new_task_wakes_one_idle_agent_not_all_of_them(redis_server: RedisServer) -> None:
