@@ -36,6 +36,44 @@ def ensure_parent(name: str) -> None:
                 (parent / knob).write_text((root / knob).read_text())
 
 
+def cpu_hierarchies() -> list[Path]:
+    """The hierarchies that hold the cpu controller: v1's cpu mount, else the unified one."""
+    v1, unified = [], []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 4 or not fields[1].startswith(str(CGROUP_FS)):
+            continue
+        if fields[2] == "cgroup" and "cpu" in fields[3].split(","):
+            v1.append(Path(fields[1]))
+        elif fields[2] == "cgroup2" and "cpu" in _read(Path(fields[1]) / "cgroup.controllers").split():
+            unified.append(Path(fields[1]))
+    return sorted(set(v1 or unified))
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def enter_cpu_group(name: str, pid: int) -> None:
+    """Move `pid` (the children it forks later follow it) into CPU cgroup `name` below the root.
+
+    Started from a shell, the node's daemons sat in the root CPU cgroup, where each busy thread
+    weighs as much as the pods' whole parent: while a pod started, the API server, etcd, the
+    kubelet and containerd took the running pods' CPU. On a systemd node they share
+    system.slice, beside kubepods. Only the CPU controller's hierarchy: the daemons' memory and
+    other accounting stays where it was."""
+    for root in cpu_hierarchies():
+        group = root / name
+        try:
+            group.mkdir(exist_ok=True)
+            (group / "cgroup.procs").write_text(str(pid))
+        except OSError as exc:
+            raise OSError(f"cannot move pid {pid} into CPU cgroup {group}: {exc}") from exc
+
+
 def kill(cgroup: Path) -> None:
     """SIGKILL every process in a cgroup."""
     with contextlib.suppress(OSError):

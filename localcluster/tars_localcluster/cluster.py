@@ -209,11 +209,13 @@ class Cluster:
                 daemon.stop()
             else:
                 try:
-                    if healthy():
-                        log(f"{name}: already running (pid {daemon.pid()})")
-                        return
+                    running = daemon.pid() if healthy() else None
                 except Exception:  # noqa: BLE001 - unhealthy: restart below
-                    pass
+                    running = None
+                if running is not None:
+                    log(f"{name}: already running (pid {running})")
+                    cgroups.enter_cpu_group(self.cfg.system_cgroup, running)  # from before there was one
+                    return
                 log(f"{name}: running but unhealthy, restarting")
                 daemon.stop()
         if config is not None:
@@ -226,6 +228,7 @@ class Cluster:
                     f"(`ss -ltnp 'sport = :{port}'` shows which) or run `make cluster-down` first"
                 )
         pid = daemon.start(argv, env=env, spec=spec)
+        cgroups.enter_cpu_group(self.cfg.system_cgroup, pid)
         took = wait_for(f"{name} to become healthy", healthy, timeout, daemon)
         log(f"{name}: started (pid {pid}) and healthy in {took:.1f}s; log: {daemon.log_file}")
 
@@ -558,6 +561,8 @@ class Cluster:
         # Again once containerd is gone: while it ran it could start a shim (its clean-up of a
         # killed one), whose socket a CI run once found left behind.
         self._end_shims()
+        for cgroup in cgroups.remove_parent(cfg.system_cgroup):
+            say(f"WARNING: cgroup {cgroup} still has processes")
         for mount in self._mounts():
             run(["umount", "--lazy", mount], check=False)
         for ns in self._netns_files():
@@ -630,6 +635,7 @@ class Cluster:
         if run(["ip", "link", "show", cfg.bridge], check=False).returncode == 0:
             found.append(f"bridge {cfg.bridge}")
         found += [f"cgroup {c}" for c in cgroups.existing(cfg.cgroup_parent)]
+        found += [f"cgroup {c}" for c in cgroups.existing(cfg.system_cgroup)]
         found += [
             f"nftables table {t}"
             for t in hostnet.nft_tables()

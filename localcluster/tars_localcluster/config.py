@@ -138,5 +138,10 @@ class ClusterConfig:
         return "tars-localcluster"
 
     @property
+    def system_cgroup(self) -> str:
+        """The node's daemons' CPU cgroup, beside the pods' parent (a systemd node's system.slice)."""
+        return "tars-localcluster-system"
+
+    @property
     def bin_dir(self) -> Path:
         return cache_dir() / "bin"
