@@ -27,13 +27,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import json
 import os
 import secrets
 import statistics
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,21 +39,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis
 import redis.asyncio as aioredis
 
-from agent_memory import mock_llm
-from limiter_bench import free_port, machine, process_cpu_s, redis_cpu_s, redis_server, stop_process, wait_for
-from pickup_stats import pickup_s, quantiles
+from agent_memory import agent_process, mock_llm
+from limiter_bench import machine, process_cpu_s, redis_cpu_s, redis_server
+from pickup_stats import quantiles
 from tars_agent.client import TaskClient
-from tars_contract import contract
+from warm_pickup import all_done, burst, read_pickups
 
 OUT = Path(__file__).resolve().parent / "out"
 REPO = Path(__file__).resolve().parent.parent
 NAMESPACE = "bench"
-TASK = {"messages": [{"role": "user", "content": "ping"}], "max_tokens": 8, "stream": True}
-PRIORITIES = ("critical", "high", "normal", "low")
 
 
 @dataclass
@@ -79,44 +74,21 @@ class Results:
     rounds: list[Round] = field(default_factory=list)
 
 
-def ready(base: str) -> bool:
-    return httpx.get(f"{base}{contract.PATH_READYZ}", timeout=1).status_code == 200
-
-
 @contextlib.contextmanager
 def agents(
     source: Path, pool: str, redis_url: str, llm: str, count: int, slots: int, workdir: Path
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
     """`count` agent processes of the tree `source` on one pool."""
-    procs: list[subprocess.Popen[bytes]] = []
-    path = os.pathsep.join(str(source / part) for part in ("agent_image", "contract"))
-    try:
-        for i in range(count):
-            port = free_port()
-            env = {
-                **os.environ,
-                "PYTHONPATH": path,
-                contract.ENV_POOL: pool,
-                contract.ENV_NAMESPACE: NAMESPACE,
-                contract.ENV_POD_NAME: f"{pool}-{i}",
-                contract.ENV_REDIS_URL: redis_url,
-                contract.ENV_LLM_BASE_URL: f"{llm}/v1",
-                contract.ENV_CONCURRENCY: str(slots),
-                contract.ENV_HTTP_PORT: str(port),
-                contract.ENV_HTTP_BIND: "127.0.0.1",
-                contract.ENV_AGENT_TOKEN: secrets.token_hex(16),
-                # far above the load: every request still goes through the shared limiter
-                contract.ENV_REQUESTS_PER_MINUTE: "1000000",
-            }
-            command = [sys.executable, "-m", "tars_agent.worker"]
-            with (workdir / f"{pool}-{i}.log").open("wb") as log:
-                procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
-            base = f"http://127.0.0.1:{port}"
-            wait_for(functools.partial(ready, base), f"agent {pool}-{i}", timeout_s=120)
-        yield procs
-    finally:
-        for proc in procs:
-            stop_process(proc)
+    token = secrets.token_hex(16)
+    with contextlib.ExitStack() as stack:
+        yield [
+            stack.enter_context(
+                agent_process(
+                    redis_url, llm, slots, token, workdir, pool=pool, pod=f"{pool}-{i}", source=source
+                )
+            )[0]
+            for i in range(count)
+        ]
 
 
 def pid_of(*words: str) -> int:
@@ -135,30 +107,6 @@ def commands(stats: dict[str, Any]) -> tuple[int, int]:
     total = sum(int(v["calls"]) for v in stats.values())
     scripts = sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("eval", "evalsha"))
     return total, scripts
-
-
-async def burst_round(client: TaskClient, count: int) -> list[float]:
-    gate = asyncio.Semaphore(32)
-
-    async def one(i: int) -> str:
-        async with gate:
-            return (await client.submit_payload(TASK, PRIORITIES[i % len(PRIORITIES)])).task_id
-
-    ids = list(await asyncio.gather(*(one(i) for i in range(count))))
-    async with asyncio.timeout(300):
-        # every task acknowledged (acked entries are deleted): 4 XLENs a poll, ~0.3 commands a task
-        while sum(await asyncio.gather(*(client.redis.xlen(s) for s in client.keys.streams))):  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
-    async with client.redis.pipeline(transaction=False) as pipe:
-        for task_id in ids:
-            pipe.hget(client.keys.task(task_id), "submitted_at")
-            pipe.xrange(client.keys.chunks(task_id), count=1)
-        replies = await pipe.execute()
-    out = []
-    for submitted, events in zip(replies[::2], replies[1::2], strict=True):
-        [(start_id, _fields)] = events
-        out.append(pickup_s(float(submitted), start_id.decode()))
-    return out
 
 
 async def rounds(
@@ -180,8 +128,10 @@ async def rounds(
             cpu0 = sum(process_cpu_s(p.pid) for p in procs)
             mock0, redis0 = process_cpu_s(mock_pid), redis_cpu_s(rds)
             cmd0 = commands(rds.info("commandstats"))
-            pickups = await burst_round(client, r.burst)
+            ids = await burst(client, r.burst)
+            await all_done(client)
             cmd1 = commands(rds.info("commandstats"))
+            pickups = await read_pickups(client, ids)
             n = r.burst
             rnd = Round(
                 variant=name,

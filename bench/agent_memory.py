@@ -137,15 +137,29 @@ def mock_llm(latency_s: float, chunk_delay_s: float, tokens: int, workdir: Path)
 
 @contextmanager
 def agent_process(
-    redis_url: str, llm: str, concurrency: int, token: str, workdir: Path
+    redis_url: str,
+    llm: str,
+    concurrency: int,
+    token: str,
+    workdir: Path,
+    *,
+    pool: str = "memory",
+    pod: str = "memory-agent",
+    source: Path | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """`tars-agent` configured by environment as a pod is; yields the process and its HTTP base."""
+    """`tars-agent` configured by environment as a pod is; yields the process and its HTTP base.
+    `source`: a checkout whose agent_image/ and contract/ to run (first on PYTHONPATH)."""
     port = free_port()
     env = {
         **os.environ,
-        contract.ENV_POOL: "memory",
+        **(
+            {"PYTHONPATH": os.pathsep.join(str(source / d) for d in ("agent_image", "contract"))}
+            if source
+            else {}
+        ),
+        contract.ENV_POOL: pool,
         contract.ENV_NAMESPACE: "bench",
-        contract.ENV_POD_NAME: "memory-agent",
+        contract.ENV_POD_NAME: pod,
         contract.ENV_REDIS_URL: redis_url,
         contract.ENV_LLM_BASE_URL: f"{llm}/v1",
         contract.ENV_CONCURRENCY: str(concurrency),
@@ -157,7 +171,7 @@ def agent_process(
         contract.ENV_RESULT_TTL_SECONDS: "120",  # keeps the soak's Redis small; not the agent's memory
         "TARS_TASK_TIMEOUT_SECONDS": "600",
     }
-    with (workdir / "agent.log").open("wb") as log:
+    with (workdir / f"{pod}.log").open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tars_agent.worker"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
@@ -326,7 +340,7 @@ async def run(args: argparse.Namespace, redis_url: str, workdir: Path, r: Result
         try:
             await measure_loaded(client, proc.pid, base, llm, token, r)
         except SystemExit:
-            print((workdir / "agent.log").read_text(errors="replace")[-4000:], file=sys.stderr)
+            print((workdir / "memory-agent.log").read_text(errors="replace")[-4000:], file=sys.stderr)
             raise
         if args.soak_minutes > 0:
             # a word a second: 16 s tasks, so ~6 tasks/s keep every slot busy on a shared machine

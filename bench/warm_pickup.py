@@ -193,9 +193,19 @@ class Results:
 
 async def pickups(client: TaskClient, task_ids: Sequence[str]) -> list[float]:
     """submit -> first attempt start per task, on Redis' clock, once all of them are done."""
+    await all_done(client)
+    return await read_pickups(client, task_ids)
+
+
+async def all_done(client: TaskClient) -> None:
+    """Until every task of the pool is acknowledged (acked entries are deleted)."""
     async with asyncio.timeout(300):
         while (await client.stats())["depth"] > 0:  # noqa: ASYNC110 - polls Redis: no event to wait on
             await asyncio.sleep(0.5)
+
+
+async def read_pickups(client: TaskClient, task_ids: Sequence[str]) -> list[float]:
+    """submit -> first attempt start per task, on Redis' clock."""
     out: list[float] = []
     for chunk in range(0, len(task_ids), 200):
         async with client.redis.pipeline(transaction=False) as pipe:

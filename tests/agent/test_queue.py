@@ -197,19 +197,26 @@ async def test_consumer_takes_by_priority_rule_and_reclaims_a_dead_consumers_wor
     assert order.index("low") < len(order) - 4  # low is served before the rest are exhausted
 
 
+async def backlog_of_critical_and_low(redis: aioredis.Redis, consumer: str) -> Consumer:
+    """A new pool with 20 critical and 20 low tasks waiting, and a consumer of it with its groups."""
+    name = pool()
+    client = TaskClient(redis, "ns", name)
+    for priority in ("critical", "low"):
+        for _ in range(20):
+            await client.submit_payload(GOOD, priority)
+    taker = Consumer(redis, "ns", name, consumer)
+    await taker.ensure_groups()  # as the agent does at its start
+    return taker
+
+
 async def test_an_agent_with_free_slots_takes_a_backlog_by_the_priority_rule_in_one_look(
     redis_client: aioredis.Redis,
 ) -> None:
     """In a burst, an agent with 25 free slots took its tasks one look and one XREADGROUP at a
     time: two round trips per task. It takes what its slots hold at once now, in the shares
     one-at-a-time taking would have given (8 critical : 1 low), and no more than waits."""
-    name = pool()
-    client = TaskClient(redis_client, "ns", name)
-    for priority in ("critical", "low"):
-        for _ in range(20):
-            await client.submit_payload(GOOD, priority)
-    batch = Consumer(redis_client, "ns", name, "batch-agent")
-    await batch.ensure_groups()  # as the agent does at its start
+    batch = await backlog_of_critical_and_low(redis_client, "batch-agent")
+    name = batch.keys.pool
     one_by_one = Consumer(redis_client, "ns", f"{name}-x", "single-agent")  # the same rule, alone
     expected = [one_by_one._selector.choose({"critical": 20 - i, "low": 20}) for i in range(9)]
     taken = await batch.take(block_ms=10, count=9)
@@ -226,13 +233,7 @@ async def test_a_take_whose_read_fails_for_one_priority_keeps_what_it_read_of_th
     """The reads of a batched take go in one pipeline: one priority's group gone between the look
     and the read (Redis restarted empty, a stream expired) must not drop the entries the other
     reads delivered, pending under this agent, for a reclaim 30 s later."""
-    name = pool()
-    client = TaskClient(redis_client, "ns", name)
-    for priority in ("critical", "low"):
-        for _ in range(20):
-            await client.submit_payload(GOOD, priority)
-    agent = Consumer(redis_client, "ns", name, "agent")
-    await agent.ensure_groups()
+    agent = await backlog_of_critical_and_low(redis_client, "agent")
     look = agent._waiting
 
     async def look_then_lose_low(**kwargs: Any) -> Any:
