@@ -49,6 +49,7 @@ class PoolSample:
     desired: int | None  # status.desiredReplicas (None before the first decision)
     warm: int | None  # status.warm
     surge: int  # spec.rotation.maxUnavailable
+    queue: float | None = None  # status.queueDepth, what the operator planned with
 
     @property
     def excess(self) -> int | None:

@@ -169,6 +169,7 @@ class Sampler:
                         desired=status.get("desiredReplicas"),
                         warm=status.get("warm"),
                         surge=int(pool["spec"].get("rotation", {}).get("maxUnavailable", 1)),
+                        queue=status.get("queueDepth"),
                     )
                 )
                 self._stop.wait(max(0.5 - (time.time() - now), 0))

@@ -18,6 +18,7 @@ import redis
 import yaml
 
 from e2e.harness import IMAGES, Kube, Prometheus, eventually, unique
+from tars_contract import contract
 from tars_localcluster.config import cached_tool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,10 +148,21 @@ class OperatorEnv:
             finally:
                 client.close()
 
-    def set_control(self, namespace: str, pool: str, name: str, value: float) -> None:
-        """What the pool's fake agents report as its queue depth ("queue") or budget use ("budget")."""
+    def set_budget_use(self, namespace: str, pool: str, value: float) -> None:
+        """What the pool's fake agents report as its budget's use."""
         with self.redis() as client:
-            client.set(f"tars-e2e:{namespace}/{pool}:{name}", str(value))
+            client.set(f"tars-e2e:{namespace}/{pool}:budget", str(value))
+
+    def set_queue(self, namespace: str, pool: str, waiting: int) -> None:
+        """The pool's queue holds `waiting` tasks nobody takes, in its normal-priority stream: what
+        its fake agents export as tars_queue_depth and the operator counts in Redis itself."""
+        stream = contract.queue_stream_key(namespace, pool, "normal")
+        with self.redis() as client, client.pipeline(transaction=True) as pipe:
+            pipe.delete(stream)
+            pipe.xgroup_create(stream, contract.QUEUE_GROUP, id="0", mkstream=True)
+            for n in range(waiting):
+                pipe.xadd(stream, {"e2e-placeholder": str(n)})
+            pipe.execute()
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ def test_the_charts_alerts_are_loaded_and_evaluated_by_prometheus(op: OperatorEn
 
     # A backlog above a (lowered) threshold fires TarsQueueBacklog for this pool.
     op.upgrade(prometheusRule={"enabled": True, "thresholds": {"queueDepth": 5}, "for": {"queueDepth": "0s"}})
-    op.set_control(namespace, "alerting", "queue", 20)
+    op.set_queue(namespace, "alerting", 20)
     kube.apply(agent_pool("alerting", warm={"min": 1}, scaling=fast_scaling()), namespace=namespace)
 
     def firing() -> list[dict[str, Any]]:

@@ -3,7 +3,8 @@ RBAC, reading the cluster's Prometheus (fed by the chart's PodMonitor).
 
 Agents here are e2e/programs/fake_agent.py in the agent image: the agent side of the
 contract (/status, /drain, /readyz, tars_agent_busy, tars_queue_depth) with a remote
-control for busy-ness and the pool's backlog, so each test sets the exact situation it checks."""
+control for busy-ness, beside a backlog of placeholder tasks a test puts in the pool's queue
+streams, so each test sets the exact situation it checks."""
 
 from __future__ import annotations
 
@@ -190,17 +191,16 @@ def fast_scaling(**overrides: Any) -> dict[str, Any]:
 
 def test_queue_depth_scales_up_and_scale_in_removes_only_idle_agents(op: OperatorEnv, namespace: str) -> None:
     kube = op.kube
-    op.set_control(namespace, "scale", "queue", 0)
+    op.set_queue(namespace, "scale", 0)
     kube.apply(
         agent_pool("scale", replicas={"min": 1, "max": 6}, warm={"min": 1}, scaling=fast_scaling()),
         namespace=namespace,
     )
     wait_ready_agents(kube, namespace, "scale", 1, 90)
-    op.set_control(namespace, "scale", "queue", 9)  # 4 above the threshold of 5 -> 2 extra (targetPerAgent 2)
-    # The operator reads the queue from Prometheus; what is timed below is the operator, so first
-    # Prometheus must scrape the agents. The chart's PodMonitor, installed with this module, reaches
-    # Prometheus through prometheus-operator's config Secret and its reloader: up to a minute. A CI
-    # run timed out on the 60 s below; rerun alone, the scale-up came 45 s after the queue rose.
+    op.set_queue(namespace, "scale", 9)  # 4 above the threshold of 5 -> 2 extra (targetPerAgent 2)
+    # The operator counts the queue in Redis itself; the agents' tars_queue_depth must reach
+    # Prometheus too (dashboards and alerts read it), through the chart's PodMonitor, installed with
+    # this module, prometheus-operator's config Secret and its reloader: up to a minute.
     eventually(
         lambda: queue_in_prometheus(op, namespace, "scale") == 9, 120, "Prometheus scraping the queue of 9"
     )
@@ -214,7 +214,7 @@ def test_queue_depth_scales_up_and_scale_in_removes_only_idle_agents(op: Operato
         lambda: len(ready_active(kube, namespace, "scale")) == 4, 60, "a 4th agent beside the busy one"
     )
 
-    op.set_control(namespace, "scale", "queue", 0)  # desired: busy 1 + warm 1 = 2; the busy one survives
+    op.set_queue(namespace, "scale", 0)  # desired: busy 1 + warm 1 = 2; the busy one survives
     seen_busy_draining = False
 
     def scaled_in() -> bool:
@@ -253,13 +253,13 @@ def set_prometheus_replicas(op: OperatorEnv, replicas: int) -> None:
 
 def test_a_prometheus_outage_holds_the_pool_and_it_recovers(op: OperatorEnv, namespace: str) -> None:
     kube = op.kube
-    op.set_control(namespace, "outage", "queue", 9)
+    op.set_queue(namespace, "outage", 9)
     kube.apply(
         agent_pool("outage", replicas={"min": 1, "max": 6}, warm={"min": 1}, scaling=fast_scaling()),
         namespace=namespace,
     )
     wait_ready_agents(kube, namespace, "outage", 3, 90)
-    op.set_control(namespace, "outage", "queue", 0)
+    op.set_queue(namespace, "outage", 0)
     set_prometheus_replicas(op, 0)  # the cluster's Prometheus goes away, as in a real outage
     try:
 
@@ -398,8 +398,8 @@ def test_operator_crash_and_restart_converge_without_duplicate_or_orphaned_agent
 
 def test_budget_saturation_stops_scale_up_until_headroom_returns(op: OperatorEnv, namespace: str) -> None:
     kube = op.kube
-    op.set_control(namespace, "budget", "queue", 0)
-    op.set_control(namespace, "budget", "budget", 0.99)
+    op.set_queue(namespace, "budget", 0)
+    op.set_budget_use(namespace, "budget", 0.99)
     pool = agent_pool(
         "budget",
         replicas={"min": 1, "max": 6},
@@ -415,7 +415,7 @@ def test_budget_saturation_stops_scale_up_until_headroom_returns(op: OperatorEnv
         "BudgetSaturated=True at 99 % budget use",
     )
 
-    op.set_control(namespace, "budget", "queue", 20)  # would ask for 6 agents (the max) ...
+    op.set_queue(namespace, "budget", 20)  # would ask for 6 agents (the max) ...
     eventually(lambda: pool_status(kube, namespace, "budget").get("queueDepth") == 20, 30, "the backlog seen")
     wait_cycles(op, namespace, "budget")
     assert len(live_pods(kube, namespace, "budget")) == 1, (
@@ -424,7 +424,7 @@ def test_budget_saturation_stops_scale_up_until_headroom_returns(op: OperatorEnv
     saturated = [e for e in events(kube, namespace, "budget") if "BudgetSaturated=True" in e["message"]]
     assert saturated and saturated[0]["type"] == "Warning"
 
-    op.set_control(namespace, "budget", "budget", 0.5)  # headroom again
+    op.set_budget_use(namespace, "budget", 0.5)  # headroom again
     wait_ready_agents(kube, namespace, "budget", 6, 120)
     assert condition({"status": pool_status(kube, namespace, "budget")}, "BudgetSaturated") == "False"
 

@@ -2,7 +2,8 @@
 operator <-> agent contract (tars_contract.contract) and nothing else. It runs in
 the agent image (python + redis-py), mounted from a ConfigMap.
 
-GET  /metrics      tars_agent_busy, tars_agent_draining, tars_queue_depth{pool,priority},
+GET  /metrics      tars_agent_busy, tars_agent_draining, tars_queue_depth{pool,priority}
+                   (the pool's queue in Redis, counted by the contract's script as agents count it),
                    tars_limiter_budget_utilization{budget}, process_resident_memory_bytes
 GET  /healthz      200
 GET  /readyz       200 until drained, then 503
@@ -13,9 +14,9 @@ POST /drain        stop taking work
 POST /test/busy?n= set the in-flight count (the test's remote control)
 POST /test/alloc?mb= allocate and hold that much more memory
 
-The pool's backlog and budget use are what a test wrote to the Redis keys
-`tars-e2e:<namespace>/<pool>:queue` and `...:budget` (absent: 0), read at
-every scrape: the whole pool reports one queue, as real agents do.
+The pool's backlog is what a test put in the pool's queue streams (placeholders nobody takes: the
+operator counts the same streams itself), its budget use what a test wrote to the Redis key
+`tars-e2e:<namespace>/<pool>:budget` (absent: 0); both read at every scrape.
 """
 
 import hmac
@@ -28,6 +29,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import redis
+
+from tars_contract import contract
 
 STATE = {"inflight": 0, "draining": False}
 HELD: list[bytearray] = []  # memory a test asked this agent to hold
@@ -42,6 +45,8 @@ REDIS = redis.Redis.from_url(
     socket_connect_timeout=1,
 )
 CONTROL_KEY = f"tars-e2e:{NAMESPACE}/{POOL}"
+STREAMS = [contract.queue_stream_key(NAMESPACE, POOL, p) for p in contract.QUEUE_PRIORITIES]
+WAITING = REDIS.register_script(contract.WAITING_TASKS_SCRIPT)
 
 
 def resident_bytes() -> int:
@@ -57,6 +62,14 @@ def memory_limit() -> int:
             continue
         return -1 if text == "max" else int(text)
     return -1
+
+
+def queue_depth() -> str:
+    counts = WAITING(keys=STREAMS, args=[contract.QUEUE_GROUP])
+    return "".join(
+        f'tars_queue_depth{{pool="{POOL}",priority="{p}"}} {max(int(n), 0)}\n'
+        for p, n in zip(contract.QUEUE_PRIORITIES, counts, strict=True)
+    )
 
 
 def control(name: str) -> float:
@@ -88,7 +101,7 @@ class Handler(BaseHTTPRequestHandler):
                 body = (
                     f"tars_agent_busy {STATE['inflight']}\n"
                     f"tars_agent_draining {int(bool(STATE['draining']))}\n"
-                    f'tars_queue_depth{{pool="{POOL}",priority="normal"}} {control("queue"):g}\n'
+                    f"{queue_depth()}"
                     f"process_resident_memory_bytes {resident_bytes()}\n"
                 )
                 if BUDGET:

@@ -421,14 +421,14 @@ class _Fenced(Exception):
 
 
 def with_queue_count(scraped: Metrics, count: Sample | None) -> Metrics:
-    """What a cycle plans with: Prometheus' metrics, the queue depth raised to the count read in
-    Redis now when that is larger. Redis shows a rise at once, and a rise is what must not wait;
-    a fall shows once Prometheus sees it too (scale-in waits for its stabilization window anyway),
-    so an exporter that reports more than Redis holds is never overruled. A failed Prometheus read
-    stays visible: nothing scales on the Redis count alone then."""
+    """What a cycle plans with: Prometheus' metrics, with the queue depth counted in Redis now
+    when there is such a count (the default query on the default Redis). Both are the same number,
+    the agents' tars_queue_depth is this count, but Prometheus' copy is up to a scrape interval
+    (15 s by default) plus `interval` old: a rise must not wait for it, and a scrape that fell in a
+    burst must not keep the pool growing for a backlog the agents took seconds ago. Redis not
+    answering leaves Prometheus' value; a failed Prometheus read stays visible, and nothing scales
+    on the Redis count alone then."""
     if count is None or scraped.queue_depth_error is not None:
-        return scraped
-    if scraped.queue_depth is not None and scraped.queue_depth.value > count.value:
         return scraped
     return replace(scraped, queue_depth=count)
 

@@ -418,6 +418,33 @@ def test_a_queue_crossing_seen_in_redis_is_planned_at_once_with_the_redis_value(
     assert s.controller.queue_crossed(parsed, Sample(10.0, dt.datetime.now(dt.UTC)))  # back under
 
 
+@dataclass
+class MidBurstPrometheus(FakePrometheus):
+    """Its last scrape of the agents' tars_queue_depth fell in a burst that has drained since."""
+
+    async def query(self, promql: str) -> QueryResult:
+        if "tars_queue_depth" in promql:
+            return QueryResult(Sample(280.0, dt.datetime.now(dt.UTC)))
+        return await super().query(promql)
+
+
+def test_a_drained_burst_seen_in_redis_creates_no_agents_on_prometheus_older_count() -> None:
+    """Prometheus scrapes the agents every 15 s (the chart's default): a scrape in a burst kept the
+    pool growing for a backlog the agents had already taken, 3 more pod starts in a 300-task burst
+    (bench/warm_pickup.py), each one CPU the busy agents needed. Redis counts the same queue now."""
+    s = make(raw_spec(warm={"min": 1}, replicas={"min": 1, "max": 10}))  # threshold 50
+    s.controller.prometheus = MidBurstPrometheus()  # type: ignore[assignment]
+    idle = {"p-a": AgentState(inflight=0, draining=False)}
+    s.controller.agent_states = FakeAgentStates(idle, depth=Sample(0.0, dt.datetime.now(dt.UTC)))  # type: ignore[assignment]
+    parsed = s.controller.checked(s.custom.stored)[0]
+    indexed = [agent("p-a", ready=True)]
+    pods, by_name, depth = asyncio.run(s.controller.observe(indexed, parsed))
+    asyncio.run(s.controller.cycle(s.custom.stored, pods, by_name, queue_depth=depth))
+    status = s.custom.writes[-1]
+    assert (status["queueDepth"], status["desiredReplicas"]) == (0, 1)
+    assert "ScaledUp" not in {reason for _, reason, _ in s.events}
+
+
 def test_a_pools_agents_and_its_queue_are_read_from_redis_in_one_round_trip() -> None:
     s = make(raw_spec(warm={"min": 1}, replicas={"min": 1, "max": 10}))
     states = FakeAgentStates({"p-a": AgentState(inflight=1, draining=False)}, depth=Sample(3.0, NOW))
@@ -472,13 +499,13 @@ _AT = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
     ("scraped", "count", "planned"),
     [
         (Metrics(queue_depth=Sample(0.0, _AT)), Sample(400.0, _AT), 400.0),  # a rise: at once
-        (Metrics(queue_depth=Sample(9.0, _AT)), Sample(0.0, _AT), 9.0),  # a fall waits for Prometheus
+        (Metrics(queue_depth=Sample(280.0, _AT)), Sample(0.0, _AT), 0.0),  # a fall: at once too
         (Metrics(), Sample(30.0, _AT), 30.0),  # no series yet
         (Metrics(queue_depth=Sample(5.0, _AT)), None, 5.0),  # Redis did not answer
         (Metrics(queue_depth_error="connection refused"), Sample(400.0, _AT), None),  # stays visible
     ],
 )
-def test_the_queue_planned_with_is_prometheus_raised_to_the_count_in_redis(
+def test_the_queue_planned_with_is_the_count_in_redis_and_prometheus_only_without_one(
     scraped: Metrics, count: Sample | None, planned: float | None
 ) -> None:
     got = with_queue_count(scraped, count).queue_depth
