@@ -57,6 +57,25 @@ class PoolSample:
         return None if self.desired is None else self.live - (self.desired + self.surge)
 
 
+@dataclass(frozen=True)
+class CpuReading:
+    """Cumulative CPU seconds at one instant: the whole machine busy (/proc/stat: all but idle and
+    iowait) and the node's pods (their cgroup parent's usage)."""
+
+    t: float  # monotonic, s
+    machine_busy_s: float
+    pods_s: float
+
+
+def cpu_share(before: CpuReading, after: CpuReading) -> dict[str, float]:
+    """Cores busy between two readings: the machine's, the pods', and the rest (the node's daemons,
+    the kernel, this benchmark)."""
+    span = after.t - before.t
+    machine = (after.machine_busy_s - before.machine_busy_s) / span
+    pods = (after.pods_s - before.pods_s) / span
+    return {"seconds": span, "machine_cores": machine, "pods_cores": pods, "rest_cores": machine - pods}
+
+
 def max_excess(samples: Sequence[PoolSample]) -> int | None:
     values = [s.excess for s in samples if s.excess is not None]
     return max(values) if values else None

@@ -46,8 +46,10 @@ from e2e.operator_env import Helm, OperatorEnv, e2e_values, find_helm  # noqa: E
 
 import coldwarm  # noqa: E402
 from pickup_stats import (  # noqa: E402
+    CpuReading,
     PoolSample,
     comparison,
+    cpu_share,
     is_live,
     max_excess,
     pickup_s,
@@ -57,6 +59,8 @@ from pickup_stats import (  # noqa: E402
 from tars_agent.client import TaskClient  # noqa: E402
 from tars_agent.tasks import PRIORITIES  # noqa: E402
 from tars_contract import contract, metric_names  # noqa: E402
+from tars_localcluster import cgroups  # noqa: E402
+from tars_localcluster.config import ClusterConfig  # noqa: E402
 from tars_localcluster.kubectl import Kubectl  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -124,6 +128,23 @@ class PoolWatch(coldwarm.PodWatch):
             super()._event(pod, now)
 
 
+def read_cpu() -> CpuReading | None:
+    """The machine's busy CPU seconds and the local node's pods' (their cgroup parent's usage);
+    None where the pods are not on this machine (another cluster)."""
+    parent = ClusterConfig.default().cgroup_parent
+    pods_s = None
+    for root in cgroups.hierarchies():
+        if (usage := root / parent / "cpuacct.usage").exists():  # v1: ns
+            pods_s = int(usage.read_text()) / 1e9
+        elif (stat := root / parent / "cpu.stat").exists() and "usage_usec" in (text := stat.read_text()):
+            pods_s = int(text.split("usage_usec")[1].split()[0]) / 1e6  # unified: us
+    if pods_s is None:
+        return None
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+    return CpuReading(time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), pods_s)
+
+
 class Sampler:
     """The pool's pods and status every 0.5 s, through the API server."""
 
@@ -184,6 +205,7 @@ class Results:
     burst: list[float] = field(default_factory=list)
     burst_at: float = 0.0
     burst_refill: dict[str, float] = field(default_factory=dict)
+    burst_cpu: dict[str, float] = field(default_factory=dict)  # cpu_share, the burst to its last task
     warm_floor_back_s: float | None = None
     prometheus: dict[str, float | None] = field(default_factory=dict)
     cold_ready: list[float] = field(default_factory=list)
@@ -301,8 +323,13 @@ async def phases(
             print(f"(b) {burst_size}-task burst", flush=True)
             before = set(watch.seen_at)
             r.burst_at = time.time()
+            cpu_before = read_cpu()
             ids = await burst(client, burst_size)
-            r.burst = await pickups(client, ids)
+            await all_done(client)
+            cpu_after = read_cpu()
+            if cpu_before and cpu_after:
+                r.burst_cpu = cpu_share(cpu_before, cpu_after)
+            r.burst = await read_pickups(client, ids)
             r.load_average.append(("(b) burst", os.getloadavg()[0]))
             # the operator's new agents come up whether or not the burst still needs them
             new = [n for n in watch.seen_at if n not in before]
@@ -393,6 +420,14 @@ def report(r: Results) -> str:
             f"{r.warm_floor_back_s:.1f} s after the burst"
             if r.warm_floor_back_s is not None
             else "(never dropped)"
+        ),
+        (
+            f"CPU from the burst to its last task ({c['seconds']:.1f} s): the machine "
+            f"{c['machine_cores']:.2f} cores busy of {os.cpu_count()}, "
+            f"the node's pods {c['pods_cores']:.2f}, "
+            f"the rest (the node's daemons, the kernel, this benchmark) {c['rest_cores']:.2f}"
+            if (c := r.burst_cpu)
+            else "CPU during the burst: n/a (the node's pods are not on this machine)"
         ),
         f"pool samples: {len(r.samples)}, peak live {max((s.live for s in r.samples), default=0)}, "
         f"peak desired {max((s.desired or 0 for s in r.samples), default=0)}, "

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from e2e.harness import Kube, Prometheus, eventually, is_ready, pod
+from tars_localcluster import cgroups
 from tars_localcluster.cluster import Cluster
 from tars_localcluster.config import read_versions
 
@@ -234,6 +235,21 @@ def test_cluster_up_again_keeps_the_running_cluster(cluster: Cluster) -> None:
     cluster.up(build=False)
     assert cluster.status() == before
     assert cluster.is_up()
+
+
+def test_the_pods_parent_weighs_what_the_kubelet_gives_the_pods(cluster: Cluster) -> None:
+    """The kubelet weighs kubepods by the node's CPUs (cpu.shares 2048 on 2 cores); on a systemd
+    node kubepods.slice sits at the root with that weight, beside system.slice's 1024. Below a
+    parent of the default weight (1024), the pods together weighed only as much as the node's
+    daemons: each pod start in a 300-task burst took the running agents' CPU."""
+    checked = 0
+    for root in cgroups.cpu_hierarchies():
+        parent = root / cluster.cfg.cgroup_parent
+        knob = "cpu.shares" if (parent / "cpu.shares").exists() else "cpu.weight"
+        kubepods = (parent / "kubepods" / knob).read_text().strip()
+        assert (parent / knob).read_text().strip() == kubepods, f"{parent / knob} is not kubepods' {kubepods}"
+        checked += 1
+    assert checked, "no CPU hierarchy found"
 
 
 def test_the_nodes_daemons_share_one_cpu_cgroup_beside_the_pods(cluster: Cluster) -> None:

@@ -74,6 +74,22 @@ def enter_cpu_group(name: str, pid: int) -> None:
             raise OSError(f"cannot move pid {pid} into CPU cgroup {group}: {exc}") from exc
 
 
+def weigh_like_pods(name: str) -> None:
+    """Give parent `name` the CPU weight the kubelet gave its kubepods (cpu.shares of the node's
+    CPUs, 2048 on 2 cores; cpu.weight on a unified host), which exists once the kubelet runs.
+
+    On a systemd node kubepods.slice sits at the root with that weight, beside system.slice's
+    1024: below a parent of the default weight, the pods together weighed only as much as the
+    node's daemons, and every pod start took the running pods' CPU."""
+    for root in cpu_hierarchies():
+        parent = root / name
+        knob = "cpu.shares" if (parent / "cpu.shares").exists() else "cpu.weight"
+        try:
+            (parent / knob).write_text((parent / "kubepods" / knob).read_text())
+        except OSError as exc:
+            raise OSError(f"cannot give {parent} the CPU weight of its kubepods: {exc}") from exc
+
+
 def kill(cgroup: Path) -> None:
     """SIGKILL every process in a cgroup."""
     with contextlib.suppress(OSError):

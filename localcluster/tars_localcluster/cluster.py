@@ -470,6 +470,7 @@ class Cluster:
         )
         took = wait_for(f"node {cfg.node_name} to be Ready", self._node_ready, 60, self.daemons["kubelet"])
         log(f"node {cfg.node_name} Ready ({took:.1f}s)")
+        cgroups.weigh_like_pods(cfg.cgroup_parent)
 
     def _node_ready(self) -> bool:
         with self.admin_client() as client:

@@ -10,8 +10,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from agent_memory import mb_per_inflight, memory_mb, slope_mb_per_hour
 from pickup_stats import (
+    CpuReading,
     PoolSample,
     comparison,
+    cpu_share,
     is_live,
     max_excess,
     pickup_s,
@@ -91,3 +93,8 @@ def test_memory_is_read_from_status_and_smaps_rollup() -> None:
     assert memory_mb(status, None) == (70.0, None)
     with pytest.raises(ValueError, match="VmRSS"):
         memory_mb("Name:\tzombie\n", None)
+
+
+def test_the_cpu_share_splits_the_machines_busy_cores_into_the_pods_and_the_rest() -> None:
+    got = cpu_share(CpuReading(10.0, 100.0, 40.0), CpuReading(12.0, 103.8, 41.6))
+    assert got == pytest.approx({"seconds": 2.0, "machine_cores": 1.9, "pods_cores": 0.8, "rest_cores": 1.1})
