@@ -12,7 +12,8 @@ namespace of the bench's own. Then, in one run:
     Ready times (agents/s) from a pod watch;
 (c) the cold path, pod create -> agent Ready -> first task, by bench/coldwarm.py's own rounds;
 (d) throughout, every 0.5 s: the pool's live pods against status.desiredReplicas + surge
-    (rotation.maxUnavailable): max(live - (desired + surge)) must stay <= 0.
+    (rotation.maxUnavailable): max(live - (desired + surge)) must stay <= 0;
+(e) from the burst to its last task: the cores the machine and the local node's pods used.
 
     make bench-pickup VENV=...                  # ~6 min on the local cluster (it must be up)
     python bench/warm_pickup.py --seconds 20    # shorter sustained phase
