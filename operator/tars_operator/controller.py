@@ -319,16 +319,15 @@ class PoolController:
         With `gone_ok`, a 404 is ("gone", None): the pod is already gone, which a delete or a
         drain can live with."""
         if not self.fence.holds():
-            raise self._lapsed(action, what)
+            getattr(action, "close", lambda: None)()  # never sent: no "never awaited" warning
+            log.warning(
+                "pool %s/%s: %s skipped: this replica's leadership lapsed", self.namespace, self.name, what
+            )
+            raise _Fenced
         try:
-            # The timeout runs from when the write has a connection: queued behind other pools'
-            # writes (100 pools starting together), it is waited for as long as this replica leads.
-            async with self.kube.turn(within=self.fence.remaining()):
-                async with asyncio.timeout(min(WRITE_TIMEOUT_S, self.fence.remaining())):
-                    return "done", await action
+            async with asyncio.timeout(min(WRITE_TIMEOUT_S, self.fence.remaining())):
+                return "done", await action
         except Exception as exc:  # reported below; the rest of the plan goes on
-            if isinstance(exc, TimeoutError) and not self.fence.holds():
-                raise self._lapsed(action, what) from exc
             if gone_ok and isinstance(exc, ApiError) and exc.status == 404:
                 log.info("pool %s/%s: %s: the pod is already gone", self.namespace, self.name, what)
                 return "gone", None
@@ -340,14 +339,6 @@ class PoolController:
             observability.ERRORS.labels(namespace=self.namespace, pool=self.name, stage=stage).inc()
             await self.event("Warning", f"{stage.capitalize()}Failed", message)
             return "failed", None
-
-    def _lapsed(self, action: Awaitable[Any], what: str) -> _Fenced:
-        """Log a write this replica's lapsed leadership stopped, before it was sent or while it
-        waited for an answer; the error that ends the plan."""
-        getattr(action, "close", lambda: None)()  # not sent: no "never awaited" warning
-        pool = f"{self.namespace}/{self.name}"
-        log.warning("pool %s: %s stopped: this replica's leadership lapsed", pool, what)
-        return _Fenced()
 
     async def event(self, kind: str, reason: str, message: str) -> None:
         """Post an Event about the pool, if this replica may still write (an Event is a write too)."""

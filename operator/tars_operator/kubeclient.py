@@ -13,14 +13,10 @@ reads to derive the RBAC the chart must grant ("apply" = server-side apply: patc
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import contextvars
 import datetime as dt
 import json
-import math
 import warnings
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -43,9 +39,6 @@ TIMEOUT_S = 30.0
 CONNECTIONS = 20
 
 Login = Callable[[], kopf.ConnectionInfo | None]
-# Whether this task holds a turn (KubeApi.turn): its calls use that turn, not another. (A task
-# started inside a turn inherits it; the operator starts none there.)
-_HOLDS_TURN: contextvars.ContextVar[bool] = contextvars.ContextVar("tars_kube_turn", default=False)
 
 
 class ApiError(Exception):
@@ -97,7 +90,6 @@ class KubeApi:
         self._user_agent = user_agent
         self._session: aiohttp.ClientSession | None = None
         self._server = ""
-        self._turns: asyncio.Semaphore | None = None  # CONNECTIONS turns, made in the loop using them
 
     @classmethod
     def at(cls, server: str, user_agent: str = "tars-operator") -> KubeApi:
@@ -128,28 +120,6 @@ class KubeApi:
             await self._session.close()
             self._session = None
 
-    @contextlib.asynccontextmanager
-    async def turn(self, within: float = math.inf) -> AsyncIterator[None]:
-        """One of the CONNECTIONS for the calls made inside, waited for up to `within` seconds
-        (TimeoutError). A caller with a deadline for the API server's answer starts it inside:
-        at 100 pools' start, creates queued behind each other for a connection waited past the
-        controller's write timeout and were failed, although the server answered each at once.
-        Calls made outside a turn take one each."""
-        if _HOLDS_TURN.get():
-            yield
-            return
-        if self._turns is None:
-            self._turns = asyncio.Semaphore(CONNECTIONS)
-        turns = self._turns
-        async with asyncio.timeout(within if math.isfinite(within) else None):
-            await turns.acquire()
-        held = _HOLDS_TURN.set(True)
-        try:
-            yield
-        finally:
-            _HOLDS_TURN.reset(held)
-            turns.release()
-
     async def request(
         self,
         method: str,
@@ -159,12 +129,6 @@ class KubeApi:
         params: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """One call; its JSON answer. A 401 logs in again once (a rotated token), then retries."""
-        async with self.turn():
-            return await self._request(method, path, body, content_type, params)
-
-    async def _request(
-        self, method: str, path: str, body: Any, content_type: str, params: Mapping[str, str] | None
-    ) -> dict[str, Any]:
         data = None if body is None else json.dumps(body)
         for attempt in range(2):
             session = self._open()

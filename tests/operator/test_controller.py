@@ -8,24 +8,21 @@ restart: disconnects half-way through a plan, 404s for pods already gone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
-import math
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from e2e.harness import async_eventually
 from factories import raw_spec
 from prometheus_client import REGISTRY
 
 from tars_operator import builders, queries
 from tars_operator.controller import METRICS_WAIT_S, AgentPod, PoolController, with_queue_count
-from tars_operator.kubeclient import ApiError, KubeApi
+from tars_operator.kubeclient import ApiError
 from tars_operator.leader import Fence
 from tars_operator.policy.metrics import MemoryUsage, Metrics, Sample
 from tars_operator.policy.observe import PodState
@@ -95,10 +92,6 @@ class FakeKube:
 
     def __getattr__(self, call: str) -> Any:
         return getattr(self.custom if call.endswith("_agent_pool_status") else self.core, call)
-
-    @contextlib.asynccontextmanager
-    async def turn(self, within: float = math.inf) -> AsyncIterator[None]:
-        yield  # connections are not scarce here
 
 
 class FakePrometheus:
@@ -667,86 +660,3 @@ async def test_a_hung_prometheus_does_not_hold_up_a_scale_up_that_redis_shows() 
     prometheus.release.set()
     async with asyncio.timeout(5):
         await arrived.wait()  # the loop is woken for a cycle with what Prometheus said
-
-
-@dataclass
-class SlowApiServer:
-    """Answers every request after `delay` s: a pod create with its generated name, else the body."""
-
-    delay: float
-    created: int = 0
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.json() if request.can_read_body else {}
-        await asyncio.sleep(self.delay)
-        if request.method == "POST" and request.path.endswith("/pods"):
-            self.created += 1
-            return web.json_response({"metadata": {"name": f"agent-{self.created}"}})
-        return web.json_response(body)
-
-
-async def test_writes_queued_for_a_connection_are_not_failed_by_their_own_timeout(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """100 pools started together queue 2,000 creates for the API server's connections (20): 12-29
-    of them waited past the 5 s write timeout for a connection and were failed with a Warning,
-    although the API server answered each in 0.13-0.15 s (bench/README.md operator_scale). The
-    timeout is the API server's to meet, from when a write has a connection; the wait for one is
-    bounded by this replica's leadership alone."""
-    monkeypatch.setattr("tars_operator.kubeclient.CONNECTIONS", 2)
-    monkeypatch.setattr("tars_operator.controller.WRITE_TIMEOUT_S", 1.0)
-    api = SlowApiServer(delay=0.3)  # 10 pools' writes over 2 connections: the last waits ~1.2 s
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", api.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    kube = KubeApi.at(f"http://127.0.0.1:{port}")
-    pools = [make(raw_spec(warm={"min": 2}, replicas={"min": 2, "max": 10})) for _ in range(10)]
-    try:
-        for s in pools:
-            s.controller.kube = kube
-        await asyncio.gather(*(cycle(s, s.custom.stored, []) for s in pools))
-    finally:
-        await kube.close()
-        await runner.cleanup()
-    assert [w for s in pools for w in warnings(s) if w.endswith("Failed")] == []
-    assert api.created == 10 * 2
-
-
-async def test_a_write_waiting_for_a_connection_when_leadership_lapses_is_not_sent(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr("tars_operator.kubeclient.CONNECTIONS", 1)
-    api = SlowApiServer(delay=0.0)
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", api.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    kube = KubeApi.at(f"http://127.0.0.1:{port}")
-    s = make(raw_spec(warm={"min": 1}, replicas={"min": 1, "max": 5}))
-    s.controller.kube = kube
-    s.controller.fence = Fence(valid_until=time.monotonic() + 0.3)
-    held, release = asyncio.Event(), asyncio.Event()
-
-    async def another_pools_write() -> None:
-        async with kube.turn():
-            held.set()
-            await release.wait()
-
-    other = asyncio.create_task(another_pools_write())
-    await held.wait()
-    try:
-        async with asyncio.timeout(5):
-            await cycle(s, s.custom.stored, [])
-    finally:
-        release.set()
-        await other
-        await kube.close()
-        await runner.cleanup()
-    assert api.created == 0 and s.events == []

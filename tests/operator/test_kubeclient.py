@@ -198,28 +198,3 @@ async def test_a_burst_of_writes_shares_a_few_connections(server: StandIn, kube:
     assert len(server.seen) == 200
     assert None not in server.peers
     assert len(server.peers) <= CONNECTIONS
-
-
-async def test_a_turn_at_a_connection_is_waited_for_within_its_bound_only(
-    monkeypatch: pytest.MonkeyPatch, server: StandIn
-) -> None:
-    monkeypatch.setattr("tars_operator.kubeclient.CONNECTIONS", 1)
-    kube = KubeApi.at(server.url)
-    held, release = asyncio.Event(), asyncio.Event()
-
-    async def hold() -> None:
-        async with kube.turn():
-            held.set()
-            await release.wait()
-
-    holder = asyncio.create_task(hold())
-    await held.wait()
-    with pytest.raises(TimeoutError):
-        async with kube.turn(within=0.05):
-            pass
-    release.set()
-    await holder
-    async with kube.turn(within=0.05):
-        await kube.create_namespaced_pod("ns", {"n": 1})  # its call uses the turn it is in
-    await kube.close()
-    assert len(server.seen) == 1
