@@ -12,7 +12,8 @@ all simulated pods. On --exporter-port it serves /metrics with the series an age
 (tars_queue_depth with the pool and priority labels, tars_agent_busy,
 process_resident_memory_bytes) for every simulated pod, labelled namespace and pod as
 Prometheus' Kubernetes discovery would (the scrape job uses honor_labels), plus /control
-(POST {"pool": depth}: set a pool's queue depth) and /stats (the requests it answered). It
+(POST {"pool": depth}: set a pool's queue depth, exported and as that many waiting tasks in the
+pool's queue in Redis, which the operator counts itself) and /stats (the requests it answered). It
 learns the pods by a watch and the pools' uids by listing them.
 """
 
@@ -143,12 +144,27 @@ def agent_app(agents: Agents) -> web.Application:
     return app
 
 
-def exporter_app(agents: Agents) -> web.Application:
+async def put_queue(redis: aioredis.Redis, namespace: str, depths: dict[str, float]) -> None:
+    """Each pool's queue in Redis, as that many waiting tasks nobody takes: with the default query
+    on the default Redis the operator plans with its own count there, not Prometheus' copy."""
+    async with redis.pipeline(transaction=True) as pipe:
+        for pool, depth in depths.items():
+            stream = contract.queue_stream_key(namespace, pool, "normal")
+            pipe.delete(stream)
+            pipe.xgroup_create(stream, contract.QUEUE_GROUP, id="0", mkstream=True)
+            for n in range(int(depth)):
+                pipe.xadd(stream, {"bench-placeholder": str(n)})
+        await pipe.execute()
+
+
+def exporter_app(agents: Agents, redis: aioredis.Redis) -> web.Application:
     async def metrics(_r: web.Request) -> web.Response:
         return web.Response(body=agents.exposition, content_type="text/plain")
 
     async def control(request: web.Request) -> web.Response:
-        agents.set_queue({str(k): float(v) for k, v in (await request.json()).items()})
+        depths = {str(k): float(v) for k, v in (await request.json()).items()}
+        await put_queue(redis, agents.namespace, depths)
+        agents.set_queue(depths)
         return web.json_response(agents.queue)
 
     async def stats(_r: web.Request) -> web.Response:
@@ -223,10 +239,11 @@ async def serve(args: argparse.Namespace) -> None:
     agents = Agents(args.namespace, args.token_key.encode())
     ctx = ssl.create_default_context(cafile=args.ca)
     ctx.load_cert_chain(args.cert, args.key)
+    redis = aioredis.Redis.from_url(args.redis_url)
     runners = []
     for app, host, port in (
         (agent_app(agents), "0.0.0.0", args.agent_port),
-        (exporter_app(agents), "127.0.0.1", args.exporter_port),
+        (exporter_app(agents, redis), "127.0.0.1", args.exporter_port),
     ):
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
@@ -236,7 +253,6 @@ async def serve(args: argparse.Namespace) -> None:
         f"[standin] agents on 0.0.0.0:{args.agent_port}, exporter on 127.0.0.1:{args.exporter_port}",
         flush=True,
     )
-    redis = aioredis.Redis.from_url(args.redis_url)
     async with httpx.AsyncClient(base_url=args.api_url, verify=ctx, timeout=30.0) as api:
         await asyncio.gather(watch_pods(agents, api), publish_states(agents, redis))
 
@@ -250,7 +266,7 @@ def main() -> None:
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--agent-port", type=int, default=contract.HTTP_PORT)
     parser.add_argument("--exporter-port", type=int, default=9400)
-    parser.add_argument("--redis-url", required=True, help="where the agents publish their state")
+    parser.add_argument("--redis-url", required=True, help="the agents' Redis (states, queues)")
     args = parser.parse_args()
     # The operator's key, from the environment as the operator takes it (never a flag: ps shows flags).
     args.token_key = os.environ["TARS_AGENT_TOKEN_KEY"]
