@@ -16,14 +16,20 @@ from pathlib import Path
 CGROUP_FS = Path("/sys/fs/cgroup")
 
 
-def hierarchies() -> list[Path]:
-    """Every cgroup hierarchy mounted below /sys/fs/cgroup (v1 controllers and unified)."""
+def _mounts() -> list[tuple[Path, str, list[str]]]:
+    """(mount point, "cgroup" or "cgroup2", mount options) of every cgroup hierarchy below
+    /sys/fs/cgroup."""
     found = []
     for line in Path("/proc/self/mounts").read_text().splitlines():
         fields = line.split()
-        if len(fields) > 2 and fields[2] in ("cgroup", "cgroup2") and fields[1].startswith(str(CGROUP_FS)):
-            found.append(Path(fields[1]))
-    return sorted(set(found))
+        if len(fields) > 3 and fields[2] in ("cgroup", "cgroup2") and fields[1].startswith(str(CGROUP_FS)):
+            found.append((Path(fields[1]), fields[2], fields[3].split(",")))
+    return found
+
+
+def hierarchies() -> list[Path]:
+    """Every cgroup hierarchy mounted below /sys/fs/cgroup (v1 controllers and unified)."""
+    return sorted({path for path, _, _ in _mounts()})
 
 
 def ensure_parent(name: str) -> None:
@@ -38,16 +44,14 @@ def ensure_parent(name: str) -> None:
 
 def cpu_hierarchies() -> list[Path]:
     """The hierarchies that hold the cpu controller: v1's cpu mount, else the unified one."""
-    v1, unified = [], []
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        fields = line.split()
-        if len(fields) < 4 or not fields[1].startswith(str(CGROUP_FS)):
-            continue
-        if fields[2] == "cgroup" and "cpu" in fields[3].split(","):
-            v1.append(Path(fields[1]))
-        elif fields[2] == "cgroup2" and "cpu" in _read(Path(fields[1]) / "cgroup.controllers").split():
-            unified.append(Path(fields[1]))
-    return sorted(set(v1 or unified))
+    mounts = _mounts()
+    v1 = {path for path, kind, options in mounts if kind == "cgroup" and "cpu" in options}
+    unified = {
+        path
+        for path, kind, _ in mounts
+        if kind == "cgroup2" and "cpu" in _read(path / "cgroup.controllers").split()
+    }
+    return sorted(v1 or unified)
 
 
 def _read(path: Path) -> str:
