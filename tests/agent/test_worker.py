@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -12,8 +13,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tars_agent import worker
 from tars_agent.client import TaskClient
+from tars_agent.metrics import AgentMetrics
 from tars_agent.mockllm import POISON_MARKER, MockLLM
-from tars_agent.queue import Attempt
+from tars_agent.queue import Attempt, Delivery
 from tars_contract import contract
 from tars_contract import metric_names as m
 
@@ -185,3 +187,34 @@ async def test_an_answer_that_fits_one_write_is_stored_with_its_completion(
         events = [fields["event"] for _, fields in await redis_client.xrange(client.keys.chunks(task_id))]
     assert (result.status, result.output, appends) == ("done", "w0 w1 w2 w3", 0)
     assert events == ["start", "text", "done"]  # a follower still sees the text before the end
+
+
+async def test_the_agent_stops_when_a_redis_call_loses_the_cancel_of_its_shutdown(
+    redis_client: aioredis.Redis, redis_url: str, mock_llm: MockLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py writes through asyncio.wait_for, which on Python 3.11 (the image's) returns the
+    call's result and drops the cancel when the cancel meets the write's end (CPython gh-86296).
+    The heartbeat that lost it must still end, or SIGTERM waits for the kill."""
+    settings = agent_settings(redis_url, mock_llm.url, drain_grace_seconds=1.0)
+    agent = worker.Agent(settings, metrics=AgentMetrics(process_collector=False))
+    touching = asyncio.Event()
+    cancels_lost = 0
+
+    async def touch_that_loses_a_cancel(held: list[Delivery]) -> list[str]:
+        nonlocal cancels_lost
+        touching.set()
+        try:
+            await asyncio.Event().wait()  # a Redis call still under way when the agent stops
+        except asyncio.CancelledError:
+            cancels_lost += 1
+        return []
+
+    monkeypatch.setattr(agent.consumer, "touch", touch_that_loses_a_cancel)
+    run = asyncio.create_task(agent.run())
+    await asyncio.wait_for(touching.wait(), 10)
+    agent.request_stop()
+    done, _ = await asyncio.wait({run}, timeout=10)
+    if not done:
+        run.cancel()  # the heartbeat hangs in its next touch; let pytest clean up
+    assert (bool(done), cancels_lost) == (True, 1)
+    assert run.result() is None
