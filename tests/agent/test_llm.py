@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +20,14 @@ from pydantic import SecretStr
 from tars_agent import gcra
 from tars_agent.circuit import CircuitBreaker, CircuitOpenError, CircuitState
 from tars_agent.limiter import Budget, SharedLimiter, state_key
-from tars_agent.llm import DRAIN_AFTER_DONE_S, LLMClient, LLMConfig, UpstreamError, backoff_delay
+from tars_agent.llm import (
+    DRAIN_AFTER_DONE_S,
+    LLMClient,
+    LLMConfig,
+    UpstreamError,
+    backoff_delay,
+    upstream_tls,
+)
 from tars_agent.metrics import AgentMetrics
 from tars_agent.mockllm import MockLLM
 from tars_agent.tasks import TaskSpec
@@ -309,3 +317,16 @@ async def test_an_upstream_that_never_answers_is_named_a_timeout() -> None:
     finally:
         server.close()
     assert message.startswith("upstream failed after 1 attempts: timeout ("), message
+
+
+def test_an_https_upstream_is_verified_and_an_http_one_loads_no_ca_bundle() -> None:
+    assert upstream_tls("https://api.openai.com/v1") is True  # httpx's verified context (certifi)
+    assert upstream_tls("HTTPS://llm.internal/v1") is True
+    plain = upstream_tls("http://mock-llm:8080/v1")
+    assert isinstance(plain, ssl.SSLContext)
+    # unused for http; were it used, it would check names and certificates and trust no one
+    assert (plain.verify_mode, plain.check_hostname, plain.cert_store_stats()["x509_ca"]) == (
+        ssl.CERT_REQUIRED,
+        True,
+        0,
+    )
