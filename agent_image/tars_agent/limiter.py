@@ -687,9 +687,14 @@ class SharedLimiter:
         if flusher is None or flusher.done():
             await self._batch_script.release()
         if self._listener is not None:
-            self._listener.cancel()
+            # Cancelled again until it ends: redis-py writes through asyncio.wait_for, which on
+            # Python 3.11 drops a cancel that meets the write's end (CPython gh-86296), and a
+            # SUBSCRIBE that lost it goes on to wait for messages; a later cancel reaches that read.
+            while not self._listener.done():
+                self._listener.cancel()
+                await asyncio.wait({self._listener}, timeout=0.1)
             with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+                await self._listener  # done: raises what ended it, if not the cancel
             self._listener = None
 
     # -- the pause channel: a 429 reaches the callers sleeping on a reservation without a call ---

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from e2e.harness import async_eventually
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -1047,4 +1048,42 @@ async def test_a_lease_whose_grant_comes_after_a_pause_push_is_void(redis_server
         assert not limiter._leases and limiter.lease_stats.lost > lost
     finally:
         await limiter.aclose()
+        await client.aclose()
+
+
+async def test_closing_ends_the_pause_subscription_whose_subscribe_lost_the_cancel(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py writes through asyncio.wait_for, which on Python 3.11 drops a cancel that meets the
+    write's end (CPython gh-86296): a SUBSCRIBE under way when the agent closes returns normally,
+    and the listener goes on to wait for messages. aclose() must still end it, or the agent's
+    SIGTERM waits for the kill."""
+    subscribing = asyncio.Event()
+    cancels_lost = 0
+    real_subscribe = PubSub.subscribe
+
+    async def subscribe_that_loses_a_cancel(self: PubSub, *channels: str) -> None:
+        nonlocal cancels_lost
+        subscribing.set()
+        try:
+            await asyncio.Event().wait()  # the SUBSCRIBE's write still under way
+        except asyncio.CancelledError:
+            cancels_lost += 1
+        await real_subscribe(self, *channels)
+
+    monkeypatch.setattr(PubSub, "subscribe", subscribe_that_loses_a_cancel)
+    client = fast_redis(redis_server.url)
+    limiter = SharedLimiter(client, Budget.from_rates(f"close-{uuid.uuid4().hex}", requests_per_minute=6000))
+    try:
+        await limiter.acquire("critical", 0, timeout_s=1)  # starts the pause subscription
+        await asyncio.wait_for(subscribing.wait(), 5)
+        listener = limiter._listener
+        assert listener is not None
+        closing = asyncio.create_task(limiter.aclose())
+        done, _ = await asyncio.wait({closing}, timeout=5)
+        if not done:
+            listener.cancel()  # a second cancel reaches it in get_message; let the test end
+            await asyncio.wait({closing}, timeout=5)
+        assert (bool(done), cancels_lost, listener.done()) == (True, 1, True)
+    finally:
         await client.aclose()
