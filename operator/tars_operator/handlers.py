@@ -315,9 +315,15 @@ FENCE = Fence.unlimited()
 
 
 async def stop_pools() -> None:
-    """Cancel every pool's loop and wait until they have ended."""
+    """Cancel every pool's loop and wait until they have ended.
+
+    Cancelled again until then: redis-py writes through asyncio.wait_for, which on Python 3.11
+    drops a cancel that meets the write's end (CPython gh-86296); that cycle returns normally
+    and the loop goes on to the next."""
     tasks = [r.task for r in _RUNNERS.values() if r.task is not None]
-    for task in tasks:
-        task.cancel()
+    while pending := [task for task in tasks if not task.done()]:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.1)
     await asyncio.gather(*tasks, return_exceptions=True)
     _RUNNERS.clear()

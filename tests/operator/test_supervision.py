@@ -1,4 +1,5 @@
-"""Tests of supervision.py: a pool loop survives any crash of a step, reports it, and backs off."""
+"""Tests of supervision.py: a pool loop survives any crash of a step, reports it, and backs off;
+and handlers.stop_pools ends every loop."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import httpx
 import pytest
 
+from tars_operator import handlers
 from tars_operator.supervision import Backoff, supervise
 
 
@@ -38,3 +40,36 @@ def test_a_crashing_step_is_reported_and_retried_with_a_growing_then_reset_backo
 def test_the_backoff_doubles_up_to_its_cap() -> None:
     backoff = Backoff(initial=1.0, cap=10.0)
     assert [backoff.next_delay() for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+
+
+def test_stopping_the_pools_ends_a_loop_whose_redis_call_lost_the_cancel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """redis-py writes through asyncio.wait_for, which on Python 3.11 drops a cancel that meets the
+    write's end (CPython gh-86296) and returns normally: that step ends, and the loop goes on to
+    its next. The operator's shutdown (and a deposed leader's) must still end every pool loop."""
+    cancels_lost = 0
+
+    async def step() -> None:
+        nonlocal cancels_lost
+        if cancels_lost:
+            await asyncio.sleep(0.05)  # the next cycles, waiting for their wake-up
+            return
+        try:
+            await asyncio.Event().wait()  # a queue count in Redis under way at the shutdown
+        except asyncio.CancelledError:
+            cancels_lost += 1
+
+    async def on_crash(exc: Exception, delay: float) -> None:
+        raise AssertionError(f"no step crashes here: {exc!r}")
+
+    async def scenario() -> bool:
+        runner = handlers.PoolRunner(uid="u1", body={})
+        runner.task = asyncio.create_task(supervise(step, on_crash, Backoff()))
+        monkeypatch.setitem(handlers._RUNNERS, ("ns", "pool"), runner)
+        await asyncio.sleep(0.05)  # the first step is in its Redis call
+        done, _ = await asyncio.wait({asyncio.create_task(handlers.stop_pools())}, timeout=5)
+        runner.task.cancel()  # should the test fail: a second cancel reaches the sleep
+        return bool(done) and runner.task.done()
+
+    assert (asyncio.run(scenario()), cancels_lost) == (True, 1)
