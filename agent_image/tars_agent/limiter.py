@@ -33,6 +33,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tars_agent import gcra, limiter_lua
+from tars_agent.aio import cancel_and_wait
 from tars_agent.gcra import LimitParams
 from tars_agent.metrics import AgentMetrics
 from tars_agent.tasks import PRIORITIES
@@ -687,14 +688,8 @@ class SharedLimiter:
         if flusher is None or flusher.done():
             await self._batch_script.release()
         if self._listener is not None:
-            # Cancelled again until it ends: redis-py writes through asyncio.wait_for, which on
-            # Python 3.11 drops a cancel that meets the write's end (CPython gh-86296), and a
-            # SUBSCRIBE that lost it goes on to wait for messages; a later cancel reaches that read.
-            while not self._listener.done():
-                self._listener.cancel()
-                await asyncio.wait({self._listener}, timeout=0.1)
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener  # done: raises what ended it, if not the cancel
+            # a SUBSCRIBE that lost its cancel goes on to wait for messages (see cancel_and_wait)
+            await cancel_and_wait([self._listener])
             self._listener = None
 
     # -- the pause channel: a 429 reaches the callers sleeping on a reservation without a call ---

@@ -31,6 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tars_agent.aio import cancel_and_wait
 from tars_agent.circuit import CircuitBreaker, CircuitOpenError, CircuitState
 from tars_agent.limiter import Budget, LimiterTimeout, RequestTooLarge, SharedLimiter
 from tars_agent.llm import LLMClient, LLMConfig, UpstreamError
@@ -158,7 +159,6 @@ class Agent:
         self._lost: set[asyncio.Task[None]] = set()  # cancelled because another agent took the task
         self._memory_allowed = s.concurrency
         self._stop = asyncio.Event()
-        self._closing = asyncio.Event()  # run() is ending: the background loops stop
         self._slot_freed = asyncio.Event()
         self._state_changed = asyncio.Event()  # in flight or draining changed: publish it now
         self._runner: web.AppRunner | None = None
@@ -263,10 +263,7 @@ class Agent:
             await taker
             await self._finish_inflight()
         finally:
-            self._closing.set()
-            for task in [*background, taker]:
-                task.cancel()
-            await asyncio.gather(*background, taker, return_exceptions=True)
+            await cancel_and_wait([*background, taker])
             await self.llm.aclose()
             await self._runner.cleanup()
             await self.redis.aclose()
@@ -322,20 +319,10 @@ class Agent:
             for delivery in deliveries:
                 self._spawn(delivery)
 
-    async def _pause(self, seconds: float) -> None:
-        """The wait between a background loop's rounds; cut short when run() ends.
-
-        The loops end on `_closing`, not on their cancel alone: redis-py writes through
-        asyncio.wait_for, which on Python 3.11 drops a cancel that meets the write's end and
-        returns normally (CPython gh-86296), and run() waits for these loops."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._closing.wait()
-
     async def _reclaim_loop(self) -> None:
         interval = max(self.settings.claim_idle_seconds / 2, 0.2)
-        while not self._closing.is_set():
-            await self._pause(interval)
+        while True:
+            await asyncio.sleep(interval)
             if self.draining:
                 continue
             free = self.free_slots
@@ -358,7 +345,7 @@ class Agent:
     async def _heartbeat_loop(self) -> None:
         s = self.settings
         beat = 0
-        while not self._closing.is_set():
+        while True:
             # The limit is read every beat: an in-place resize changes it under the running agent.
             self._memory_allowed = allowed_inflight(process_rss(), cgroup_memory_limit(), s.concurrency)
             self.metrics.busy.set(len(self.inflight))
@@ -376,7 +363,7 @@ class Agent:
                 self.redis_ready = False
                 log.warning("heartbeat failed: %s", exc)
             beat += 1
-            await self._pause(HEARTBEAT_INTERVAL_S)
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     async def _publish_state_loop(self) -> None:
         """Keep what GET /status answers in Redis for the operator (contract.agent_state_key):
