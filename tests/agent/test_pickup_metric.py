@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import redis.asyncio as aioredis
+from e2e.harness import async_eventually
 
 from tars_agent.client import TaskClient
 from tars_agent.mockllm import POISON_MARKER, MockLLM
@@ -39,11 +38,16 @@ async def test_pickup_is_the_gap_from_the_queue_entry_to_the_attempt_start_under
     settings = agent_settings(redis_url, mock_llm.url)
     client = TaskClient(redis_client, settings.namespace, settings.pool)
     # Queued GAP_S before any agent runs (an in-process agent's start-up alone can take as little
-    # as 10 ms): the gap the metric must show.
+    # as 10 ms): the gap the metric must show, on Redis' clock, which stamps the entry id.
     task_id = (await client.submit_payload(task("waiting"), "high")).task_id
     [(entry_id, _)] = await redis_client.xrange(client.keys.stream("high"))
     queued_s = int(entry_id.split("-")[0]) / 1000
-    await asyncio.sleep(GAP_S)
+
+    async def gap_passed() -> bool:
+        seconds, micros = await redis_client.time()
+        return seconds + micros / 1e6 >= queued_s + GAP_S
+
+    await async_eventually(gap_passed, 5, f"{GAP_S} s on Redis' clock since the task was queued")
     async with running_agent(settings) as agent:
         assert (await client.wait(task_id, timeout_s=20)).status == "done"
     [started_s] = await start_events_s(redis_client, client, task_id)

@@ -49,12 +49,13 @@ def test_stopping_the_pools_ends_a_loop_whose_redis_call_lost_the_cancel(
     write's end (CPython gh-86296) and returns normally: that step ends, and the loop goes on to
     its next. The operator's shutdown (and a deposed leader's) must still end every pool loop."""
     cancels_lost = 0
+    counting = asyncio.Event()  # bound to asyncio.run's loop at its first wait
 
     async def step() -> None:
         nonlocal cancels_lost
         if cancels_lost:
-            await asyncio.sleep(0.05)  # the next cycles, waiting for their wake-up
-            return
+            await asyncio.Event().wait()  # the next cycle, waiting for its wake-up
+        counting.set()
         try:
             await asyncio.Event().wait()  # a queue count in Redis under way at the shutdown
         except asyncio.CancelledError:
@@ -67,9 +68,9 @@ def test_stopping_the_pools_ends_a_loop_whose_redis_call_lost_the_cancel(
         runner = handlers.PoolRunner(uid="u1", body={})
         runner.task = asyncio.create_task(supervise(step, on_crash, Backoff()))
         monkeypatch.setitem(handlers._RUNNERS, ("ns", "pool"), runner)
-        await asyncio.sleep(0.05)  # the first step is in its Redis call
+        await asyncio.wait_for(counting.wait(), 5)  # the first step is in its Redis call
         done, _ = await asyncio.wait({asyncio.create_task(handlers.stop_pools())}, timeout=5)
-        runner.task.cancel()  # should the test fail: a second cancel reaches the sleep
+        runner.task.cancel()  # should the test fail: a second cancel reaches the next cycle's wait
         return bool(done) and runner.task.done()
 
     assert (asyncio.run(scenario()), cancels_lost) == (True, 1)
